@@ -1,0 +1,27 @@
+"""HRNet backbones for Detectron2.
+
+``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``
+and ``build_hrnet_fpn_backbone`` in Detectron2's BACKBONE_REGISTRY.
+"""
+from .arch import ARCHITECTURES, StageSpec
+from .build import build_hrnet_backbone, build_hrnetv2p_backbone
+from .config import CONFIG_DIR, add_hrnet_config, get_config_file
+from .fpn import build_hrnet_fpn_backbone
+from .hrnet import HRNet, HighResolutionModule
+from .pyramid import HRNetV2p
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "StageSpec",
+    "HRNet",
+    "HighResolutionModule",
+    "HRNetV2p",
+    "add_hrnet_config",
+    "get_config_file",
+    "CONFIG_DIR",
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "build_hrnet_fpn_backbone",
+]

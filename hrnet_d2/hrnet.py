@@ -1,0 +1,259 @@
+"""The HRNet body as a Detectron2 ``Backbone``.
+
+Attribute names (conv1, bn1, conv2, bn2, layer1, transition{1,2,3}, stage{2,3,4},
+branches, fuse_layers) are the official ones: the official HRNet ImageNet
+checkpoints and timm's ``hrnet_*`` state dicts load with no key mapping once the
+classification head (incre_modules, downsamp_modules, final_layer, classifier) is
+dropped.
+
+Outputs: branch ``i`` (0-based) is named ``hr{i+2}`` and has stride ``4 * 2**i``
+(``hr2`` = stride 4, as ``res2`` in Detectron2's ResNet).  ``hr2`` alone is
+HRNetV1; ``hrv2`` is the HRNetV2 representation (all branches upsampled to stride 4
+and concatenated).
+"""
+from typing import List, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.modeling.backbone import Backbone
+
+from .arch import StageSpec
+from .blocks import BLOCKS, conv3x3
+
+__all__ = ["HighResolutionModule", "HRNet", "branch_name", "HRV2_NAME"]
+
+HRV2_NAME = "hrv2"
+
+
+def branch_name(index: int) -> str:
+    return f"hr{index + 2}"
+
+
+def upsample_to(x, reference, mode):
+    """Resize ``x`` to ``reference``'s spatial size.
+
+    Size-based (not scale-factor based) so odd input sizes work; for the exact 2**k
+    ratios of a padded input it equals the official ``nn.Upsample(scale_factor)``.
+    """
+    size = reference.shape[-2:]
+    if x.shape[-2:] == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def _conv_norm(in_channels, out_channels, norm, stride, relu):
+    layers = [conv3x3(in_channels, out_channels, stride), get_norm(norm, out_channels)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class HighResolutionModule(nn.Module):
+    """Parallel branches followed by an all-to-all multi-resolution fusion."""
+
+    def __init__(self, in_channels: Sequence[int], spec: StageSpec, norm, upsample_mode):
+        super().__init__()
+        block = BLOCKS[spec.block]
+        self.upsample_mode = upsample_mode
+        branches = []
+        out_channels = []
+        for cin, n, c in zip(in_channels, spec.num_blocks, spec.num_channels):
+            layers = [block(cin, c, norm=norm)]
+            layers += [block(c * block.expansion, c, norm=norm) for _ in range(1, n)]
+            branches.append(nn.Sequential(*layers))
+            out_channels.append(c * block.expansion)
+        self.branches = nn.ModuleList(branches)
+        self.out_channels = out_channels
+        self.fuse_layers = self._make_fuse_layers(out_channels, norm) if len(branches) > 1 else None
+
+    @staticmethod
+    def _make_fuse_layers(channels, norm):
+        """fuse_layers[i][j] maps branch j to branch i: 1x1 conv + norm when j > i
+        (upsampled in forward), a chain of strided 3x3 conv + norm (ReLU between)
+        when j < i, and nothing when i == j."""
+        fuse_layers = nn.ModuleList()
+        for i, ci in enumerate(channels):
+            row = nn.ModuleList()
+            for j, cj in enumerate(channels):
+                if j > i:
+                    row.append(nn.Sequential(nn.Conv2d(cj, ci, 1, bias=False), get_norm(norm, ci)))
+                elif j == i:
+                    row.append(nn.Identity())
+                else:
+                    steps = i - j
+                    row.append(
+                        nn.Sequential(
+                            *[
+                                _conv_norm(cj, ci if k == steps - 1 else cj, norm, 2, relu=k < steps - 1)
+                                for k in range(steps)
+                            ]
+                        )
+                    )
+            fuse_layers.append(row)
+        return fuse_layers
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        if self.fuse_layers is None:
+            return xs
+        out = []
+        for i, row in enumerate(self.fuse_layers):
+            y = None
+            for j, (layer, x) in enumerate(zip(row, xs)):
+                if j == i:
+                    z = x
+                elif j > i:
+                    z = upsample_to(layer(x), xs[i], self.upsample_mode)
+                else:
+                    z = layer(x)
+                # the first term may alias a branch output still needed by other rows
+                y = z if y is None else (y + z if y is xs[0] or y is xs[i] else y.add_(z))
+            out.append(F.relu(y))
+        return out
+
+
+class HRNet(Backbone):
+    """HRNet body: a stride-4 stem, then 4 stages that add one lower-resolution branch each."""
+
+    def __init__(
+        self,
+        stages: Sequence[StageSpec],
+        *,
+        norm="FrozenBN",
+        out_features=None,
+        freeze_at=0,
+        upsample_mode="nearest",
+        hrv2_upsample_mode="bilinear",
+        stem_channels=64,
+        activation_checkpoint=False,
+    ):
+        super().__init__()
+        self.activation_checkpoint = activation_checkpoint
+        self.hrv2_upsample_mode = hrv2_upsample_mode
+        # stem: two stride-2 3x3 convs
+        self.conv1 = conv3x3(3, stem_channels, stride=2)
+        self.bn1 = get_norm(norm, stem_channels)
+        self.conv2 = conv3x3(stem_channels, 64, stride=2)
+        self.bn2 = get_norm(norm, 64)
+
+        # stage 1: a plain residual layer on the single stride-4 branch
+        s1 = stages[0]
+        block = BLOCKS[s1.block]
+        c = s1.num_channels[0]
+        self.layer1 = nn.Sequential(
+            block(64, c, norm=norm),
+            *[block(c * block.expansion, c, norm=norm) for _ in range(1, s1.num_blocks[0])],
+        )
+        channels = [c * block.expansion]
+
+        for k, spec in enumerate(stages[1:], start=1):
+            target = [ch * BLOCKS[spec.block].expansion for ch in spec.num_channels]
+            self.add_module(f"transition{k}", self._make_transition(channels, target, norm))
+            modules = []
+            for _ in range(spec.num_modules):
+                modules.append(HighResolutionModule(target, spec, norm, upsample_mode))
+                target = modules[-1].out_channels
+            self.add_module(f"stage{k + 1}", nn.Sequential(*modules))
+            channels = target
+        self.num_stages = len(stages)
+
+        self._out_feature_strides = {branch_name(i): 4 * 2**i for i in range(len(channels))}
+        self._out_feature_channels = {branch_name(i): ch for i, ch in enumerate(channels)}
+        self._out_feature_strides[HRV2_NAME] = 4
+        self._out_feature_channels[HRV2_NAME] = sum(channels)
+        if out_features is None:
+            out_features = [branch_name(i) for i in range(len(channels))]
+        for name in out_features:
+            if name not in self._out_feature_channels:
+                raise ValueError(
+                    f"MODEL.HRNET.OUT_FEATURES: {name!r} is not produced by this HRNet; "
+                    f"available: {sorted(self._out_feature_channels)}"
+                )
+        self._out_features = list(out_features)
+        self._out_feature_strides = {k: self._out_feature_strides[k] for k in self._out_features}
+        self._out_feature_channels = {k: self._out_feature_channels[k] for k in self._out_features}
+        self.freeze(freeze_at)
+
+    @staticmethod
+    def _make_transition(pre_channels, cur_channels, norm):
+        """Existing branches get a 3x3 conv only if their width changes; each new
+        branch is made from the lowest-resolution one by stride-2 3x3 convs."""
+        layers = nn.ModuleList()
+        for i, c in enumerate(cur_channels):
+            if i < len(pre_channels):
+                cp = pre_channels[i]
+                layers.append(_conv_norm(cp, c, norm, 1, relu=True) if cp != c else nn.Identity())
+            else:
+                steps = i + 1 - len(pre_channels)
+                cp = pre_channels[-1]
+                layers.append(
+                    nn.Sequential(*[_conv_norm(cp, c if k == steps - 1 else cp, norm, 2, relu=True) for k in range(steps)])
+                )
+        return layers
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    def stage_modules(self):
+        """Modules of each stage as FREEZE_AT counts them: 1 = stem, 2 = stage 1
+        (layer1), k = transition{k-2} + stage{k-1} for k = 3..5."""
+        yield 1, [self.conv1, self.bn1, self.conv2, self.bn2]
+        yield 2, [self.layer1]
+        for k in range(2, self.num_stages + 1):
+            yield k + 1, [getattr(self, f"transition{k - 1}"), getattr(self, f"stage{k}")]
+
+    def freeze(self, freeze_at=0):
+        """Stop gradients of the first ``freeze_at`` stages and turn their norms into
+        FrozenBatchNorm2d, so running statistics stop moving too."""
+        for k, modules in self.stage_modules():
+            if k > freeze_at:
+                break
+            for m in modules:
+                for p in m.parameters():
+                    p.requires_grad = False
+            for name in [n for n, m in self.named_children() if any(m is x for x in modules)]:
+                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name)))
+        return self
+
+    def forward_branches(self, x) -> List[torch.Tensor]:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        xs = [self.layer1(x)]
+        for k in range(1, self.num_stages):
+            transition = getattr(self, f"transition{k}")
+            xs = [
+                t(xs[i] if i < len(xs) else xs[-1]) if not isinstance(t, nn.Identity) else xs[i]
+                for i, t in enumerate(transition)
+            ]
+            for module in getattr(self, f"stage{k + 1}"):
+                xs = self._run(module, xs)
+        return xs
+
+    def _run(self, module, xs):
+        """Run one HighResolutionModule, recomputing its activations in backward when
+        MODEL.HRNET.ACTIVATION_CHECKPOINT is on (only while training with grad)."""
+        if self.activation_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(module, xs, use_reentrant=False)
+        return module(xs)
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"HRNet takes (N, C, H, W) input, got shape {tuple(x.shape)}")
+        xs = self.forward_branches(x)
+        outputs = {branch_name(i): y for i, y in enumerate(xs) if branch_name(i) in self._out_features}
+        if HRV2_NAME in self._out_features:
+            outputs[HRV2_NAME] = torch.cat([xs[0]] + [upsample_to(y, xs[0], self.hrv2_upsample_mode) for y in xs[1:]], 1)
+        return outputs
+
+    def output_shape(self):
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }

@@ -1,0 +1,93 @@
+"""HRNetV2p: the HRNet feature pyramid used by detectors (HRFPN in mmdetection).
+
+All body branches are upsampled to the finest one and concatenated (HRNetV2), a 1x1
+conv reduces the concatenation, pooling makes one level per stride, and a 3x3 conv
+per level (optionally shared) produces p2..p{k} — the same names and strides as
+Detectron2's FPN, so stock RPN / ROI heads / RetinaNet configs consume it unchanged.
+
+Module names ``reduction_conv`` / ``fpn_convs`` mirror mmdetection's HRFPN so its
+detection checkpoints map by a plain rename.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling.backbone import Backbone
+
+from .hrnet import upsample_to
+
+__all__ = ["HRNetV2p", "POOLING_TYPES"]
+
+POOLING_TYPES = {"AVG": F.avg_pool2d, "MAX": F.max_pool2d}
+
+
+class HRNetV2p(Backbone):
+    def __init__(
+        self,
+        bottom_up: Backbone,
+        in_features,
+        out_channels=256,
+        num_levels=5,
+        pooling="AVG",
+        share_conv=False,
+        norm="",
+        upsample_mode="bilinear",
+    ):
+        super().__init__()
+        shapes = bottom_up.output_shape()
+        for name in in_features:
+            if name not in shapes:
+                raise ValueError(
+                    f"MODEL.HRNET_PYRAMID.IN_FEATURES: {name!r} is not produced by the HRNet body; "
+                    f"it produces {sorted(shapes)} (MODEL.HRNET.OUT_FEATURES)"
+                )
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"MODEL.HRNET_PYRAMID.POOLING: {pooling!r} is not one of {sorted(POOLING_TYPES)}")
+        self.bottom_up = bottom_up
+        self.in_features = list(in_features)
+        self.upsample_mode = upsample_mode
+        self.pool = POOLING_TYPES[pooling]
+        base_stride = min(shapes[f].stride for f in self.in_features)
+        in_channels = sum(shapes[f].channels for f in self.in_features)
+        use_bias = norm == ""
+        self.reduction_conv = Conv2d(
+            in_channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels)
+        )
+
+        def level_conv():
+            return Conv2d(
+                out_channels, out_channels, 3, padding=1, bias=use_bias, norm=get_norm(norm, out_channels)
+            )
+
+        self.share_conv = share_conv
+        self.fpn_convs = nn.ModuleList([level_conv() for _ in range(1 if share_conv else num_levels)])
+        for m in self.modules():  # mmdetection's HRFPN init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+        first = int(math.log2(base_stride))
+        self._out_features = [f"p{first + i}" for i in range(num_levels)]
+        self._out_feature_strides = {f: base_stride * 2**i for i, f in enumerate(self._out_features)}
+        self._out_feature_channels = {f: out_channels for f in self._out_features}
+        self._size_divisibility = bottom_up.size_divisibility
+
+    @property
+    def size_divisibility(self):
+        return self._size_divisibility
+
+    def forward(self, x):
+        features = self.bottom_up(x)
+        xs = [features[f] for f in self.in_features]
+        finest = max(xs, key=lambda t: t.shape[-2] * t.shape[-1])
+        out = self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
+        results = {}
+        for i, name in enumerate(self._out_features):
+            level = out if i == 0 else self.pool(out, kernel_size=2**i, stride=2**i)
+            conv = self.fpn_convs[0 if self.share_conv else i]
+            results[name] = conv(level)
+        return results

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Train / evaluate Detectron2 models with HRNet backbones.
+
+Detectron2's own ``tools/train_net.py`` plus: our config keys, the generated "shapes"
+datasets, a dataset check that fails before anything is built, and a PNG of
+predictions after evaluation.  Same CLI as Detectron2:
+
+    python train_net.py --config-file configs/faster_rcnn_hrnetv2p_w32.yaml --num-gpus 8
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --resume
+"""
+import logging
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+
+import hrnet_d2
+from hrnet_d2.data.synthetic import ensure_generated, register_shapes
+from hrnet_d2.engine import check_datasets, visualize_predictions
+
+logger = logging.getLogger("hrnet_d2")
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def setup(args):
+    cfg = get_cfg()
+    hrnet_d2.add_hrnet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    register_shapes()
+    cfg = setup(args)
+    names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+    if comm.is_main_process():
+        ensure_generated(names)
+    comm.synchronize()
+    check_datasets(names)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+            visualize_predictions(cfg, model)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    res = trainer.train()
+    if comm.is_main_process():
+        visualize_predictions(cfg, trainer.model)
+    return res
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
