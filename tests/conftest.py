@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_cfg(config_file=None, *opts):
+    """A frozen-free Detectron2 config with our keys, merged from ``config_file`` (relative to configs/)."""
+    from detectron2.config import get_cfg
+
+    import hrnet_d2
+
+    cfg = get_cfg()
+    hrnet_d2.add_hrnet_config(cfg)
+    if config_file is not None:
+        cfg.merge_from_file(str(CONFIGS / config_file))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory():
+    return make_cfg
+
+
+def run_train_net(args, cwd=None, env=None, timeout=900):
+    """Run train_net.py in a subprocess (as users do) and return the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
