@@ -10,34 +10,21 @@ predictions after evaluation.  Same CLI as Detectron2:
     python train_net.py --config-file ... --resume
 """
 import logging
-import os
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
 
-import hrnet_d2
+from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.data.synthetic import ensure_generated, register_shapes
-from hrnet_d2.engine import check_datasets, visualize_predictions
+from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
 
 logger = logging.getLogger("hrnet_d2")
 
 
-class Trainer(DefaultTrainer):
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
-
-
 def setup(args):
-    cfg = get_cfg()
-    hrnet_d2.add_hrnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_hrnet_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

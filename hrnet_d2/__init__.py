@@ -5,7 +5,7 @@ and ``build_hrnet_fpn_backbone`` in Detectron2's BACKBONE_REGISTRY.
 """
 from .arch import ARCHITECTURES, StageSpec
 from .build import build_hrnet_backbone, build_hrnetv2p_backbone
-from .config import CONFIG_DIR, add_hrnet_config, get_config_file
+from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
@@ -20,6 +20,7 @@ __all__ = [
     "HRNetV2p",
     "add_hrnet_config",
     "get_config_file",
+    "get_hrnet_cfg",
     "CONFIG_DIR",
     "build_hrnet_backbone",
     "build_hrnetv2p_backbone",

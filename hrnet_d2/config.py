@@ -3,7 +3,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hrnet_config", "get_config_file", "CONFIG_DIR"]
+__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -56,3 +56,15 @@ def get_config_file(name: str) -> str:
         available = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*") if p.is_file())
         raise FileNotFoundError(f"{name!r} is not a config shipped with hrnet_d2; available: {available}")
     return str(path)
+
+
+def get_hrnet_cfg(config_file=None, opts=()):
+    """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_hrnet_config(cfg)
+    if config_file:
+        cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg

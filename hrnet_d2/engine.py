@@ -8,11 +8,23 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["check_datasets", "visualize_predictions", "DatasetFilesMissing"]
+__all__ = ["Trainer", "check_datasets", "visualize_predictions", "DatasetFilesMissing"]
 
 logger = logging.getLogger(__name__)
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer with COCO evaluation (bbox, + segm/keypoints when the model has them)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
 
 _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json")
 
