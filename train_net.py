@@ -17,6 +17,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
 from hrnet_d2.data.synthetic import ensure_generated, register_shapes
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
 
@@ -32,10 +33,12 @@ def setup(args):
 
 def main(args):
     register_shapes()
+    register_shapes_extras()
     cfg = setup(args)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():
         ensure_generated(names)
+        ensure_generated_extras(names)
     comm.synchronize()
     check_datasets(names)
 

@@ -9,6 +9,7 @@ from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
+from .pyramid_with_body import build_hrnetv2p_with_body_backbone
 
 __version__ = "0.1.0"
 

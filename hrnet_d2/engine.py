@@ -9,8 +9,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
-from detectron2.utils.visualizer import Visualizer
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+
+from .visualization import draw_predictions
 
 __all__ = ["Trainer", "check_datasets", "visualize_predictions", "DatasetFilesMissing"]
 
@@ -23,7 +24,19 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        # as Detectron2's tools/train_net.py: by the dataset's evaluator_type
+        kind = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", "coco")
+        evaluators = []
+        if kind in ("sem_seg", "coco_panoptic_seg", "cityscapes_sem_seg"):
+            evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
+        if kind in ("coco", "coco_panoptic_seg"):
+            sigmas = cfg.TEST.KEYPOINT_OKS_SIGMAS
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, kpt_oks_sigmas=sigmas))
+        if kind == "coco_panoptic_seg" and hasattr(MetadataCatalog.get(dataset_name), "panoptic_json"):
+            evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        if not evaluators:
+            raise NotImplementedError(f"no evaluator for {dataset_name} (evaluator_type {kind!r})")
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
 _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json")
@@ -78,10 +91,9 @@ def visualize_predictions(cfg, model, num_images=4, dataset_name=None, output_pa
         h, w = image.shape[:2]
         resized = aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-        instances = model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
-        instances = instances[instances.scores >= score_threshold]
+        outputs = model([{"image": tensor, "height": h, "width": w}])[0]
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
-        panels.append(Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image())
+        panels.append(draw_predictions(rgb, outputs, metadata, score_threshold))
     model.train(was_training)
     if not panels:
         return None
