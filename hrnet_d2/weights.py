@@ -1,0 +1,61 @@
+"""Where the ImageNet weights of each HRNet come from, and a check that stops training
+at once (before any model or data is built) when the converted file is missing."""
+import os
+
+from .arch import ARCHITECTURES
+
+__all__ = ["IMAGENET_CHECKPOINTS", "PretrainedWeightsMissing", "converted_weights_path", "check_pretrained_weights"]
+
+OFFICIAL_REPO = "https://github.com/HRNet/HRNet-Image-Classification"
+
+# arch -> (file name in the official HRNet-Image-Classification release, timm model name)
+IMAGENET_CHECKPOINTS = {
+    "w18_small_v1": ("hrnet_w18_small_model_v1.pth", "hrnet_w18_small"),
+    "w18_small_v2": ("hrnet_w18_small_model_v2.pth", "hrnet_w18_small_v2"),
+    **{f"w{w}": (f"hrnetv2_w{w}_imagenet_pretrained.pth", f"hrnet_w{w}") for w in (18, 30, 32, 40, 44, 48, 64)},
+}
+assert set(IMAGENET_CHECKPOINTS) == set(ARCHITECTURES)
+
+
+def converted_weights_path(arch: str) -> str:
+    """The MODEL.WEIGHTS the shipped COCO configs use for ``arch``."""
+    stem = os.path.splitext(IMAGENET_CHECKPOINTS[arch][0])[0].replace("_pretrained", "")
+    return f"pretrained/{stem}_d2.pth"
+
+
+class PretrainedWeightsMissing(SystemExit):
+    """Raised (exit status 2) when MODEL.WEIGHTS names a local file that does not exist."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.code = 2
+
+
+def _is_local(path):
+    return bool(path) and "://" not in path
+
+
+def check_pretrained_weights(cfg, config_file=None, resume=False):
+    """Stop with the command that makes the file when MODEL.WEIGHTS is a missing local file.
+
+    Remote weights (``detectron2://``, ``https://``, ...) and "" are left to Detectron2;
+    so is a run that resumes from a checkpoint already in OUTPUT_DIR.
+    """
+    path = cfg.MODEL.WEIGHTS
+    if not _is_local(path) or os.path.exists(path):
+        return
+    if resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    arch = cfg.MODEL.HRNET.ARCH
+    lines = [f"MODEL.WEIGHTS = {path!r} does not exist."]
+    if arch in IMAGENET_CHECKPOINTS:
+        official, timm_name = IMAGENET_CHECKPOINTS[arch]
+        target = f"--config-file {config_file}" if config_file else f"--arch {arch}"
+        lines += [
+            f"It should hold the ImageNet weights of HRNet {arch} converted for Detectron2. Make it with:",
+            f"  1. download {official} from {OFFICIAL_REPO} (README, 'ImageNet pretrained models'),",
+            f"     or the timm weights of '{timm_name}' (timm/{timm_name}.ms_in1k on the Hugging Face hub: model.safetensors);",
+            f"  2. python -m hrnet_d2.convert {official} {path} {target}",
+        ]
+    lines.append("Or train from scratch with MODEL.WEIGHTS \"\" (and MODEL.HRNET.NORM BN or GN, since frozen norms need pretrained statistics).")
+    raise PretrainedWeightsMissing("\n".join(lines))
