@@ -20,6 +20,7 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
 from hrnet_d2.data.synthetic import ensure_generated, register_shapes
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
+from hrnet_d2.weights import check_pretrained_weights
 
 logger = logging.getLogger("hrnet_d2")
 
@@ -35,6 +36,7 @@ def main(args):
     register_shapes()
     register_shapes_extras()
     cfg = setup(args)
+    check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():
         ensure_generated(names)
