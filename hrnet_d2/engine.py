@@ -1,6 +1,7 @@
 """Pieces of train_net.py that users of their own Detectron2 scripts may want too."""
 import logging
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -8,17 +9,113 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.engine import DefaultTrainer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
+from .build import validate_config
+from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
+from .data.checks import load_dataset_dicts
+from .data.mapper import CheckedDatasetMapper
+from .data.sampler import ResumableSampler
 
 __all__ = ["Trainer", "check_datasets", "visualize_predictions", "DatasetFilesMissing"]
 
 logger = logging.getLogger(__name__)
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with COCO evaluation (bbox, + segm/keypoints when the model has them)."""
+    """Detectron2's DefaultTrainer with evaluation by the dataset's evaluator_type, and:
+
+    * the config is validated (``validate_config``) before the model is built;
+    * datasets are checked when loaded and bad images stop training with the file named
+      (``data/checks.py``, ``data/mapper.py``);
+    * checkpoints are written atomically (``AtomicCheckpointer``) and also hold the RNG
+      states; ``--resume`` skips the samples already seen, so a resumed run continues
+      the uninterrupted one (single process; exact with DATALOADER.NUM_WORKERS 0);
+    * a NaN/Inf loss or prediction stops training with the iteration named.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # DefaultTrainer.__init__ makes a plain DetectionCheckpointer and gives it to the
+        # PeriodicCheckpointer hook: replace it in both places.
+        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
+        self._rng_state_to_restore = None
+
+    @classmethod
+    def build_model(cls, cfg):
+        validate_config(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dataset = load_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        args = _train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
+        sampler = ResumableSampler(args["sampler"]) if args["sampler"] is not None else None
+        args["sampler"] = sampler
+        # The DataLoader draws its workers' base seed when iterated; a private generator
+        # (seeded from the already-seeded NumPy RNG) keeps that draw off the global torch
+        # RNG, whose state a resumed run restores.
+        loader = build_detection_train_loader(**args, seed=int(np.random.randint(2**31)))
+        loader.resumable_sampler = sampler
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        proposal_files = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
+        dataset = load_dataset_dicts([dataset_name], proposal_files=proposal_files)
+        return build_detection_test_loader(
+            dataset=dataset, mapper=CheckedDatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        if sampler is not None:
+            sampler.start = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            if sampler.start:
+                logger.info("Resuming the training data stream after %d samples", sampler.start)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = capture_rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Restored in before_train, after everything that runs between loading and the
+        # first step; other ranks than 0 keep Detectron2's per-rank seeding.
+        if "rng" in state_dict and comm.get_world_size() == 1:
+            self._rng_state_to_restore = state_dict["rng"]
+
+    def before_train(self):
+        super().before_train()
+        if self._rng_state_to_restore is not None:
+            restore_rng_state(self._rng_state_to_restore)
+            self._rng_state_to_restore = None
+
+    def run_step(self):
+        # Detectron2 checks the losses after every step (FloatingPointError naming the
+        # iteration); Inf/NaN caught earlier (e.g. in RPN proposals) do not name it.
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if f"iteration={self.iter}" in str(e):
+                raise
+            raise FloatingPointError(f"Training diverged at iteration={self.iter}: {e}") from e
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -30,8 +127,9 @@ class Trainer(DefaultTrainer):
         if kind in ("sem_seg", "coco_panoptic_seg", "cityscapes_sem_seg"):
             evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
         if kind in ("coco", "coco_panoptic_seg"):
+            tasks = ("bbox",) + ("segm",) * cfg.MODEL.MASK_ON + ("keypoints",) * cfg.MODEL.KEYPOINT_ON
             sigmas = cfg.TEST.KEYPOINT_OKS_SIGMAS
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder, kpt_oks_sigmas=sigmas))
+            evaluators.append(COCOEvaluator(dataset_name, tasks, output_dir=output_folder, kpt_oks_sigmas=sigmas))
         if kind == "coco_panoptic_seg" and hasattr(MetadataCatalog.get(dataset_name), "panoptic_json"):
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
         if not evaluators:

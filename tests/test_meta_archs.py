@@ -1,0 +1,147 @@
+"""Stock Detectron2 meta-architectures on HRNet: the COCO configs build, and each
+shapes config trains a few iterations on generated data and is evaluated."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
+from detectron2.modeling.roi_heads import CascadeROIHeads
+
+from hrnet_d2.data.shapes_extras import KEYPOINT_NAMES, keypoints_from_polygon, register_shapes_extras
+from hrnet_d2.data.synthetic import register_shapes
+from hrnet_d2.engine import Trainer
+from hrnet_d2.pyramid_with_body import HRNetV2pWithBody
+
+from conftest import make_cfg
+
+COCO_CONFIGS = {
+    "COCO-Detection/cascade_rcnn_hrnetv2p_w32_1x.yaml": (GeneralizedRCNN, ["p2", "p3", "p4", "p5", "p6"]),
+    "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w32_1x.yaml": (GeneralizedRCNN, None),
+    "COCO-Detection/retinanet_hrnetv2p_w32_1x.yaml": (RetinaNet, ["p2", "p3", "p4", "p5", "p6", "p7"]),
+    "COCO-Keypoints/keypoint_rcnn_hrnetv2p_w32_1x.yaml": (GeneralizedRCNN, None),
+    "COCO-PanopticSegmentation/panoptic_fpn_hrnetv2p_w32_1x.yaml": (
+        PanopticFPN,
+        ["hr2", "hr3", "hr4", "hr5", "hrv2", "p2", "p3", "p4", "p5", "p6"],
+    ),
+    "Cityscapes/semantic_hrnetv2_w48.yaml": (SemanticSegmentor, ["hrv2"]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets():
+    register_shapes()
+    register_shapes_extras()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: a second OpenMP thread only adds spin-waiting (10x slower on a busy 2-core box)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("config", sorted(COCO_CONFIGS))
+def test_coco_config_builds(config):
+    cls, features = COCO_CONFIGS[config]
+    # SyncBN needs a process group; the structure is the same with BN
+    cfg = make_cfg(config, "MODEL.HRNET.NORM", "FrozenBN", "MODEL.SEM_SEG_HEAD.NORM", "GN")
+    model = build_model(cfg)
+    assert type(model) is cls
+    shapes = model.backbone.output_shape()
+    if features is not None:
+        assert sorted(shapes) == sorted(features)
+    if cls is RetinaNet:
+        assert [shapes[f].stride for f in model.head_in_features] == [8, 16, 32, 64, 128]
+    if "cascade" in config:
+        assert isinstance(model.roi_heads, CascadeROIHeads) and len(model.roi_heads.box_predictor) == 3
+    if "keypoint" in config:
+        assert model.roi_heads.keypoint_on and model.roi_heads.keypoint_head.score_lowres.out_channels == 17
+    if cls is PanopticFPN:
+        assert isinstance(model.backbone, HRNetV2pWithBody)
+        assert model.sem_seg_head.in_features == ["hrv2"] and shapes["hrv2"].channels == 32 * 15
+
+
+def test_keypoints_from_polygon():
+    # a square rotated 45 degrees: its vertices are the extremes
+    poly = [[10, 0], [20, 10], [10, 20], [0, 10]]
+    kp = np.asarray(keypoints_from_polygon(poly)).reshape(-1, 3)
+    named = dict(zip(KEYPOINT_NAMES, kp[:, :2].tolist()))
+    assert named == {"top": [10, 0], "bottom": [10, 20], "left": [0, 10], "right": [20, 10], "center": [10, 10]}
+    assert (kp[:, 2] == 2).all()
+
+
+def test_extra_datasets_derive_from_instances():
+    base = DatasetCatalog.get("shapes_tiny_train")
+    kps = DatasetCatalog.get("shapes_tiny_train_keypoints")
+    sem = DatasetCatalog.get("shapes_tiny_train_sem_seg")
+    pan = DatasetCatalog.get("shapes_tiny_train_panoptic_separated")
+    assert len(base) == len(kps) == len(sem) == len(pan)
+    meta = MetadataCatalog.get("shapes_tiny_train_keypoints")
+    assert meta.thing_classes == ["shape"] and meta.keypoint_flip_map == [("left", "right")]
+    import cv2
+
+    for b, k, s, p in zip(base, kps, sem, pan):
+        assert len(b["annotations"]) == len(k["annotations"]) == len(p["annotations"])
+        assert all(a["category_id"] == 0 and len(a["keypoints"]) == 15 for a in k["annotations"])
+        semantic = cv2.imread(s["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+        stuff = cv2.imread(p["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+        assert semantic.shape == (b["height"], b["width"])
+        # every instance's class shows up in the semantic map, its centre is labelled with it
+        for a in b["annotations"]:
+            x, y, w, h = a["bbox"]
+            poly = np.asarray(a["segmentation"][0]).reshape(-1, 2)
+            cx, cy = np.round(poly.mean(0)).astype(int)
+            assert semantic[cy, cx] == a["category_id"] + 1
+        assert set(np.unique(semantic)) <= set(range(5)) and set(np.unique(stuff)) <= {0, 1}
+        assert ((semantic > 0) == (stuff == 0)).all()
+
+
+TINY = {"shapes_train": "shapes_tiny_train", "shapes_val": "shapes_tiny_val"}
+
+SHAPES_CONFIGS = {
+    "cascade_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
+    "cascade_mask_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "segm"],
+    "retinanet_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
+    "keypoint_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "keypoints"],
+    "panoptic_fpn_hrnetv2p_w18_small_shapes.yaml": ["sem_seg", "bbox", "segm"],
+    "semantic_hrnetv2_w18_small_shapes.yaml": ["sem_seg"],
+}
+
+
+def tiny_cfg(config, output_dir, iters=2):
+    cfg = make_cfg(f"shapes/{config}")
+    # the coarsest level must be >= 1 pixel: p7 (stride 128) needs 128 px inputs
+    size = max(96, cfg.MODEL.BACKBONE.NAME != "build_hrnet_backbone" and 2 ** (cfg.MODEL.HRNET_PYRAMID.NUM_LEVELS + 1))
+    tiny = lambda names: tuple(n.replace("shapes_train", TINY["shapes_train"]).replace("shapes_val", TINY["shapes_val"]) for n in names)  # noqa
+    cfg.DATASETS.TRAIN = tiny(cfg.DATASETS.TRAIN)
+    cfg.DATASETS.TEST = tiny(cfg.DATASETS.TEST)
+    cfg.merge_from_list(
+        ["SOLVER.MAX_ITER", iters, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 1, "SOLVER.STEPS", (),
+         "DATALOADER.NUM_WORKERS", 0, "INPUT.MIN_SIZE_TRAIN", (size,), "INPUT.MAX_SIZE_TRAIN", size,
+         "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, "OUTPUT_DIR", str(output_dir)]
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("config", sorted(SHAPES_CONFIGS))
+def test_shapes_config_trains_and_evaluates(config, tmp_path):
+    cfg = tiny_cfg(config, tmp_path)
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.dtype.is_floating_point}
+    trainer.train()
+    results = trainer._last_eval_results
+    history = trainer.storage.histories()
+    assert history["total_loss"].values() and all(math.isfinite(v) for v, _ in history["total_loss"].values())
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no weight"
+    # end-of-training evaluation ran the evaluators matching the dataset (engine.Trainer.build_evaluator)
+    assert sorted(results) == sorted(SHAPES_CONFIGS[config])
+    if "sem_seg" in results:
+        assert 0 <= results["sem_seg"]["mIoU"] <= 100
+    if "keypoints" in results:
+        assert "AP" in results["keypoints"]
