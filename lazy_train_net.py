@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Train / evaluate HRNet models from Python (LazyConfig) configs.
+
+Detectron2's ``tools/lazyconfig_train_net.py`` (not shipped in the pip package) plus the
+generated "shapes" datasets and the dataset check of ``train_net.py``.  Same CLI:
+
+    python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w32_1x.py --num-gpus 8
+    python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py \
+        train.max_iter=100 dataloader.train.total_batch_size=4
+    python lazy_train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
+
+Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bottom_up.stages.arch=w18``).
+"""
+import logging
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+
+import hrnet_d2  # noqa: F401  (registers the backbones)
+from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
+from hrnet_d2.data.synthetic import ensure_generated, register_shapes
+from hrnet_d2.engine import check_datasets
+
+logger = logging.getLogger("detectron2")
+
+
+def dataset_names(cfg, eval_only=False):
+    """Names of the datasets the config reads (train unless eval_only, and test)."""
+    names = []
+    for split in ("test",) if eval_only else ("train", "test"):
+        loader = cfg.dataloader.get(split)
+        if loader is None or "dataset" not in loader or "names" not in loader.dataset:
+            continue
+        value = loader.dataset.names
+        names += [value] if isinstance(value, str) else list(value)
+    return names
+
+
+def do_test(cfg, model):
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # metrics.json, TensorBoard events, and the console log with ETA
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    register_shapes()
+    register_shapes_extras()
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    names = dataset_names(cfg, args.eval_only)
+    if comm.is_main_process():
+        ensure_generated(names)
+        ensure_generated_extras(names)
+    comm.synchronize()
+    check_datasets(names)
+
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,97 @@
+"""LazyConfig (Python) configs build the same models as their YAML twins, and
+lazy_train_net.py trains / evaluates from them."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_model
+
+from hrnet_d2 import get_config_file
+
+from conftest import REPO, make_cfg
+
+PAIRS = {
+    "lazy/faster_rcnn_hrnetv2p_w32_1x.py": "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml",
+    "lazy/mask_rcnn_hrnetv2p_w32_1x.py": "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x.yaml",
+    "lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py": "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("lazy", sorted(PAIRS))
+def test_lazy_config_equals_yaml_model(lazy):
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(get_config_file(lazy))
+    lazy_model = instantiate(cfg.model).eval()
+    yaml_model = build_model(make_cfg(PAIRS[lazy])).eval()
+
+    lazy_sd, yaml_sd = lazy_model.state_dict(), yaml_model.state_dict()
+    assert {k: v.shape for k, v in lazy_sd.items()} == {k: v.shape for k, v in yaml_sd.items()}
+    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa
+    assert count(lazy_model) == count(yaml_model)
+    assert count(lazy_model, True) == count(yaml_model, True)
+    assert lazy_model.backbone.output_shape() == yaml_model.backbone.output_shape()
+    assert lazy_model.input_format == yaml_model.input_format == "RGB"
+    assert torch.equal(lazy_model.pixel_mean, yaml_model.pixel_mean)
+    assert lazy_model.roi_heads.mask_on == yaml_model.roi_heads.mask_on
+
+    # same weights -> same outputs, so every hyper-parameter that acts at inference agrees
+    lazy_model.load_state_dict(yaml_sd)
+    for m in (lazy_model, yaml_model):  # random weights score ~1/num_classes: keep every box
+        m.roi_heads.box_predictor.test_score_thresh = 0.0
+    image = torch.rand(3, 96, 128) * 255
+    with torch.no_grad():
+        a = lazy_model([{"image": image}])[0]["instances"]
+        b = yaml_model([{"image": image}])[0]["instances"]
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(a.scores, b.scores)
+    if a.has("pred_masks"):
+        torch.testing.assert_close(a.pred_masks, b.pred_masks)
+
+
+def test_lazy_config_override_arch():
+    cfg = LazyConfig.load(get_config_file("lazy/faster_rcnn_hrnetv2p_w32_1x.py"))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.stages.arch=w18_small_v1"])
+    body = instantiate(cfg.model.backbone.bottom_up)
+    assert body.output_shape()["hr5"].channels == 128
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.stages.arch=w99"])
+    with pytest.raises(ValueError, match="w99.*allowed"):
+        instantiate(cfg.model.backbone.bottom_up)
+
+
+@pytest.mark.e2e
+def test_lazy_train_net_trains_and_evaluates(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        str(REPO / "lazy_train_net.py"),
+        "--config-file",
+        get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py"),
+        "train.max_iter=3",
+        "train.log_period=1",
+        f"train.output_dir={out}",
+        "dataloader.train.dataset.names=shapes_tiny_train",
+        "dataloader.test.dataset.names=shapes_tiny_val",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert (out / "model_final.pth").is_file()
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log
+    assert "eta:" in log  # Detectron2's CommonMetricPrinter
