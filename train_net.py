@@ -12,11 +12,11 @@ predictions after evaluation.  Same CLI as Detectron2:
 import logging
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
 from hrnet_d2.data.synthetic import ensure_generated, register_shapes
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
@@ -46,7 +46,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
