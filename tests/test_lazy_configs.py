@@ -16,7 +16,7 @@ from conftest import REPO, make_cfg
 PAIRS = {
     "lazy/faster_rcnn_hrnetv2p_w32_1x.py": "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml",
     "lazy/mask_rcnn_hrnetv2p_w32_1x.py": "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x.yaml",
-    "lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py": "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml",
+    "lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py": "shapes/mask_rcnn_hrnetv2p_w18_small_shapes.yaml",
 }
 
 

@@ -1,6 +1,6 @@
-"""The quickstart model (configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml) as a
-LazyConfig: HRNet-W18-small-v1, 64-channel pyramid, trainable BN, on the generated
-"shapes" dataset, on CPU.
+"""configs/shapes/mask_rcnn_hrnetv2p_w18_small_shapes.yaml as a LazyConfig: a CPU-sized
+Mask R-CNN (HRNet-W18-small-v1, 64-channel pyramid, trainable BN) on the generated
+"shapes" dataset.
 
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py
 """
@@ -56,5 +56,5 @@ train.max_iter = 1400
 train.device = "cpu"
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 500
-train.output_dir = "./output/lazy_quickstart"
+train.output_dir = "./output/lazy/mask_rcnn_shapes"
 train.seed = 42
