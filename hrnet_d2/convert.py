@@ -88,11 +88,12 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "weights only" in str(e).lower() or "weights_only" in str(e):
+            blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+            if blocked:  # weights_only refused a class/function reference: code would have run
                 raise ConversionError(
                     f"{path}: holds pickled objects other than tensors and plain containers; refusing to "
                     "load it because unpickling could run arbitrary code. Re-save only the state dict "
-                    f"(torch.save(model.state_dict(), ...)) or use safetensors. ({str(e).splitlines()[0]})"
+                    f"(torch.save(model.state_dict(), ...)) or use safetensors. ({blocked[0]})"
                 ) from e
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as e:

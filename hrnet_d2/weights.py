@@ -1,6 +1,7 @@
 """Where the ImageNet weights of each HRNet come from, and a check that stops training
 at once (before any model or data is built) when the converted file is missing."""
 import os
+import sys
 
 from .arch import ARCHITECTURES
 
@@ -24,11 +25,16 @@ def converted_weights_path(arch: str) -> str:
 
 
 class PretrainedWeightsMissing(SystemExit):
-    """Raised (exit status 2) when MODEL.WEIGHTS names a local file that does not exist."""
+    """Raised (exit status 2) when MODEL.WEIGHTS names a local file that does not exist.
+
+    Python prints a SystemExit's message only when its code is a string, so the message
+    goes to stderr here and ``str(e)`` still holds it for callers that catch it.
+    """
 
     def __init__(self, message):
         super().__init__(message)
         self.code = 2
+        print(message, file=sys.stderr, flush=True)
 
 
 def _is_local(path):

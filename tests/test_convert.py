@@ -1,0 +1,239 @@
+"""hrnet_d2.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
+hrnet_d2.weights: a missing converted file stops training with the command that makes it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from safetensors.torch import save_file
+
+from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main
+from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
+
+from conftest import REPO, make_cfg, run_train_net
+
+FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
+SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
+
+
+@pytest.fixture(scope="module")
+def timm_small():
+    """timm hrnet_w18_small with random weights and non-trivial BN statistics."""
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def official_pth(timm_small, tmp_path_factory):
+    """The official HRNet-Image-Classification layout: a plain state dict in a .pth."""
+    path = tmp_path_factory.mktemp("ckpt") / "hrnet_w18_small_model_v1.pth"
+    torch.save(timm_small.state_dict(), path)
+    return path
+
+
+def _timm_branches(t, x):
+    y = t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(x))))))
+    return t.stages(y)
+
+
+class _RecordingCheckpointer(DetectionCheckpointer):
+    def _load_model(self, checkpoint):
+        self.report = super()._load_model(checkpoint)
+        return self.report
+
+
+def _load_report(model, path):
+    """What Detectron2's checkpointer reports when loading ``path`` (missing/unexpected keys)."""
+    checkpointer = _RecordingCheckpointer(model)
+    checkpointer.load(str(path))
+    return checkpointer.report
+
+
+@pytest.mark.e2e
+def test_official_checkpoint_round_trip_into_faster_rcnn(timm_small, official_pth, tmp_path):
+    out = tmp_path / "pretrained" / "w18_small_d2.pth"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hrnet_d2.convert", str(official_pth), str(out),
+         "--config-file", str(REPO / "configs" / FASTER), "--opts", *SMALL],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "w18_small_v1" in proc.stdout
+    assert "Dropped" in proc.stdout and "incre_modules" in proc.stdout and "classifier" in proc.stdout
+    assert "Unexpected (not HRNet, left out) 0 tensors" in proc.stdout
+
+    cfg = make_cfg(FASTER, *SMALL, "MODEL.WEIGHTS", str(out))
+    model = build_model(cfg).eval()
+    report = _load_report(model, cfg.MODEL.WEIGHTS)
+    assert not [k for k in report.missing_keys if k.startswith("backbone.bottom_up.")]
+    assert not report.unexpected_keys and not report.incorrect_shapes
+    # an ImageNet checkpoint has no pyramid or heads: those stay randomly initialised
+    assert any(k.startswith("backbone.reduction_conv") for k in report.missing_keys)
+
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        got = model.backbone.bottom_up(x)
+        expected = _timm_branches(timm_small, x)
+    for i, e in enumerate(expected):
+        torch.testing.assert_close(got[f"hr{i + 2}"], e, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_safetensors_gives_the_same_checkpoint(timm_small, official_pth, tmp_path):
+    st = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_small.state_dict().items()}, str(st))
+    a = convert_file(str(official_pth), str(tmp_path / "a.pth"))
+    b = convert_file(str(st), str(tmp_path / "b.pth"), arch="w18_small_v1")
+    assert a.arch == b.arch == "w18_small_v1"
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    # bare-body target: keys are backbone.<official key>
+    c = convert_file(str(st), str(tmp_path / "c.pth"), backbone="build_hrnet_backbone")
+    assert all(k.startswith("backbone.") and ".bottom_up." not in k for k in c.state_dict)
+
+
+@pytest.mark.parametrize("layout", ["mmdet_v2", "hrnet_object_detection_v0"])
+def test_mmdetection_backbone_and_neck(timm_small, tmp_path, layout):
+    torch.manual_seed(1)
+    cfg = make_cfg(FASTER, *SMALL)
+    model = build_model(cfg).eval()
+    sd = {f"backbone.{k}": v for k, v in timm_small.state_dict().items()
+          if k.split(".")[0] not in ("incre_modules", "downsamp_modules", "final_layer", "classifier")}
+    red = model.backbone.reduction_conv.weight
+    neck = {}
+    if layout == "mmdet_v2":  # ConvModule everywhere
+        neck["neck.reduction_conv.conv.weight"] = torch.randn_like(red)
+        neck["neck.reduction_conv.conv.bias"] = torch.randn(red.shape[0])
+        for i in range(5):
+            neck[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn(256, 256, 3, 3)
+            neck[f"neck.fpn_convs.{i}.conv.bias"] = torch.randn(256)
+    else:  # HRNet-Object-Detection (mmdetection v0.x): Sequential reduction, plain fpn_conv list
+        neck["neck.reduction_conv.0.weight"] = torch.randn_like(red)
+        neck["neck.reduction_conv.0.bias"] = torch.randn(red.shape[0])
+        for i in range(5):
+            neck[f"neck.fpn_conv.{i}.weight"] = torch.randn(256, 256, 3, 3)
+            neck[f"neck.fpn_conv.{i}.bias"] = torch.randn(256)
+    sd.update(neck)
+    sd["rpn_head.rpn_conv.weight"] = torch.randn(256, 256, 3, 3)
+    sd["roi_head.bbox_head.fc_cls.weight"] = torch.randn(81, 1024)
+    src = tmp_path / "mmdet.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": sd}, src)
+
+    out = tmp_path / "d2.pth"
+    conv = convert_file(str(src), str(out), config_file=str(REPO / "configs" / FASTER), opts=SMALL)
+    dropped = {k for k, _ in conv.dropped}
+    assert {"rpn_head.rpn_conv.weight", "roi_head.bbox_head.fc_cls.weight"} <= dropped
+    assert not conv.unexpected
+    report = _load_report(model, out)
+    assert not [k for k in report.missing_keys if k.startswith("backbone.")]
+    assert not report.unexpected_keys and not report.incorrect_shapes
+    reduction_key = next(k for k in neck if k.startswith("neck.reduction_conv") and k.endswith("weight"))
+    assert torch.equal(model.backbone.reduction_conv.weight, neck[reduction_key])
+    fpn4 = "neck.fpn_convs.4.conv.bias" if layout == "mmdet_v2" else "neck.fpn_conv.4.bias"
+    assert torch.equal(model.backbone.fpn_convs[4].bias, neck[fpn4])
+
+
+def test_refuses_a_checkpoint_that_is_not_hrnet(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ConversionError, match=r"resnet18\.pth: not an HRNet checkpoint"):
+        convert_file(str(path), str(tmp_path / "out.pth"))
+    assert not (tmp_path / "out.pth").exists()
+    assert main([str(path), str(tmp_path / "out.pth")]) == 2
+
+
+def test_refuses_a_width_the_config_does_not_expect(official_pth, tmp_path):
+    with pytest.raises(ConversionError) as e:
+        convert_file(str(official_pth), str(tmp_path / "out.pth"), config_file=str(REPO / "configs" / FASTER))
+    msg = str(e.value)
+    assert "found HRNet w18_small_v1" in msg and "expected w18 " in msg and "MODEL.HRNET.ARCH = 'w18'" in msg
+    with pytest.raises(ConversionError, match="found HRNet w18_small_v1.*expected w48.*--arch w48"):
+        convert_file(str(official_pth), str(tmp_path / "out.pth"), arch="w48")
+
+
+def test_refuses_truncated_and_corrupt_files(official_pth, timm_small, tmp_path):
+    data = official_pth.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="truncated or corrupt"):
+        load_state_dict(str(truncated))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    with pytest.raises(ConversionError, match="truncated or corrupt"):
+        load_state_dict(str(garbage))
+    st = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_small.state_dict().items()}, str(st))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(st.read_bytes()[:-1000])
+    with pytest.raises(ConversionError, match="safetensors.*truncated or corrupt"):
+        load_state_dict(str(cut))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ConversionError, match="empty"):
+        load_state_dict(str(empty))
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickled_code_does_not_run(tmp_path):
+    marker = str(tmp_path / "code-ran")
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(ConversionError, match="refusing to load"):
+        load_state_dict(str(path))
+    assert not os.path.exists(marker)
+
+
+def test_missing_weights_check(tmp_path):
+    cfg = make_cfg(FASTER)
+    for harmless in ("", "detectron2://ImageNetPretrained/MSRA/R-50.pkl", "https://example.com/x.pth"):
+        cfg.MODEL.WEIGHTS = harmless
+        check_pretrained_weights(cfg)
+    cfg.MODEL.WEIGHTS = str(tmp_path / converted_weights_path("w18"))
+    with pytest.raises(PretrainedWeightsMissing) as e:
+        check_pretrained_weights(cfg, config_file="my.yaml")
+    assert e.value.code == 2
+    assert f"python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth {cfg.MODEL.WEIGHTS} --config-file my.yaml" in str(e.value)
+    # resuming from a checkpoint in OUTPUT_DIR does not need the pretrained file
+    cfg.OUTPUT_DIR = str(tmp_path)
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    check_pretrained_weights(cfg, resume=True)
+
+
+def test_every_coco_config_names_its_converted_weights():
+    for path in sorted((REPO / "configs").glob("COCO-*/*.yaml")):
+        cfg = make_cfg(str(path.relative_to(REPO / "configs")))
+        cfg.merge_from_file(str(path))  # make_cfg blanks MODEL.WEIGHTS; read the file's value
+        if path.parent.name in ("COCO-Detection", "COCO-InstanceSegmentation"):
+            assert cfg.MODEL.WEIGHTS == converted_weights_path(cfg.MODEL.HRNET.ARCH), path
+
+
+@pytest.mark.e2e
+def test_train_net_stops_at_once_when_pretrained_file_is_missing(tmp_path):
+    proc = run_train_net(
+        ["--config-file", REPO / "configs" / FASTER, "OUTPUT_DIR", tmp_path / "out", "MODEL.DEVICE", "cpu"],
+        cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pretrained/hrnetv2_w18_imagenet_d2.pth" in proc.stderr
+    assert "python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth" in proc.stderr
+    assert not (tmp_path / "out" / "model_final.pth").exists()
