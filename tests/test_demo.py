@@ -1,0 +1,86 @@
+"""demo.py draws a trained model's predictions on images and folders."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from hrnet_d2.data.shapes_extras import register_shapes_extras
+from hrnet_d2.data.synthetic import register_shapes
+
+from conftest import CONFIGS, REPO, make_cfg
+
+sys.path.insert(0, str(REPO))
+import demo  # noqa: E402
+
+QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    register_shapes()
+    register_shapes_extras()
+    folder = tmp_path_factory.mktemp("images")
+    for d in DatasetCatalog.get("shapes_tiny_val")[:2]:
+        os.symlink(d["file_name"], folder / os.path.basename(d["file_name"]))
+    return folder
+
+
+def save_model(config, output_dir):
+    """A checkpoint written the way train_net.py writes model_final.pth."""
+    torch.manual_seed(0)
+    cfg = make_cfg(config)
+    model = build_model(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    DetectionCheckpointer(model, save_dir=str(output_dir)).save("model_final")
+    return output_dir / "model_final.pth"
+
+
+def test_demo_folder_with_quickstart_model(images, tmp_path):
+    # out of the box: quickstart config, weights from its OUTPUT_DIR/model_final.pth
+    save_model(QUICKSTART, tmp_path / "quickstart")
+    out = tmp_path / "vis"
+    written = demo.main(
+        ["--input", str(images), "--output", str(out), "--confidence-threshold", "0",
+         "--opts", "OUTPUT_DIR", str(tmp_path / "quickstart"), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    )
+    assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(images))
+    for name in os.listdir(images):
+        src = cv2.imread(str(images / name))
+        vis = cv2.imread(str(out / name))
+        assert vis.shape == src.shape
+        assert (vis != src).any(), "nothing drawn"  # threshold 0: random weights still give boxes
+
+
+def test_demo_semantic_single_file(images, tmp_path):
+    config = "shapes/semantic_hrnetv2_w18_small_shapes.yaml"
+    weights = save_model(config, tmp_path)
+    image = sorted(images.iterdir())[0]
+    out = tmp_path / "one.png"
+    demo.main(["--config-file", str(CONFIGS / config), "--input", str(image), "--output", str(out),
+               "--opts", "MODEL.WEIGHTS", str(weights)])
+    vis, src = cv2.imread(str(out)), cv2.imread(str(image))
+    assert vis.shape == src.shape and not np.array_equal(vis, src)
+
+
+def test_demo_missing_weights_message(images, tmp_path):
+    with pytest.raises(SystemExit, match="quickstart"):
+        demo.main(["--input", str(images), "--output", str(tmp_path), "--opts", "OUTPUT_DIR", str(tmp_path)])
+
+
+@pytest.mark.e2e
+def test_demo_cli(images, tmp_path):
+    weights = save_model(QUICKSTART, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "demo.py"), "--input", str(images / "*.png"), "--output", str(tmp_path / "v"),
+         "--opts", "MODEL.WEIGHTS", str(weights)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "v").glob("*.png"))) == 2
