@@ -212,11 +212,23 @@ _USES_SEM_SEG_HEAD = ("SemanticSegmentor", "PanopticFPN")
 
 
 def _backbone_output_shapes(cfg):
-    """The backbone's output_shape(), built on the meta device: no memory, no weights."""
+    """The backbone's output names and strides: computed for our two base builders,
+    otherwise from a backbone built on the meta device (no memory, no weights)."""
     name = cfg.MODEL.BACKBONE.NAME
-    if name in ("build_hrnet_fpn_backbone",):
-        body = {k: v for k, v in _body_outputs(validate_backbone_config(cfg)).items() if k in cfg.MODEL.HRNET.OUT_FEATURES}
-        _check_feature_names("MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, body, "the HRNet body (MODEL.HRNET.OUT_FEATURES)")
+    if name in ("build_hrnet_backbone", "build_hrnetv2p_backbone", "build_hrnet_fpn_backbone"):
+        specs = validate_backbone_config(cfg)
+        body = {k: v for k, v in _body_outputs(specs).items() if k in cfg.MODEL.HRNET.OUT_FEATURES}
+        if name == "build_hrnet_backbone":
+            return {k: ShapeSpec(stride=v) for k, v in body.items()}
+        if name == "build_hrnetv2p_backbone":
+            validate_pyramid_config(cfg)
+            p = cfg.MODEL.HRNET_PYRAMID
+            base = min(body[f] for f in p.IN_FEATURES)
+            first = int(math.log2(base))
+            return {f"p{first + i}": ShapeSpec(channels=p.OUT_CHANNELS, stride=base * 2**i) for i in range(p.NUM_LEVELS)}
+        _check_feature_names(
+            "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, body, "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+        )
     with torch.device("meta"):
         return build_backbone(cfg).output_shape()
 

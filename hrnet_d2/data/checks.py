@@ -100,7 +100,9 @@ def _explain_load_failure(names, error):
 
 def check_dataset_dicts(dicts, names=()):
     """Fields every loader needs, and that all image (and sem-seg) files exist."""
-    label = f"dataset(s) {list(names)}" if names else "dataset"
+    files = [getattr(MetadataCatalog.get(n), "json_file", None) for n in names]
+    files = [str(f) for f in files if f]
+    label = (f"dataset(s) {list(names)}" if names else "dataset") + (f" (annotation file {', '.join(files)})" if files else "")
     missing_files = []
     for d in dicts:
         if "file_name" not in d:

@@ -1,0 +1,126 @@
+"""Bad configuration: one ValueError, raised before anything is built or read, that
+names the key, the bad value and what is allowed."""
+import pytest
+
+from hrnet_d2 import ARCHITECTURES
+from hrnet_d2.build import validate_config
+from hrnet_d2.engine import Trainer
+
+from conftest import CONFIGS, make_cfg
+
+QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
+RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
+SEMANTIC = "shapes/semantic_hrnetv2_w18_small_shapes.yaml"
+YAML_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("Base-"))
+
+
+def explicit_stages(arch="w18_small_v1"):
+    """MODEL.HRNET.STAGE1..4 spelled out (ARCH '') as in the architecture table."""
+    opts = ["MODEL.HRNET.ARCH", ""]
+    for k, s in enumerate(ARCHITECTURES[arch], start=1):
+        p = f"MODEL.HRNET.STAGE{k}."
+        opts += [p + "NUM_MODULES", str(s.num_modules), p + "NUM_BRANCHES", str(s.num_branches), p + "BLOCK", s.block,
+                 p + "NUM_BLOCKS", str(list(s.num_blocks)), p + "NUM_CHANNELS", str(list(s.num_channels)),
+                 p + "FUSE_METHOD", s.fuse_method]  # fmt: skip
+    return opts
+
+
+# (id, base config, overrides, key named, bad value as it appears in the message)
+CASES = [
+    ("unknown width name", QUICKSTART, ["MODEL.HRNET.ARCH", "w19"], "MODEL.HRNET.ARCH", "'w19'"),
+    ("ARCH and explicit stages", QUICKSTART, ["MODEL.HRNET.STAGE2.NUM_BRANCHES", "2"], "MODEL.HRNET.ARCH", "'w18_small_v1'"),
+    ("stage list length: NUM_CHANNELS", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE3.NUM_CHANNELS", "[16, 32]"],
+     "MODEL.HRNET.STAGE3.NUM_CHANNELS", "[16, 32]"),
+    ("stage list length: NUM_BLOCKS", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE4.NUM_BLOCKS", "[2, 2, 2, 2, 2]"],
+     "MODEL.HRNET.STAGE4.NUM_BLOCKS", "[2, 2, 2, 2, 2]"),
+    ("NUM_BRANCHES below the previous stage", QUICKSTART,
+     explicit_stages() + ["MODEL.HRNET.STAGE4.NUM_BRANCHES", "2", "MODEL.HRNET.STAGE4.NUM_BLOCKS", "[2, 2]",
+                          "MODEL.HRNET.STAGE4.NUM_CHANNELS", "[16, 32]"], "MODEL.HRNET.STAGE4.NUM_BRANCHES", "2"),
+    ("stage 1 with 2 branches", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE1.NUM_BRANCHES", "2"],
+     "MODEL.HRNET.STAGE1.NUM_BRANCHES", "(2, 1)"),
+    ("NUM_MODULES 0", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE3.NUM_MODULES", "0"],
+     "MODEL.HRNET.STAGE3.NUM_MODULES", "0"),
+    ("unknown BLOCK", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE2.BLOCK", "RESNEXT"],
+     "MODEL.HRNET.STAGE2.BLOCK", "'RESNEXT'"),
+    ("unknown FUSE_METHOD", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE4.FUSE_METHOD", "CONCAT"],
+     "MODEL.HRNET.STAGE4.FUSE_METHOD", "'CONCAT'"),
+    ("negative channel count", QUICKSTART, explicit_stages() + ["MODEL.HRNET.STAGE2.NUM_CHANNELS", "[16, -32]"],
+     "MODEL.HRNET.STAGE2.NUM_CHANNELS", "-32"),
+    ("zero stem channels", QUICKSTART, ["MODEL.HRNET.STEM_CHANNELS", "0"], "MODEL.HRNET.STEM_CHANNELS", "0"),
+    ("unknown norm", QUICKSTART, ["MODEL.HRNET.NORM", "BatchNorm"], "MODEL.HRNET.NORM", "'BatchNorm'"),
+    ("unknown pyramid norm", QUICKSTART, ["MODEL.HRNET_PYRAMID.NORM", "IN"], "MODEL.HRNET_PYRAMID.NORM", "'IN'"),
+    ("unknown upsample mode", QUICKSTART, ["MODEL.HRNET.FUSE_UPSAMPLE_MODE", "bicubic"],
+     "MODEL.HRNET.FUSE_UPSAMPLE_MODE", "'bicubic'"),
+    ("unknown body output", QUICKSTART, ["MODEL.HRNET.OUT_FEATURES", "['hr2', 'hr6']"], "MODEL.HRNET.OUT_FEATURES", "'hr6'"),
+    ("unknown pooling type", QUICKSTART, ["MODEL.HRNET_PYRAMID.POOLING", "MEDIAN"], "MODEL.HRNET_PYRAMID.POOLING", "'MEDIAN'"),
+    ("non-positive pyramid channels", QUICKSTART, ["MODEL.HRNET_PYRAMID.OUT_CHANNELS", "0"],
+     "MODEL.HRNET_PYRAMID.OUT_CHANNELS", "0"),
+    ("zero pyramid levels", QUICKSTART, ["MODEL.HRNET_PYRAMID.NUM_LEVELS", "0"], "MODEL.HRNET_PYRAMID.NUM_LEVELS", "0"),
+    ("pyramid input the body does not produce", QUICKSTART,
+     ["MODEL.HRNET.OUT_FEATURES", "['hr2', 'hr3', 'hr4']"], "MODEL.HRNET_PYRAMID.IN_FEATURES", "'hr5'"),
+    ("FREEZE_AT too large", QUICKSTART, ["MODEL.BACKBONE.FREEZE_AT", "6"], "MODEL.BACKBONE.FREEZE_AT", "6"),
+    ("FREEZE_AT negative", QUICKSTART, ["MODEL.BACKBONE.FREEZE_AT", "-1"], "MODEL.BACKBONE.FREEZE_AT", "-1"),
+    ("anchor sizes vs RPN levels", QUICKSTART, ["MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128]]"],
+     "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128]]"),
+    ("anchor aspect ratios vs RPN levels", QUICKSTART, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0], [0.5, 2.0]]"],
+     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0], [0.5, 2.0]]"),
+    ("negative anchor size", QUICKSTART, ["MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [-64], [128], [256]]"],
+     "MODEL.ANCHOR_GENERATOR.SIZES", "-64"),
+    ("RPN level beyond the pyramid", QUICKSTART, ["MODEL.HRNET_PYRAMID.NUM_LEVELS", "4"], "MODEL.RPN.IN_FEATURES", "'p6'"),
+    ("Detectron2's default ROI features", QUICKSTART, ["MODEL.ROI_HEADS.IN_FEATURES", "['res4']"],
+     "MODEL.ROI_HEADS.IN_FEATURES", "'res4'"),
+    ("ROI levels not consecutive", QUICKSTART, ["MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p4']"],
+     "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p4']"),
+    ("RetinaNet level beyond the pyramid", RETINANET, ["MODEL.HRNET_PYRAMID.NUM_LEVELS", "5"],
+     "MODEL.RETINANET.IN_FEATURES", "'p7'"),
+    ("RetinaNet anchors vs levels", RETINANET, ["MODEL.RETINANET.IN_FEATURES", "['p3', 'p4', 'p5']"],
+     "MODEL.ANCHOR_GENERATOR.SIZES", "[[16, 20.1587"),
+    ("semantic head reads a pyramid level", SEMANTIC, ["MODEL.SEM_SEG_HEAD.IN_FEATURES", "['p2']"],
+     "MODEL.SEM_SEG_HEAD.IN_FEATURES", "'p2'"),
+    ("D2 FPN input the body does not produce", QUICKSTART,
+     ["MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone", "MODEL.FPN.IN_FEATURES", "['hr2', 'hr3', 'res4']"],
+     "MODEL.FPN.IN_FEATURES", "'res4'"),
+    ("zero PIXEL_STD", QUICKSTART, ["MODEL.PIXEL_STD", "[58.4, 0.0, 57.4]"], "MODEL.PIXEL_STD", "[58.4, 0.0, 57.4]"),
+    ("one-channel PIXEL_MEAN", QUICKSTART, ["MODEL.PIXEL_MEAN", "[120.0]", "MODEL.PIXEL_STD", "[58.0]"],
+     "MODEL.PIXEL_MEAN", "[120.0]"),
+    ("grayscale INPUT.FORMAT", QUICKSTART, ["INPUT.FORMAT", "L"], "INPUT.FORMAT", "'L'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_names_key_and_value(case):
+    _, config, opts, key, value = case
+    cfg = make_cfg(config, *opts)
+    with pytest.raises(ValueError) as e:
+        Trainer.build_model(cfg)
+    message = str(e.value)
+    assert key in message, message
+    assert value in message, message
+    assert "\n" not in message  # one clear line
+
+
+def test_explicit_stages_equal_the_architecture_table():
+    """The helper above builds a valid model: the cases fail because of their one change."""
+    from detectron2.modeling import build_backbone
+
+    a = build_backbone(make_cfg(QUICKSTART))
+    b = build_backbone(make_cfg(QUICKSTART, *explicit_stages()))
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+
+
+@pytest.mark.parametrize("config", YAML_CONFIGS)
+def test_every_shipped_config_is_valid(config):
+    shapes = validate_config(make_cfg(config))
+    assert shapes
+
+
+def test_config_is_checked_before_any_data_is_read(monkeypatch):
+    from detectron2.data import DatasetCatalog
+
+    def no_data(name):
+        raise AssertionError(f"dataset {name} was read before the config was validated")
+
+    monkeypatch.setattr(DatasetCatalog, "get", no_data)
+    cfg = make_cfg(QUICKSTART, "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32]]", "OUTPUT_DIR", "/nonexistent")
+    with pytest.raises(ValueError, match="MODEL.ANCHOR_GENERATOR.SIZES"):
+        Trainer(cfg)
