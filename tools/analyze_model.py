@@ -42,6 +42,8 @@ def load_model(config_file, opts=(), device="cpu"):
     """cfg and model (random weights, eval mode) of a config; ``device="meta"`` builds
     without allocating weights, enough for parameter counting."""
     cfg = get_hrnet_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    if "INFERENCE_FUSE" in cfg.MODEL.HRNET:  # count the reference graph, not the folded fast path
+        cfg.MODEL.HRNET.INFERENCE_FUSE = False
     if device == "meta":
         with torch.device("meta"):
             model = build_model(cfg)
