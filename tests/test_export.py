@@ -1,0 +1,74 @@
+"""tools/export_model.py: TorchScript (tracing) and ONNX exports of the backbone+pyramid
+and of a whole Faster R-CNN give PyTorch's outputs (onnxruntime on CPU)."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import export_model  # noqa: E402
+
+CONFIG = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")  # Faster R-CNN, w18_small_v1
+OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('shapes_tiny_val',)"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def export(tmp_path, fmt, what):
+    torch.manual_seed(0)
+    path, diff = export_model.main(
+        ["--config-file", CONFIG, "--format", fmt, "--what", what, "--output", str(tmp_path),
+         "--opts", *OPTS]
+    )
+    return path, diff
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_backbone_export_matches_pytorch(tmp_path, fmt):
+    path, diff = export(tmp_path, fmt, "backbone")
+    assert diff < 1e-4
+    # another batch size and image size than the traced one
+    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    torch.manual_seed(0)
+    model = export_model.load_model(cfg)
+    module = export_model.BackboneOutputs(model.backbone).eval()
+    x = torch.randn(2, 3, 64, 160)
+    exported = export_model.run_exported(path, fmt, (x,))
+    with torch.no_grad():
+        reference = module(x)
+    assert [e.shape for e in exported] == [tuple(r.shape) for r in reference]
+    assert [e.shape[-1] for e in exported] == [40, 20, 10, 5, 2]  # p2..p6 of a 160-wide input (pooled, floor)
+    for e, r in zip(exported, reference):
+        np.testing.assert_allclose(e, r.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_faster_rcnn_export_matches_pytorch(tmp_path, fmt):
+    path, diff = export(tmp_path, fmt, "model")
+    assert diff < 1e-3
+    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    torch.manual_seed(0)
+    model = export_model.load_model(cfg)
+    image = export_model.sample_image(cfg)
+    adapter, inputs = export_model.traceable(model, "model", image)
+    outputs = export_model.run_exported(path, fmt, inputs)
+    # the flattened outputs are Instances fields: unflatten them as a user would
+    with torch.no_grad():
+        adapter(*inputs)  # sets outputs_schema
+    instances = adapter.outputs_schema([torch.as_tensor(o) for o in outputs])[0]["instances"]
+    reference = model([{"image": image}])[0]["instances"]
+    assert len(instances) == len(reference) > 0
+    torch.testing.assert_close(instances.pred_boxes.tensor, reference.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(instances.scores, reference.scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(instances.pred_classes, reference.pred_classes)
+    if fmt == "torchscript":
+        assert (tmp_path / "model_ts_IR.txt").is_file()

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Export an HRNet model to TorchScript or ONNX with Detectron2's export tools.
+
+Detectron2's ``tools/deploy/export_model.py`` (not shipped in the pip package), for our
+configs, plus ``--what backbone`` (HRNet body + HRNetV2p pyramid alone, the part other
+runtimes usually want) and a check that the exported model gives PyTorch's outputs.
+
+    python tools/export_model.py --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml \
+        --format onnx --output export/ --opts MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu
+    python tools/export_model.py --config-file ... --what backbone --format torchscript --output export/
+
+Whole models are exported by tracing (``TracingAdapter``): the exported graph takes one
+CHW image tensor (already resized, in the config's INPUT.FORMAT) and returns the
+flattened Instances fields (boxes, classes, [masks], scores, image size).  The backbone
+export takes NCHW and returns the pyramid levels in order, with dynamic N/H/W in ONNX.
+Scripting (``--export-method scripting``) goes through ``scripting_with_instances``; it
+needs a scriptable backbone, which HRNet's body is not yet (see README "Export").
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.data.shapes_extras import register_shapes_extras  # noqa: E402
+from hrnet_d2.data.synthetic import register_shapes  # noqa: E402
+
+logger = logging.getLogger("hrnet_d2.export")
+
+ONNX_OPSET = 17
+
+
+class BackboneOutputs(nn.Module):
+    """The backbone with a tuple output (in ``names`` order): what tracing / ONNX need."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.names = list(backbone.output_shape())
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return tuple(features[name] for name in self.names)
+
+
+def sample_image(cfg, path=None):
+    """A CHW float tensor as the model receives it: ``path`` (or the first test image,
+    or noise) resized as at test time."""
+    if path is None and cfg.DATASETS.TEST and cfg.DATASETS.TEST[0] in DatasetCatalog.list():
+        try:
+            path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
+        except Exception as e:  # dataset files absent (e.g. COCO not downloaded)
+            logger.warning("No image from %s (%s); exporting with a random image", cfg.DATASETS.TEST[0], e)
+    if path is None:
+        image = np.random.RandomState(0).randint(0, 256, (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST, 3))
+        image = image.astype(np.uint8)
+    else:
+        image = utils.read_image(path, format=cfg.INPUT.FORMAT)
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    resized = aug.get_transform(image).apply_image(image)
+    return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+
+
+def traceable(model, what, image):
+    """(module, example inputs) to trace / export."""
+    if what == "backbone":
+        wrapped = BackboneOutputs(model.backbone).eval()
+        x = ((image.to(model.pixel_mean.device) - model.pixel_mean) / model.pixel_std)[None]
+        return wrapped, (x,)
+    adapter = TracingAdapter(model, [{"image": image}]).eval()
+    return adapter, adapter.flattened_inputs
+
+
+def export_tracing(model, what, image, fmt, output_dir):
+    module, inputs = traceable(model, what, image)
+    os.makedirs(output_dir, exist_ok=True)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            ts = torch.jit.trace(module, inputs)
+        path = os.path.join(output_dir, f"{what}.ts")
+        ts.save(path)
+        dump_torchscript_IR(ts, output_dir)
+    else:
+        path = os.path.join(output_dir, f"{what}.onnx")
+        kwargs = {}
+        if what == "backbone":
+            kwargs = dict(
+                input_names=["image"],
+                output_names=module.names,
+                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}},
+            )
+        with torch.no_grad():
+            torch.onnx.export(module, inputs, path, opset_version=ONNX_OPSET, dynamo=False, **kwargs)
+    logger.info("Exported %s (%s, tracing) to %s", what, fmt, path)
+    return path, module, inputs
+
+
+def export_scripting(model, what, output_dir):
+    if what == "backbone":
+        scripted = torch.jit.script(model.backbone)
+    else:
+        fields = {"pred_boxes": "Boxes", "scores": torch.Tensor, "pred_classes": torch.Tensor}
+        if getattr(model, "roi_heads", None) is not None and model.roi_heads.mask_on:
+            fields["pred_masks"] = torch.Tensor
+        if getattr(model, "roi_heads", None) is not None and model.roi_heads.keypoint_on:
+            fields["pred_keypoints"] = torch.Tensor
+        from detectron2.structures import Boxes
+
+        fields = {k: Boxes if v == "Boxes" else v for k, v in fields.items()}
+        scripted = scripting_with_instances(model, fields)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{what}.ts")
+    scripted.save(path)
+    dump_torchscript_IR(scripted, output_dir)
+    logger.info("Exported %s (torchscript, scripting) to %s", what, path)
+    return path
+
+
+def run_exported(path, fmt, inputs):
+    """Outputs (list of numpy arrays) of an exported file on ``inputs``."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            outputs = torch.jit.load(path)(*inputs)
+        return [o.numpy() for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds)
+
+
+def max_abs_diff(module, path, fmt, inputs):
+    """Largest |exported - PyTorch| over all outputs (inf when shapes differ)."""
+    with torch.no_grad():
+        reference = module(*inputs)
+    reference = [r.numpy() for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
+    exported = run_exported(path, fmt, inputs)
+    if len(exported) != len(reference) or any(a.shape != b.shape for a, b in zip(exported, reference)):
+        return float("inf")
+    return max((float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0) for a, b in zip(exported, reference))
+
+
+def disable_fast_paths(model):
+    """Export the reference graph: inference-only fast paths (e.g. HRNet's folded oneDNN
+    kernels, ``inference_fuse``) call ops that ONNX and portable TorchScript lack."""
+    for m in model.modules():
+        if hasattr(m, "inference_fuse"):
+            m.inference_fuse = False
+    return model
+
+
+def load_model(cfg):
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
+    return disable_fast_paths(model.eval())
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    parser.add_argument("--export-method", choices=["tracing", "scripting"], default="tracing")
+    parser.add_argument("--what", choices=["model", "backbone"], default="model")
+    parser.add_argument("--sample-image", default=None, help="image used for tracing (default: first test image)")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="hrnet_d2")
+    setup_logger(name="detectron2")
+    register_shapes()
+    register_shapes_extras()
+    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    if args.export_method == "scripting" and args.format != "torchscript":
+        raise SystemExit("--export-method scripting only produces TorchScript (--format torchscript)")
+    model = load_model(cfg)
+    if args.export_method == "scripting":
+        try:
+            return export_scripting(model, args.what, args.output), None
+        except Exception as e:  # torch.jit frontend errors
+            raise SystemExit(
+                f"Scripting failed: {str(e).strip().splitlines()[0]}\n{e}\n"
+                "HRNet's body is not scriptable yet; use --export-method tracing (README 'Export')."
+            ) from e
+    image = sample_image(cfg, args.sample_image)
+    logger.info("Tracing with an input of shape %s", tuple(image.shape))
+    path, module, inputs = export_tracing(model, args.what, image, args.format, args.output)
+    diff = max_abs_diff(module, path, args.format, inputs)
+    logger.info("Exported vs PyTorch on the sample: max |difference| = %.3g", diff)
+    return path, diff
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
