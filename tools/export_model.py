@@ -199,8 +199,8 @@ def main(argv=None):
             return export_scripting(model, args.what, args.output), None
         except Exception as e:  # torch.jit frontend errors
             raise SystemExit(
-                f"Scripting failed: {str(e).strip().splitlines()[0]}\n{e}\n"
-                "HRNet's body is not scriptable yet; use --export-method tracing (README 'Export')."
+                f"Scripting failed:\n{e}\nThe HRNet body and HRNetV2p pyramid are not scriptable yet; "
+                "use --export-method tracing (README 'Export')."
             ) from e
     image = sample_image(cfg, args.sample_image)
     logger.info("Tracing with an input of shape %s", tuple(image.shape))
