@@ -42,13 +42,14 @@ def load_model(config_file, opts=(), device="cpu"):
     """cfg and model (random weights, eval mode) of a config; ``device="meta"`` builds
     without allocating weights, enough for parameter counting."""
     cfg = get_hrnet_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
-    if "INFERENCE_FUSE" in cfg.MODEL.HRNET:  # count the reference graph, not the folded fast path
-        cfg.MODEL.HRNET.INFERENCE_FUSE = False
     if device == "meta":
         with torch.device("meta"):
             model = build_model(cfg)
     else:
         model = build_model(cfg)
+    for m in model.modules():  # count the reference graph, not an inference-only fused fast path
+        if hasattr(m, "inference_fuse"):
+            m.inference_fuse = False
     return cfg, model.eval()
 
 

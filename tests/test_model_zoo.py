@@ -1,0 +1,75 @@
+"""The model-zoo table cannot drift from the code; the published-#Params explanation holds;
+tools/analyze_model.py reports consistent numbers."""
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+
+import analyze_model  # noqa: E402
+import model_zoo  # noqa: E402
+
+# FLOPs need a real forward at 800x1333 (about a minute on 2 cores): CI recomputes the
+# cheapest COCO config; params are recomputed for every config.
+FLOPS_CHECKED = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
+
+
+@pytest.fixture(scope="module")
+def readme_block():
+    return model_zoo.current_readme_block(model_zoo.README.read_text())
+
+
+@pytest.mark.e2e
+def test_readme_block_and_doc_are_what_the_script_generates(readme_block):
+    written = model_zoo.parse_readme_gflops(readme_block)
+    assert sorted(written) == model_zoo.coco_configs(), "README table must list every COCO config"
+    rows = model_zoo.collect(flops_for=[FLOPS_CHECKED], log=lambda *_: None)
+    checked = next(r for r in rows if r.config == FLOPS_CHECKED)
+    assert checked.gflops == written[FLOPS_CHECKED]
+    for r in rows:
+        r.gflops = r.gflops or written[r.config]
+    assert model_zoo.readme_block(rows) == readme_block, "README model-zoo block is stale: run python tools/model_zoo.py"
+    assert model_zoo.DOC.read_text() == model_zoo.render_doc(rows), "docs/model_zoo.md is stale: run python tools/model_zoo.py"
+
+
+def test_published_numbers_name_existing_configs_and_a_source():
+    configs = set(model_zoo.coco_configs())
+    for name, pub in model_zoo.PUBLISHED.items():
+        assert name in configs, name
+        assert model_zoo.SOURCES[pub["src"]].startswith("https://github.com/HRNet/HRNet-Object-Detection")
+        if "mask" in pub:
+            assert pub["box"] > pub["mask"], name
+
+
+def test_published_params_are_our_counts_in_units_of_2_pow_20():
+    """The explanation in docs/model_zoo.md: same modules, count / 2^20 (not 10^6), no BN affine."""
+    for name in model_zoo.FASTER:
+        _, model = analyze_model.load_model(model_zoo.CONFIG_DIR / name, device="meta")
+        total = analyze_model.count_parameters(model)
+        published = model_zoo.PUBLISHED[name]["params"]
+        assert round(total / 2**20, 1) == published, name
+        assert round(total / 1e6, 1) != published, name
+        groups = analyze_model.parameter_groups(model)
+        # head sizes fixed by the reference recipe (mmdetection v0.x HRFPN/RPNHead/SharedFCBBoxHead)
+        assert groups["backbone.fpn_convs"] == 5 * (256 * 256 * 9 + 256)
+        assert groups["proposal_generator.rpn_head"] == (256 * 256 * 9 + 256) + (256 * 3 + 3) + (256 * 12 + 12)
+        assert groups["roi_heads.box_head"] == (256 * 7 * 7 * 1024 + 1024) + (1024 * 1024 + 1024)
+
+
+def test_analyze_model_cli(capsys):
+    cfg_file = REPO / "configs" / "quickstart" / "mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
+    assert analyze_model.main(["--config-file", str(cfg_file), "--input-size", "128", "160"]) == 0
+    out = capsys.readouterr().out
+    cfg, model = analyze_model.load_model(cfg_file)
+    total = analyze_model.count_parameters(model)
+    assert f"{total:,}" in out
+    flops = analyze_model.count_flops(cfg, model, 128, 160)
+    assert set(flops) == {"backbone", "proposal_generator.rpn_head", "roi_heads.box_head",
+                          "roi_heads.box_predictor", "roi_heads.mask_head"}
+    assert f"{sum(flops.values()) / 1e9:.2f}" in out
+    # FLOPs scale with the image: 4x the pixels gives ~4x the backbone FLOPs
+    bigger = analyze_model.count_flops(cfg, model, 256, 320)
+    assert 3.5 < bigger["backbone"] / flops["backbone"] < 4.5
+    assert bigger["roi_heads.box_head"] == flops["roi_heads.box_head"]  # fixed ROI count
