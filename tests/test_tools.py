@@ -1,0 +1,111 @@
+"""Detectron2's tools through our wrappers (visualize data, benchmark), and progress
+reporting of training (ETA in the log, TensorBoard events)."""
+import logging
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from hrnet_d2.data.shapes_extras import register_shapes_extras
+from hrnet_d2.data.synthetic import register_shapes
+from hrnet_d2.engine import Trainer
+
+from conftest import CONFIGS, REPO, make_cfg
+
+sys.path.insert(0, str(REPO / "tools"))
+import benchmark_d2  # noqa: E402
+import visualize_data  # noqa: E402
+
+TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.DEVICE", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def setup():
+    register_shapes()
+    register_shapes_extras()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("source", ["annotation", "dataloader"])
+def test_visualize_keypoint_data(tmp_path, source):
+    config = str(CONFIGS / "shapes/keypoint_rcnn_hrnetv2p_w18_small_shapes.yaml")
+    written = visualize_data.main(
+        ["--config-file", config, "--source", source, "--output-dir", str(tmp_path), "--max-images", "3",
+         "DATASETS.TRAIN", "('shapes_tiny_train_keypoints',)", *TINY]
+    )
+    assert len(written) == 3
+    from detectron2.data import DatasetCatalog
+
+    raw = {str(d["image_id"]): cv2.imread(d["file_name"]) for d in DatasetCatalog.get("shapes_tiny_train_keypoints")}
+    for path in written:
+        drawn = cv2.imread(path)
+        image = raw[Path(path).stem.split("_")[0]]
+        assert drawn.shape == image.shape
+        # annotations drawn over the image (or its flip, for the data loader's augmentation)
+        assert min(np.abs(drawn.astype(int) - im).mean() for im in (image, image[:, ::-1])) > 1
+
+
+def test_visualize_semantic_annotations_differ_from_image(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    config = str(CONFIGS / "shapes/semantic_hrnetv2_w18_small_shapes.yaml")
+    written = visualize_data.main(
+        ["--config-file", config, "--source", "annotation", "--output-dir", str(tmp_path), "--max-images", "1",
+         "DATASETS.TRAIN", "('shapes_tiny_train_sem_seg',)"]
+    )
+    raw = cv2.imread(DatasetCatalog.get("shapes_tiny_train_sem_seg")[0]["file_name"])
+    drawn = cv2.imread(written[0])
+    assert drawn.shape == raw.shape and np.abs(drawn.astype(int) - raw).mean() > 1  # masks overlaid
+
+
+@pytest.mark.parametrize("task", ["data", "train", "eval"])
+def test_benchmark_d2(task):
+    config = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")
+    result = benchmark_d2.main(
+        ["--config-file", config, "--task", task, "--iters", "4",
+         "DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)", *TINY]
+    )
+    assert result["task"] == task and result["iters"] == 4
+    assert 0 < result["seconds_per_iter"] < 60 and result["images_per_second"] > 0
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_training_progress_eta_and_tensorboard(tmp_path):
+    cfg = make_cfg(
+        "shapes/semantic_hrnetv2_w18_small_shapes.yaml",
+        "DATASETS.TRAIN", ("shapes_tiny_train_sem_seg",), "DATASETS.TEST", (),
+        "SOLVER.MAX_ITER", 5, "SOLVER.WARMUP_ITERS", 1, "SOLVER.STEPS", (), "OUTPUT_DIR", str(tmp_path),
+        *TINY,
+    )
+    handler = _Records()
+    events_logger = logging.getLogger("detectron2.utils.events")
+    events_logger.addHandler(handler)
+    try:
+        Trainer(cfg).train()
+    finally:
+        events_logger.removeHandler(handler)
+    assert any("eta:" in m and "iter: 4" in m for m in handler.messages), handler.messages
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert "total_loss" in acc.Tags()["scalars"]
+    assert (tmp_path / "metrics.json").is_file()
