@@ -221,30 +221,30 @@ def _tiny_trainer(tmp_path, *opts):
 
 
 def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
-    trainer = _tiny_trainer(tmp_path, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "100")
+    trainer = _tiny_trainer(tmp_path, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100")
     # Detectron2's per-step finiteness check is on: metrics gathered every step, synchronously
     assert trainer._trainer.gather_metric_period == 1 and not trainer._trainer.async_write_metrics
     model = trainer._trainer.model
     forward = model.forward
 
-    def nan_at_iteration_3(batched_inputs):
+    def nan_at_iteration_2(batched_inputs):
         losses = forward(batched_inputs)
-        if trainer.iter == 3:
+        if trainer.iter == 2:
             losses["loss_cls"] = losses["loss_cls"] * float("nan")
         return losses
 
-    model.forward = nan_at_iteration_3
+    model.forward = nan_at_iteration_2
     weights_before = None
 
     def remember(*args):
         nonlocal weights_before
-        if trainer.iter == 3:
+        if trainer.iter == 2:
             weights_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     trainer._trainer.after_backward = remember
-    with pytest.raises(FloatingPointError, match=r"iteration=3\b"):
+    with pytest.raises(FloatingPointError, match=r"iteration=2\b"):
         trainer.train()
-    assert trainer.iter == 3
+    assert trainer.iter == 2
     # stopped before the optimizer step: the NaN never reached the weights
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights_before.items())
