@@ -1,6 +1,7 @@
 """Pieces of train_net.py that users of their own Detectron2 scripts may want too."""
 import logging
 import os
+import sys
 import weakref
 
 import numpy as np
@@ -141,11 +142,15 @@ _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panop
 
 
 class DatasetFilesMissing(SystemExit):
-    """Raised (exit status 2) when a dataset's files are not on disk."""
+    """Raised (exit status 2) when a dataset's files are not on disk.
+
+    Python prints a SystemExit's message only when its code is a string: print it here.
+    """
 
     def __init__(self, message):
         super().__init__(message)
         self.code = 2
+        print(message, file=sys.stderr, flush=True)
 
 
 def check_datasets(names):
