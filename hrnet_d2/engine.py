@@ -4,6 +4,7 @@ import os
 import sys
 import weakref
 
+import cv2
 import numpy as np
 import torch
 
@@ -179,8 +180,14 @@ def check_datasets(names):
 
 
 @torch.no_grad()
-def visualize_predictions(cfg, model, num_images=4, dataset_name=None, output_path=None, score_threshold=0.5):
-    """Write a PNG grid of the model's predictions on the first images of a test set."""
+def visualize_predictions(
+    cfg, model, num_images=4, dataset_name=None, output_path=None, score_threshold=0.5, min_panel_size=320
+):
+    """Write a PNG grid of the model's predictions on the first images of a test set.
+
+    Small images are drawn enlarged (short side >= ``min_panel_size``) so that labels
+    stay readable; the model still sees them at the test size.
+    """
     dataset_name = dataset_name or cfg.DATASETS.TEST[0]
     output_path = output_path or os.path.join(cfg.OUTPUT_DIR, "predictions.png")
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
@@ -194,8 +201,13 @@ def visualize_predictions(cfg, model, num_images=4, dataset_name=None, output_pa
         h, w = image.shape[:2]
         resized = aug.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        scale = max(1.0, min_panel_size / min(h, w))
+        h, w = round(h * scale), round(w * scale)
+        # outputs are rescaled to the requested height/width (masks pasted at that size)
         outputs = model([{"image": tensor, "height": h, "width": w}])[0]
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+        if scale > 1:
+            rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
         panels.append(draw_predictions(rgb, outputs, metadata, score_threshold))
     model.train(was_training)
     if not panels:
@@ -204,8 +216,6 @@ def visualize_predictions(cfg, model, num_images=4, dataset_name=None, output_pa
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels]
     grid = np.concatenate(panels, axis=1)
     os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
-    import cv2
-
     cv2.imwrite(output_path, grid[:, :, ::-1])
     logger.info("Wrote predictions of %d %s images to %s", len(panels), dataset_name, output_path)
     return output_path
