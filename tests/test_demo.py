@@ -22,6 +22,14 @@ import demo  # noqa: E402
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     register_shapes()
@@ -84,3 +92,24 @@ def test_demo_cli(images, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "v").glob("*.png"))) == 2
+
+
+def test_demo_lazy_config(images, tmp_path):
+    from detectron2.config import LazyConfig, instantiate
+
+    from hrnet_d2 import get_config_file
+
+    config = get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py")
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(config).model)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("lazy")
+    written = demo.main(
+        ["--config-file", config, "--input", str(images), "--output", str(tmp_path / "vis"),
+         "--confidence-threshold", "0", "--opts", f"train.init_checkpoint={tmp_path / 'lazy.pth'}",
+         "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    )
+    assert len(written) == 2
+    for path in written:
+        src = cv2.imread(str(images / os.path.basename(path)))
+        vis = cv2.imread(path)
+        assert vis.shape == src.shape and (vis != src).any()
