@@ -13,6 +13,7 @@
 Weights: MODEL.WEIGHTS, else ``OUTPUT_DIR/model_final.pth`` (what train_net.py writes).
 Class names come from the config's first test dataset.
 """
+
 import argparse
 import glob
 import logging

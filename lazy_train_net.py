@@ -11,6 +11,7 @@ generated "shapes" datasets and the dataset check of ``train_net.py``.  Same CLI
 
 Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bottom_up.stages.arch=w18``).
 """
+
 import logging
 
 import detectron2.utils.comm as comm
@@ -50,9 +51,7 @@ def dataset_names(cfg, eval_only=False):
 
 def do_test(cfg, model):
     if "evaluator" in cfg.dataloader:
-        ret = inference_on_dataset(
-            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-        )
+        ret = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
         print_csv_format(ret)
         return ret
 
@@ -77,11 +76,13 @@ def do_train(args, cfg):
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             # metrics.json, TensorBoard events, and the console log with ETA
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
-            )
-            if comm.is_main_process()
-            else None,
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
+                )
+                if comm.is_main_process()
+                else None
+            ),
         ]
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)

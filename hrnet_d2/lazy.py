@@ -1,4 +1,5 @@
 """Helpers for LazyConfig (``configs/lazy/*.py``): Python configs call these by name."""
+
 from .arch import ARCHITECTURES
 
 __all__ = ["stage_specs"]
@@ -8,5 +9,7 @@ def stage_specs(arch: str):
     """The StageSpecs of a named architecture, so a lazy config can say ``arch="w32"``
     (overridable on the command line) instead of spelling out four StageSpecs."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.backbone.bottom_up.stages.arch = {arch!r} is invalid: allowed: {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"model.backbone.bottom_up.stages.arch = {arch!r} is invalid: allowed: {sorted(ARCHITECTURES)}"
+        )
     return ARCHITECTURES[arch]

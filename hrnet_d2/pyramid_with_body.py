@@ -5,6 +5,7 @@ head; with this backbone the semantic head can read the HRNetV2 representation
 (``hrv2``: all branches at stride 4, concatenated) while the detector keeps reading
 the pyramid.  Module names are HRNetV2p's, so its checkpoints load unchanged.
 """
+
 import torch
 
 from detectron2.layers import ShapeSpec

@@ -1,4 +1,5 @@
 """Drawing a model's predictions with Detectron2's Visualizer, whatever the meta-architecture."""
+
 import torch
 
 from detectron2.utils.visualizer import ColorMode, Visualizer

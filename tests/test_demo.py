@@ -1,4 +1,5 @@
 """demo.py draws a trained model's predictions on images and folders."""
+
 import os
 import subprocess
 import sys
@@ -55,8 +56,19 @@ def test_demo_folder_with_quickstart_model(images, tmp_path):
     save_model(QUICKSTART, tmp_path / "quickstart")
     out = tmp_path / "vis"
     written = demo.main(
-        ["--input", str(images), "--output", str(out), "--confidence-threshold", "0",
-         "--opts", "OUTPUT_DIR", str(tmp_path / "quickstart"), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+        [
+            "--input",
+            str(images),
+            "--output",
+            str(out),
+            "--confidence-threshold",
+            "0",
+            "--opts",
+            "OUTPUT_DIR",
+            str(tmp_path / "quickstart"),
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+        ]
     )
     assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(images))
     for name in os.listdir(images):
@@ -71,8 +83,19 @@ def test_demo_semantic_single_file(images, tmp_path):
     weights = save_model(config, tmp_path)
     image = sorted(images.iterdir())[0]
     out = tmp_path / "one.png"
-    demo.main(["--config-file", str(CONFIGS / config), "--input", str(image), "--output", str(out),
-               "--opts", "MODEL.WEIGHTS", str(weights)])
+    demo.main(
+        [
+            "--config-file",
+            str(CONFIGS / config),
+            "--input",
+            str(image),
+            "--output",
+            str(out),
+            "--opts",
+            "MODEL.WEIGHTS",
+            str(weights),
+        ]
+    )
     vis, src = cv2.imread(str(out)), cv2.imread(str(image))
     assert vis.shape == src.shape and not np.array_equal(vis, src)
 
@@ -86,9 +109,22 @@ def test_demo_missing_weights_message(images, tmp_path):
 def test_demo_cli(images, tmp_path):
     weights = save_model(QUICKSTART, tmp_path)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "demo.py"), "--input", str(images / "*.png"), "--output", str(tmp_path / "v"),
-         "--opts", "MODEL.WEIGHTS", str(weights)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [
+            sys.executable,
+            str(REPO / "demo.py"),
+            "--input",
+            str(images / "*.png"),
+            "--output",
+            str(tmp_path / "v"),
+            "--opts",
+            "MODEL.WEIGHTS",
+            str(weights),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "v").glob("*.png"))) == 2
@@ -104,9 +140,19 @@ def test_demo_lazy_config(images, tmp_path):
     model = instantiate(LazyConfig.load(config).model)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("lazy")
     written = demo.main(
-        ["--config-file", config, "--input", str(images), "--output", str(tmp_path / "vis"),
-         "--confidence-threshold", "0", "--opts", f"train.init_checkpoint={tmp_path / 'lazy.pth'}",
-         "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+        [
+            "--config-file",
+            config,
+            "--input",
+            str(images),
+            "--output",
+            str(tmp_path / "vis"),
+            "--confidence-threshold",
+            "0",
+            "--opts",
+            f"train.init_checkpoint={tmp_path / 'lazy.pth'}",
+            "model.roi_heads.box_predictor.test_score_thresh=0.0",
+        ]
     )
     assert len(written) == 2
     for path in written:

@@ -1,5 +1,6 @@
 """tools/export_model.py: TorchScript (tracing) and ONNX exports of the backbone+pyramid
 and of a whole Faster R-CNN give PyTorch's outputs (onnxruntime on CPU)."""
+
 import sys
 
 import numpy as np
@@ -26,8 +27,7 @@ def one_thread():
 def export(tmp_path, fmt, what):
     torch.manual_seed(0)
     path, diff = export_model.main(
-        ["--config-file", CONFIG, "--format", fmt, "--what", what, "--output", str(tmp_path),
-         "--opts", *OPTS]
+        ["--config-file", CONFIG, "--format", fmt, "--what", what, "--output", str(tmp_path), "--opts", *OPTS]
     )
     return path, diff
 

@@ -1,5 +1,6 @@
 """LazyConfig (Python) configs build the same models as their YAML twins, and
 lazy_train_net.py trains / evaluates from them."""
+
 import os
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_lazy_config_equals_yaml_model(lazy):
 
     lazy_sd, yaml_sd = lazy_model.state_dict(), yaml_model.state_dict()
     assert {k: v.shape for k, v in lazy_sd.items()} == {k: v.shape for k, v in yaml_sd.items()}
-    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa
+    count = lambda m, trainable=False: sum(
+        p.numel() for p in m.parameters() if p.requires_grad or not trainable
+    )  # noqa
     assert count(lazy_model) == count(yaml_model)
     assert count(lazy_model, True) == count(yaml_model, True)
     assert lazy_model.backbone.output_shape() == yaml_model.backbone.output_shape()

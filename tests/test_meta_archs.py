@@ -1,5 +1,6 @@
 """Stock Detectron2 meta-architectures on HRNet: the COCO configs build, and each
 shapes config trains a few iterations on generated data and is evaluated."""
+
 import math
 
 import numpy as np
@@ -117,13 +118,34 @@ def tiny_cfg(config, output_dir, iters=2):
     cfg = make_cfg(f"shapes/{config}")
     # the coarsest level must be >= 1 pixel: p7 (stride 128) needs 128 px inputs
     size = max(96, cfg.MODEL.BACKBONE.NAME != "build_hrnet_backbone" and 2 ** (cfg.MODEL.HRNET_PYRAMID.NUM_LEVELS + 1))
-    tiny = lambda names: tuple(n.replace("shapes_train", TINY["shapes_train"]).replace("shapes_val", TINY["shapes_val"]) for n in names)  # noqa
+    tiny = lambda names: tuple(
+        n.replace("shapes_train", TINY["shapes_train"]).replace("shapes_val", TINY["shapes_val"]) for n in names
+    )  # noqa
     cfg.DATASETS.TRAIN = tiny(cfg.DATASETS.TRAIN)
     cfg.DATASETS.TEST = tiny(cfg.DATASETS.TEST)
     cfg.merge_from_list(
-        ["SOLVER.MAX_ITER", iters, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 1, "SOLVER.STEPS", (),
-         "DATALOADER.NUM_WORKERS", 0, "INPUT.MIN_SIZE_TRAIN", (size,), "INPUT.MAX_SIZE_TRAIN", size,
-         "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, "OUTPUT_DIR", str(output_dir)]
+        [
+            "SOLVER.MAX_ITER",
+            iters,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.WARMUP_ITERS",
+            1,
+            "SOLVER.STEPS",
+            (),
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "INPUT.MIN_SIZE_TRAIN",
+            (size,),
+            "INPUT.MAX_SIZE_TRAIN",
+            size,
+            "INPUT.MIN_SIZE_TEST",
+            size,
+            "INPUT.MAX_SIZE_TEST",
+            size,
+            "OUTPUT_DIR",
+            str(output_dir),
+        ]
     )
     return cfg
 

@@ -1,5 +1,6 @@
 """Detectron2's tools through our wrappers (visualize data, benchmark), and progress
 reporting of training (ETA in the log, TensorBoard events)."""
+
 import logging
 import sys
 from pathlib import Path
@@ -19,9 +20,22 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchmark_d2  # noqa: E402
 import visualize_data  # noqa: E402
 
-TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
-        "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.DEVICE", "cpu"]
+TINY = [
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "MODEL.DEVICE",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,8 +52,19 @@ def setup():
 def test_visualize_keypoint_data(tmp_path, source):
     config = str(CONFIGS / "shapes/keypoint_rcnn_hrnetv2p_w18_small_shapes.yaml")
     written = visualize_data.main(
-        ["--config-file", config, "--source", source, "--output-dir", str(tmp_path), "--max-images", "3",
-         "DATASETS.TRAIN", "('shapes_tiny_train_keypoints',)", *TINY]
+        [
+            "--config-file",
+            config,
+            "--source",
+            source,
+            "--output-dir",
+            str(tmp_path),
+            "--max-images",
+            "3",
+            "DATASETS.TRAIN",
+            "('shapes_tiny_train_keypoints',)",
+            *TINY,
+        ]
     )
     assert len(written) == 3
     from detectron2.data import DatasetCatalog
@@ -58,8 +83,18 @@ def test_visualize_semantic_annotations_differ_from_image(tmp_path):
 
     config = str(CONFIGS / "shapes/semantic_hrnetv2_w18_small_shapes.yaml")
     written = visualize_data.main(
-        ["--config-file", config, "--source", "annotation", "--output-dir", str(tmp_path), "--max-images", "1",
-         "DATASETS.TRAIN", "('shapes_tiny_train_sem_seg',)"]
+        [
+            "--config-file",
+            config,
+            "--source",
+            "annotation",
+            "--output-dir",
+            str(tmp_path),
+            "--max-images",
+            "1",
+            "DATASETS.TRAIN",
+            "('shapes_tiny_train_sem_seg',)",
+        ]
     )
     raw = cv2.imread(DatasetCatalog.get("shapes_tiny_train_sem_seg")[0]["file_name"])
     drawn = cv2.imread(written[0])
@@ -70,8 +105,19 @@ def test_visualize_semantic_annotations_differ_from_image(tmp_path):
 def test_benchmark_d2(task):
     config = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")
     result = benchmark_d2.main(
-        ["--config-file", config, "--task", task, "--iters", "4",
-         "DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)", *TINY]
+        [
+            "--config-file",
+            config,
+            "--task",
+            task,
+            "--iters",
+            "4",
+            "DATASETS.TRAIN",
+            "('shapes_tiny_train',)",
+            "DATASETS.TEST",
+            "('shapes_tiny_val',)",
+            *TINY,
+        ]
     )
     assert result["task"] == task and result["iters"] == 4
     assert 0 < result["seconds_per_iter"] < 60 and result["images_per_second"] > 0
@@ -89,8 +135,18 @@ class _Records(logging.Handler):
 def test_training_progress_eta_and_tensorboard(tmp_path):
     cfg = make_cfg(
         "shapes/semantic_hrnetv2_w18_small_shapes.yaml",
-        "DATASETS.TRAIN", ("shapes_tiny_train_sem_seg",), "DATASETS.TEST", (),
-        "SOLVER.MAX_ITER", 5, "SOLVER.WARMUP_ITERS", 1, "SOLVER.STEPS", (), "OUTPUT_DIR", str(tmp_path),
+        "DATASETS.TRAIN",
+        ("shapes_tiny_train_sem_seg",),
+        "DATASETS.TEST",
+        (),
+        "SOLVER.MAX_ITER",
+        5,
+        "SOLVER.WARMUP_ITERS",
+        1,
+        "SOLVER.STEPS",
+        (),
+        "OUTPUT_DIR",
+        str(tmp_path),
         *TINY,
     )
     handler = _Records()

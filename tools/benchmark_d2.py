@@ -12,6 +12,7 @@ result is printed as one JSON line.  (``tools/benchmark.py`` compares our body w
         --task eval --iters 50 MODEL.WEIGHTS model_final.pth
     python tools/benchmark_d2.py --config-file ... --task data
 """
+
 import argparse
 import itertools
 import json
@@ -54,8 +55,12 @@ def benchmark_data(cfg, iters):
     for _ in tqdm(range(iters), desc="data loader"):
         next(loader)
     seconds = time.perf_counter() - start
-    return {"task": "data", "iters": iters, "seconds_per_iter": seconds / iters,
-            "images_per_second": iters * cfg.SOLVER.IMS_PER_BATCH / seconds}
+    return {
+        "task": "data",
+        "iters": iters,
+        "seconds_per_iter": seconds / iters,
+        "images_per_second": iters * cfg.SOLVER.IMS_PER_BATCH / seconds,
+    }
 
 
 def benchmark_train(cfg, iters):
@@ -75,8 +80,12 @@ def benchmark_train(cfg, iters):
     times = trainer.storage.history("time").values() if "time" in trainer.storage.histories() else []
     seconds = [t for t, _ in times] or [float("nan")]
     median = sorted(seconds)[len(seconds) // 2]
-    return {"task": "train", "iters": iters, "seconds_per_iter": median,
-            "images_per_second": cfg.SOLVER.IMS_PER_BATCH / median}
+    return {
+        "task": "train",
+        "iters": iters,
+        "seconds_per_iter": median,
+        "images_per_second": cfg.SOLVER.IMS_PER_BATCH / median,
+    }
 
 
 @torch.no_grad()

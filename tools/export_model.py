@@ -16,6 +16,7 @@ export takes NCHW and returns the pyramid levels in order, with dynamic N/H/W in
 Scripting (``--export-method scripting``) goes through ``scripting_with_instances``; it
 needs a scriptable backbone, which HRNet's body is not yet (see README "Export").
 """
+
 import argparse
 import logging
 import os

@@ -9,6 +9,7 @@ and semantic maps, whichever the dataset has.
         --source annotation --output-dir output/vis_data
     python tools/visualize_data.py --config-file ... --source dataloader --output-dir ... --max-images 16
 """
+
 import argparse
 import itertools
 import os

@@ -4,6 +4,7 @@ Mask R-CNN (HRNet-W18-small-v1, 64-channel pyramid, trainable BN) on the generat
 
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py
 """
+
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec

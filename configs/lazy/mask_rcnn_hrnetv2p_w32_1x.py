@@ -7,6 +7,7 @@ equivalent of configs/COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x.yaml.
 Data augmentation is Detectron2's lazy COCO default (multi-scale 640-800 + flip), the
 YAML uses a single 800 scale.
 """
+
 from detectron2.model_zoo import get_config
 
 from .common.hrnetv2p_rcnn import model

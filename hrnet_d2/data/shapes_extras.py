@@ -17,6 +17,7 @@ consistent with the instance one:
 ``{split}`` is any name of ``synthetic.SPLITS`` (``shapes_train``, ``shapes_tiny_train``, ...).
 Files are written next to the instance split on first use and reused afterwards.
 """
+
 import json
 import logging
 import os

@@ -1,6 +1,7 @@
 """Mask R-CNN on HRNetV2p as a LazyConfig model: Detectron2's common/models/mask_rcnn_fpn.py
 with the ResNet-FPN backbone replaced by HRNet + HRNetV2p, the same model that
 configs/Base-RCNN-HRNetV2p.yaml builds (tests/test_lazy_configs.py checks it)."""
+
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
