@@ -181,6 +181,8 @@ def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
         hrv2_upsample_mode=h.HRV2_UPSAMPLE_MODE,
         stem_channels=h.STEM_CHANNELS,
         activation_checkpoint=h.ACTIVATION_CHECKPOINT,
+        inference_fuse=h.INFERENCE_FUSE,
+        channels_last=h.CHANNELS_LAST,
     )
 
 

@@ -36,6 +36,11 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET.HRV2_UPSAMPLE_MODE = "bilinear"
     # Recompute the stage activations in backward (torch.utils.checkpoint) to save memory.
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
+    # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
+    # the convs and add/ReLU fused (hrnet_d2/fold.py); training and state_dict are unaffected.
+    _C.MODEL.HRNET.INFERENCE_FUSE = True
+    # Run the body in channels_last (NHWC) memory format: faster on CPU (oneDNN) and GPU.
+    _C.MODEL.HRNET.CHANNELS_LAST = True
 
     # HRNetV2p pyramid (build_hrnetv2p_backbone)
     _C.MODEL.HRNET_PYRAMID = CN()

@@ -84,7 +84,9 @@ def test_numerical_parity_with_timm(arch):
         got = ours(x)
     assert len(got) == len(expected) == 4
     for i, e in enumerate(expected):
-        torch.testing.assert_close(got[branch_name(i)], e, rtol=1e-4, atol=1e-4)
+        # features reach ~100 here (random BN stats): fp32 rounding of the channels_last /
+        # folded convs is ~1e-6 of that, so the absolute tolerance scales with the output
+        torch.testing.assert_close(got[branch_name(i)], e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
 
 
 def test_frozen_bn_body_loads_timm_weights_and_matches():
@@ -98,7 +100,7 @@ def test_frozen_bn_body_loads_timm_weights_and_matches():
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         for i, e in enumerate(timm_branches(theirs, x)):
-            torch.testing.assert_close(ours(x)[branch_name(i)], e, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours(x)[branch_name(i)], e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
 
 
 def test_hrv2_is_the_concatenation_of_upsampled_branches():

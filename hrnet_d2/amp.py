@@ -1,0 +1,52 @@
+"""SOLVER.AMP.ENABLED on CPU.
+
+Detectron2's ``AMPTrainer`` asserts CUDA and uses a CUDA GradScaler.  On CPU mixed
+precision means bfloat16 autocast, which has fp32's exponent range and so needs no
+loss scaling; :class:`CPUAMPTrainer` is that step.  ``amp_trainer_for`` swaps it in
+for the trainer ``DefaultTrainer`` made when the model lives on the CPU.
+"""
+import time
+
+import torch
+
+from detectron2.engine import AMPTrainer
+
+__all__ = ["CPUAMPTrainer", "amp_trainer_for"]
+
+
+class CPUAMPTrainer(AMPTrainer):
+    """AMPTrainer with ``torch.autocast("cpu", bfloat16)`` and no gradient scaling."""
+
+    def __init__(self, model, data_loader, optimizer, precision=torch.bfloat16, **kwargs):
+        kwargs.setdefault("grad_scaler", torch.amp.GradScaler("cpu", enabled=False))
+        super().__init__(model, data_loader, optimizer, precision=precision, **kwargs)
+
+    def run_step(self):
+        assert self.model.training, "[CPUAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def amp_trainer_for(cfg, trainer):
+    """The step ``DefaultTrainer`` should run: ``trainer`` unchanged unless
+    SOLVER.AMP.ENABLED is set for a CPU model, then a :class:`CPUAMPTrainer` on the
+    same model, data loader and optimizer."""
+    if not cfg.SOLVER.AMP.ENABLED or torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        return trainer
+    return CPUAMPTrainer(trainer.model, trainer.data_loader, trainer.optimizer)
