@@ -18,6 +18,7 @@ from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
+from .amp import amp_trainer_for
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
 from .data.checks import load_dataset_dicts
@@ -42,6 +43,8 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        # SOLVER.AMP.ENABLED on a CPU model: bf16 autocast (detectron2's AMPTrainer needs CUDA)
+        self._trainer = amp_trainer_for(cfg, self._trainer)
         # DefaultTrainer.__init__ makes a plain DetectionCheckpointer and gives it to the
         # PeriodicCheckpointer hook: replace it in both places.
         self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
