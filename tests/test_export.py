@@ -1,5 +1,5 @@
 """tools/export_model.py: TorchScript (tracing) and ONNX exports of the backbone+pyramid
-and of a whole Faster R-CNN give PyTorch's outputs (onnxruntime on CPU)."""
+and of whole Faster / Mask R-CNNs give PyTorch's outputs (onnxruntime on CPU)."""
 
 import sys
 
@@ -24,10 +24,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def export(tmp_path, fmt, what):
+def export(tmp_path, fmt, what, config=CONFIG):
     torch.manual_seed(0)
     path, diff = export_model.main(
-        ["--config-file", CONFIG, "--format", fmt, "--what", what, "--output", str(tmp_path), "--opts", *OPTS]
+        ["--config-file", config, "--format", fmt, "--what", what, "--output", str(tmp_path), "--opts", *OPTS]
     )
     return path, diff
 
@@ -51,11 +51,18 @@ def test_backbone_export_matches_pytorch(tmp_path, fmt):
         np.testing.assert_allclose(e, r.numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_faster_rcnn_export_matches_pytorch(tmp_path, fmt):
-    path, diff = export(tmp_path, fmt, "model")
+MASK_RCNN = str(CONFIGS / "shapes/mask_rcnn_hrnetv2p_w18_small_shapes.yaml")
+
+
+@pytest.mark.parametrize(
+    "config,fmt",
+    [(CONFIG, "torchscript"), (CONFIG, "onnx"), (MASK_RCNN, "onnx")],
+    ids=["faster-ts", "faster-onnx", "mask-onnx"],
+)
+def test_rcnn_export_matches_pytorch(tmp_path, config, fmt):
+    path, diff = export(tmp_path, fmt, "model", config)
     assert diff < 1e-3
-    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    cfg = export_model.get_hrnet_cfg(config, OPTS)
     torch.manual_seed(0)
     model = export_model.load_model(cfg)
     image = export_model.sample_image(cfg)
@@ -65,10 +72,14 @@ def test_faster_rcnn_export_matches_pytorch(tmp_path, fmt):
     with torch.no_grad():
         adapter(*inputs)  # sets outputs_schema
     instances = adapter.outputs_schema([torch.as_tensor(o) for o in outputs])[0]["instances"]
-    reference = model([{"image": image}])[0]["instances"]
+    with torch.no_grad():
+        reference = export_model.raw_inference(model, [{"image": image}])[0]["instances"]
     assert len(instances) == len(reference) > 0
     torch.testing.assert_close(instances.pred_boxes.tensor, reference.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(instances.scores, reference.scores, atol=1e-4, rtol=1e-4)
     assert torch.equal(instances.pred_classes, reference.pred_classes)
+    if reference.has("pred_masks"):  # 28x28 ROI mask probabilities
+        assert instances.pred_masks.shape[-2:] == (28, 28)
+        torch.testing.assert_close(instances.pred_masks, reference.pred_masks, atol=1e-4, rtol=1e-4)
     if fmt == "torchscript":
         assert (tmp_path / "model_ts_IR.txt").is_file()

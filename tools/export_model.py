@@ -11,7 +11,8 @@ runtimes usually want) and a check that the exported model gives PyTorch's outpu
 
 Whole models are exported by tracing (``TracingAdapter``): the exported graph takes one
 CHW image tensor (already resized, in the config's INPUT.FORMAT) and returns the
-flattened Instances fields (boxes, classes, [masks], scores, image size).  The backbone
+flattened Instances fields (boxes, classes, [28x28 ROI masks], scores, image size) at
+that resized size, as Detectron2's export does (``do_postprocess=False``).  The backbone
 export takes NCHW and returns the pyramid levels in order, with dynamic N/H/W in ONNX.
 Scripting (``--export-method scripting``) goes through ``scripting_with_instances``; it
 needs a scriptable backbone, which HRNet's body is not yet (see README "Export").
@@ -32,7 +33,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,13 +77,21 @@ def sample_image(cfg, path=None):
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
 
 
+def raw_inference(model, inputs):
+    """The model's outputs before resizing to the original image (Detectron2's export does
+    the same): R-CNN masks stay 28x28 ROI probabilities, whose pasting does not export to ONNX."""
+    if isinstance(model, GeneralizedRCNN):
+        return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+    return model(inputs)
+
+
 def traceable(model, what, image):
     """(module, example inputs) to trace / export."""
     if what == "backbone":
         wrapped = BackboneOutputs(model.backbone).eval()
         x = ((image.to(model.pixel_mean.device) - model.pixel_mean) / model.pixel_std)[None]
         return wrapped, (x,)
-    adapter = TracingAdapter(model, [{"image": image}]).eval()
+    adapter = TracingAdapter(model, [{"image": image}], raw_inference).eval()
     return adapter, adapter.flattened_inputs
 
 
