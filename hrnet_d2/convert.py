@@ -53,6 +53,7 @@ _NECK_RULES = [
 # Detectron2 key prefix of the body, per MODEL.BACKBONE.NAME.
 BODY_PREFIX = {
     "build_hrnetv2p_backbone": "backbone.bottom_up.",
+    "build_hrnetv2p_with_body_backbone": "backbone.bottom_up.",
     "build_hrnet_fpn_backbone": "backbone.bottom_up.",
     "build_hrnet_backbone": "backbone.",
 }
