@@ -245,11 +245,14 @@ def run(args):
     timm_model = timm_peer(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
 
     # --- body + HRNetV2p forward -------------------------------------------------------------
-    ours_body = HRNet(ARCHITECTURES[args.arch], norm="FrozenBN")
-    ours_body.load_state_dict(body_state_dict(timm_model), strict=False)
-    ours = HRNetV2p(ours_body, ["hr2", "hr3", "hr4", "hr5"]).to(device).eval()
-    theirs = HRNetV2p(TimmBody(copy.deepcopy(timm_model), ours_body.output_shape()), ["hr2", "hr3", "hr4", "hr5"])
-    theirs.load_state_dict(ours.state_dict(), strict=False)  # same pyramid weights
+    # weights are loaded after HRNetV2p is built: its init touches every conv below it
+    ours = HRNetV2p(HRNet(ARCHITECTURES[args.arch], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"])
+    ours.bottom_up.load_state_dict(body_state_dict(timm_model), strict=False)
+    ours = ours.to(device).eval()
+    theirs = HRNetV2p(TimmBody(copy.deepcopy(timm_model), ours.bottom_up.output_shape()), ["hr2", "hr3", "hr4", "hr5"])
+    theirs.bottom_up.model.load_state_dict(body_state_dict(timm_model), strict=False)
+    theirs.reduction_conv.load_state_dict(ours.reduction_conv.state_dict())
+    theirs.fpn_convs.load_state_dict(ours.fpn_convs.state_dict())
     theirs = theirs.to(device).eval()
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
     for batch in args.batch:
