@@ -64,7 +64,8 @@ class HRNetV2p(Backbone):
 
         self.share_conv = share_conv
         self.fpn_convs = nn.ModuleList([level_conv() for _ in range(1 if share_conv else num_levels)])
-        for m in self.modules():  # mmdetection's HRFPN init
+        # mmdetection's HRFPN init, for the pyramid's own convs only (not the body below it)
+        for m in [*self.reduction_conv.modules(), *self.fpn_convs.modules()]:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=1)
                 if m.bias is not None:

@@ -121,3 +121,13 @@ def test_body_under_detectron2_fpn():
     assert all(out[k].shape[-1] == 128 // v.stride for k, v in shapes.items())
     # the body's keys sit under bottom_up. as for HRNetV2p, so converted weights load into both
     assert "bottom_up.stage4.0.fuse_layers.0.3.0.weight" in model.state_dict()
+
+
+def test_pyramid_init_leaves_the_body_alone():
+    torch.manual_seed(0)
+    body = build_backbone(make_cfg("Base-RCNN-HRNetV2p.yaml", *SMALL, "MODEL.BACKBONE.NAME", "build_hrnet_backbone"))
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    from hrnet_d2 import HRNetV2p
+
+    HRNetV2p(body, in_features=["hr2", "hr3", "hr4", "hr5"])
+    assert all(torch.equal(before[k], v) for k, v in body.state_dict().items())
