@@ -1,15 +1,15 @@
 """HRNet backbones for Detectron2.
 
-``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``
-and ``build_hrnet_fpn_backbone`` in Detectron2's BACKBONE_REGISTRY.
+``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
+``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
+BACKBONE_REGISTRY.
 """
 from .arch import ARCHITECTURES, StageSpec
-from .build import build_hrnet_backbone, build_hrnetv2p_backbone
+from .build import build_hrnet_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
-from .pyramid_with_body import build_hrnetv2p_with_body_backbone
 
 __version__ = "0.1.0"
 
@@ -25,5 +25,6 @@ __all__ = [
     "CONFIG_DIR",
     "build_hrnet_backbone",
     "build_hrnetv2p_backbone",
+    "build_hrnetv2p_with_body_backbone",
     "build_hrnet_fpn_backbone",
 ]

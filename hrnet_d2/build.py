@@ -187,7 +187,7 @@ def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
 
 
 @BACKBONE_REGISTRY.register()
-def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec):
+def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False):
     p = cfg.MODEL.HRNET_PYRAMID
     validate_backbone_config(cfg)
     validate_pyramid_config(cfg)
@@ -201,7 +201,16 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec):
         share_conv=p.SHARE_CONV,
         norm=p.NORM,
         upsample_mode=p.UPSAMPLE_MODE,
+        keep_body_outputs=keep_body_outputs,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnetv2p_with_body_backbone(cfg, input_shape: ShapeSpec):
+    """HRNetV2p (same keys, same checks) whose outputs also include the body's, so Panoptic
+    FPN's semantic head can read the HRNetV2 representation (``hrv2``) while the R-CNN heads
+    read p2..p6."""
+    return build_hrnetv2p_backbone(cfg, input_shape, keep_body_outputs=True)
 
 
 # ---------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ class HRNetV2p(Backbone):
         share_conv=False,
         norm="",
         upsample_mode="bilinear",
+        keep_body_outputs=False,
     ):
+        """``keep_body_outputs``: also return the body's outputs (e.g. ``hrv2`` for the
+        semantic head of Panoptic FPN), computed once and shared with the pyramid."""
         super().__init__()
         shapes = bottom_up.output_shape()
         for name in in_features:
@@ -72,9 +75,15 @@ class HRNetV2p(Backbone):
                     nn.init.constant_(m.bias, 0)
 
         first = int(math.log2(base_stride))
-        self._out_features = [f"p{first + i}" for i in range(num_levels)]
+        self.levels = [f"p{first + i}" for i in range(num_levels)]
+        self._out_features = list(self.levels)
         self._out_feature_strides = {f: base_stride * 2**i for i, f in enumerate(self._out_features)}
         self._out_feature_channels = {f: out_channels for f in self._out_features}
+        self.keep_body_outputs = keep_body_outputs
+        if keep_body_outputs:
+            self._out_features = list(shapes) + self._out_features
+            self._out_feature_strides.update({k: v.stride for k, v in shapes.items()})
+            self._out_feature_channels.update({k: v.channels for k, v in shapes.items()})
         self._size_divisibility = bottom_up.size_divisibility
 
     @property
@@ -86,9 +95,11 @@ class HRNetV2p(Backbone):
         xs = [features[f] for f in self.in_features]
         finest = max(xs, key=lambda t: t.shape[-2] * t.shape[-1])
         out = self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
-        results = {}
-        for i, name in enumerate(self._out_features):
-            level = out if i == 0 else self.pool(out, kernel_size=2**i, stride=2**i)
+        results = dict(features) if self.keep_body_outputs else {}
+        for i, name in enumerate(self.levels):
+            # ceil_mode: the partial last window is pooled too (as Detectron2's FPN p6), so every level
+            # covers the whole padded image and inputs smaller than the coarsest stride still work
+            level = out if i == 0 else self.pool(out, kernel_size=2**i, stride=2**i, ceil_mode=True)
             conv = self.fpn_convs[0 if self.share_conv else i]
             results[name] = conv(level)
         return results

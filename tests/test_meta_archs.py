@@ -14,7 +14,7 @@ from detectron2.modeling.roi_heads import CascadeROIHeads
 from hrnet_d2.data.shapes_extras import KEYPOINT_NAMES, keypoints_from_polygon, register_shapes_extras
 from hrnet_d2.data.synthetic import register_shapes
 from hrnet_d2.engine import Trainer
-from hrnet_d2.pyramid_with_body import HRNetV2pWithBody
+from hrnet_d2 import HRNetV2p
 
 from conftest import make_cfg
 
@@ -63,7 +63,7 @@ def test_coco_config_builds(config):
     if "keypoint" in config:
         assert model.roi_heads.keypoint_on and model.roi_heads.keypoint_head.score_lowres.out_channels == 17
     if cls is PanopticFPN:
-        assert isinstance(model.backbone, HRNetV2pWithBody)
+        assert isinstance(model.backbone, HRNetV2p) and model.backbone.keep_body_outputs
         assert model.sem_seg_head.in_features == ["hrv2"] and shapes["hrv2"].channels == 32 * 15
 
 
