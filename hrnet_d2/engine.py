@@ -191,7 +191,11 @@ def visualize_predictions(
     Small images are drawn enlarged (short side >= ``min_panel_size``) so that labels
     stay readable; the model still sees them at the test size.
     """
-    dataset_name = dataset_name or cfg.DATASETS.TEST[0]
+    if dataset_name is None:
+        if not cfg.DATASETS.TEST:
+            logger.info("No DATASETS.TEST: no predictions to draw")
+            return None
+        dataset_name = cfg.DATASETS.TEST[0]
     output_path = output_path or os.path.join(cfg.OUTPUT_DIR, "predictions.png")
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
     metadata = MetadataCatalog.get(dataset_name)
