@@ -17,6 +17,7 @@ import torch
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
 
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
@@ -50,6 +51,8 @@ def setup(args):
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures the detectron2/fvcore loggers; ours too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
     set_cpu_threads(cfg)
     return cfg
 
