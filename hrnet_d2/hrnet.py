@@ -56,6 +56,16 @@ def _conv_norm(in_channels, out_channels, norm, stride, relu):
     return nn.Sequential(*layers)
 
 
+def _tracing() -> bool:
+    """Export / compilation record the plain module graph (oneDNN fused ops do not export)."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
 def _recompute_context(module):
     """``context_fn`` for torch.utils.checkpoint: the recomputation in backward must not
     update BN running statistics a second time (momentum 0 and the batch counter
@@ -161,6 +171,7 @@ class HRNet(Backbone):
     ):
         super().__init__()
         self.activation_checkpoint = activation_checkpoint
+        self.checkpoint_stem = True  # with activation_checkpoint: also the stem + stage 1 (stride 2/4)
         self.inference_fuse = inference_fuse
         self.channels_last = channels_last
         self.hrv2_upsample_mode = hrv2_upsample_mode
@@ -256,7 +267,7 @@ class HRNet(Backbone):
 
     def forward_branches(self, x) -> List[torch.Tensor]:
         """The reference (training) path; see ``fold.py`` for the inference path."""
-        if self._checkpointing():
+        if self._checkpointing() and self.checkpoint_stem:
             xs = [checkpoint(self._stem_and_layer1, x, use_reentrant=False, context_fn=_recompute_context(self))]
         else:
             xs = [self._stem_and_layer1(x)]
@@ -289,7 +300,7 @@ class HRNet(Backbone):
         """The inference fast path (:class:`FoldedHRNet`) when it may be used now, else None:
         eval mode, foldable norms, MODEL.HRNET.INFERENCE_FUSE on and no gradient needed.
         Rebuilt whenever a parameter or buffer changed since the last call."""
-        if self.training or not self.inference_fuse:
+        if self.training or not self.inference_fuse or _tracing():
             return None
         if torch.is_grad_enabled() and (
             (x is not None and x.requires_grad) or any(p.requires_grad for p in self.parameters())

@@ -119,6 +119,24 @@ def test_layout_and_fuse_switches_agree(channels_last):
         assert out[0].is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_fast_path_odd_input_size_and_tracing():
+    """Sizes that are not multiples of 32 (inexact upsampling ratios) take the same values;
+    tracing (export) records the plain graph."""
+    torch.manual_seed(0)
+    net = HRNet(ARCHITECTURES["w18_small_v1"], norm="FrozenBN", out_features=["hr2", "hr5", "hrv2"]).eval()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        fast = net(x)
+        net.inference_fuse = False
+        ref = net(x)
+        net.inference_fuse = True
+        traced = torch.jit.trace(net, x, strict=False)
+    graph = str(traced.inlined_graph)
+    assert "mkldnn" not in graph and "batch_norm" in graph
+    for k in ref:
+        assert fast[k].shape == ref[k].shape and rel_err(fast[k], ref[k]) < 1e-4, k
+
+
 def _train_step(net, x):
     """Gradients, the input gradient, BN buffers after one step, and bytes saved for backward."""
     saved = {}
