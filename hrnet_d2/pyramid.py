@@ -90,6 +90,14 @@ class HRNetV2p(Backbone):
     def size_divisibility(self):
         return self._size_divisibility
 
+    def _pool(self, x, k):
+        """Non-overlapping k x k pooling, floor mode as the reference (and exactly exportable:
+        ONNX Runtime averages ceil-mode border windows differently).  A map smaller than the
+        window (input smaller than the level's stride) gets one ceil-mode cell instead of an error."""
+        if x.shape[-2] >= k and x.shape[-1] >= k:
+            return self.pool(x, kernel_size=k, stride=k)
+        return self.pool(x, kernel_size=k, stride=k, ceil_mode=True)
+
     def forward(self, x):
         features = self.bottom_up(x)
         xs = [features[f] for f in self.in_features]
@@ -97,9 +105,7 @@ class HRNetV2p(Backbone):
         out = self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
         results = dict(features) if self.keep_body_outputs else {}
         for i, name in enumerate(self.levels):
-            # ceil_mode: the partial last window is pooled too (as Detectron2's FPN p6), so every level
-            # covers the whole padded image and inputs smaller than the coarsest stride still work
-            level = out if i == 0 else self.pool(out, kernel_size=2**i, stride=2**i, ceil_mode=True)
+            level = out if i == 0 else self._pool(out, 2**i)
             conv = self.fpn_convs[0 if self.share_conv else i]
             results[name] = conv(level)
         return results
