@@ -309,6 +309,7 @@ def run(args):
 
         def infer(model):
             def fn():
+                model.eval()  # the training-step rows of the previous batch size left it in train mode
                 with torch.no_grad():
                     model(inputs)
 
@@ -318,6 +319,7 @@ def run(args):
         if args.amp:
 
             def infer_amp():
+                det.eval()
                 with torch.no_grad(), autocast(device, True):
                     det(inputs)
 
