@@ -28,6 +28,15 @@ def make_cfg(config_file=None, *opts):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (small models: faster, and no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cfg_factory():
     return make_cfg
 

@@ -23,12 +23,7 @@ import demo  # noqa: E402
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ CONFIG = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")  # Faster R-CNN, w18_
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('shapes_tiny_val',)"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def export(tmp_path, fmt, what, config=CONFIG):
