@@ -30,8 +30,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
-from hrnet_d2.data.shapes_extras import register_shapes_extras
-from hrnet_d2.data.synthetic import register_shapes
+from hrnet_d2.data import register_all_shapes
 from hrnet_d2.visualization import draw_predictions
 
 DEFAULT_CONFIG = "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
@@ -127,8 +126,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="fvcore")
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     files = expand_inputs(args.input)
     predictor = Predictor(args.config_file, args.opts, args.confidence_threshold)
     single_file = args.output.lower().endswith(".png") and len(files) == 1

@@ -30,8 +30,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
-from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
-from hrnet_d2.data.synthetic import ensure_generated, register_shapes
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import check_datasets
 
 logger = logging.getLogger("detectron2")
@@ -91,15 +90,13 @@ def do_train(args, cfg):
 
 
 def main(args):
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
     names = dataset_names(cfg, args.eval_only)
     if comm.is_main_process():
-        ensure_generated(names)
-        ensure_generated_extras(names)
+        ensure_all_generated(names)
     comm.synchronize()
     check_datasets(names)
 

@@ -21,8 +21,7 @@ from detectron2.utils.logger import setup_logger
 
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras
-from hrnet_d2.data.synthetic import ensure_generated, register_shapes
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
 from hrnet_d2.weights import check_pretrained_weights
 
@@ -58,14 +57,12 @@ def setup(args):
 
 
 def main(args):
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     cfg = setup(args)
     check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():
-        ensure_generated(names)
-        ensure_generated_extras(names)
+        ensure_all_generated(names)
     comm.synchronize()
     check_datasets(names)
 

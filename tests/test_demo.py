@@ -12,8 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from hrnet_d2.data.shapes_extras import register_shapes_extras
-from hrnet_d2.data.synthetic import register_shapes
+from hrnet_d2.data import register_all_shapes  # noqa: E402
 
 from conftest import CONFIGS, REPO, make_cfg
 
@@ -28,8 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     folder = tmp_path_factory.mktemp("images")
     for d in DatasetCatalog.get("shapes_tiny_val")[:2]:
         os.symlink(d["file_name"], folder / os.path.basename(d["file_name"]))

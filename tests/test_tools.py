@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hrnet_d2.data.shapes_extras import register_shapes_extras
-from hrnet_d2.data.synthetic import register_shapes
+from hrnet_d2.data import register_all_shapes  # noqa: E402
 from hrnet_d2.engine import Trainer
 
 from conftest import CONFIGS, REPO, make_cfg
@@ -40,8 +39,7 @@ TINY = [
 
 @pytest.fixture(scope="module", autouse=True)
 def setup():
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

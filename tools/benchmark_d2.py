@@ -34,8 +34,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras  # noqa: E402
-from hrnet_d2.data.synthetic import ensure_generated, register_shapes  # noqa: E402
+from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import check_datasets  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.benchmark")
@@ -125,12 +124,10 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     names = list(cfg.DATASETS.TEST[:1]) if args.task == "eval" else list(cfg.DATASETS.TRAIN)
-    ensure_generated(names)
-    ensure_generated_extras(names)
+    ensure_all_generated(names)
     check_datasets(names)
     logger.info("Benchmarking %s of %s on %s", args.task, args.config_file, cfg.MODEL.DEVICE)
     result = dict(TASKS[args.task](cfg, args.iters), config=args.config_file, device=cfg.MODEL.DEVICE)

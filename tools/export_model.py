@@ -38,8 +38,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.data.shapes_extras import register_shapes_extras  # noqa: E402
-from hrnet_d2.data.synthetic import register_shapes  # noqa: E402
+from hrnet_d2.data import register_all_shapes  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -198,8 +197,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     if args.export_method == "scripting" and args.format != "torchscript":
         raise SystemExit("--export-method scripting only produces TorchScript (--format torchscript)")

@@ -27,8 +27,7 @@ from detectron2.utils.visualizer import Visualizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.data.shapes_extras import ensure_generated_extras, register_shapes_extras  # noqa: E402
-from hrnet_d2.data.synthetic import ensure_generated, register_shapes  # noqa: E402
+from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import check_datasets  # noqa: E402
 
 
@@ -68,13 +67,11 @@ def _draw_loaded(per_image, cfg, metadata, scale):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hrnet_d2")
-    register_shapes()
-    register_shapes_extras()
+    register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, 1)
     names = list(cfg.DATASETS.TRAIN)
-    ensure_generated(names)
-    ensure_generated_extras(names)
+    ensure_all_generated(names)
     check_datasets(names)
     metadata = MetadataCatalog.get(names[0])
     os.makedirs(args.output_dir, exist_ok=True)
