@@ -7,32 +7,10 @@ from detectron2.modeling import build_backbone
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.hrnet import branch_name
+from hrnet_d2.timm_peer import CLASSIFICATION_ONLY, TIMM_NAMES, timm_branches
+from hrnet_d2.timm_peer import body_state_dict as timm_body_state_dict
 
 from conftest import make_cfg
-
-TIMM_NAMES = {
-    "w18_small_v1": "hrnet_w18_small",
-    "w18_small_v2": "hrnet_w18_small_v2",
-    "w18": "hrnet_w18",
-    "w30": "hrnet_w30",
-    "w32": "hrnet_w32",
-    "w40": "hrnet_w40",
-    "w44": "hrnet_w44",
-    "w48": "hrnet_w48",
-    "w64": "hrnet_w64",
-}
-CLASSIFICATION_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
-
-
-def timm_body_state_dict(timm_model):
-    return {k: v for k, v in timm_model.state_dict().items() if k.split(".")[0] not in CLASSIFICATION_ONLY}
-
-
-def timm_branches(timm_model, x):
-    t = timm_model
-    y = t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(x))))))
-    return t.stages(y)
-
 
 def test_table_covers_all_published_widths():
     assert set(ARCHITECTURES) == set(TIMM_NAMES)

@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 from safetensors.torch import save_file
 
 from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main
+from hrnet_d2.timm_peer import timm_branches
 from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
 
 from conftest import REPO, make_cfg, run_train_net
@@ -38,11 +39,6 @@ def official_pth(timm_small, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "hrnet_w18_small_model_v1.pth"
     torch.save(timm_small.state_dict(), path)
     return path
-
-
-def _timm_branches(t, x):
-    y = t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(x))))))
-    return t.stages(y)
 
 
 class _RecordingCheckpointer(DetectionCheckpointer):
@@ -80,7 +76,7 @@ def test_official_checkpoint_round_trip_into_faster_rcnn(timm_small, official_pt
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         got = model.backbone.bottom_up(x)
-        expected = _timm_branches(timm_small, x)
+        expected = timm_branches(timm_small, x)
     for i, e in enumerate(expected):
         torch.testing.assert_close(got[f"hr{i + 2}"], e, rtol=1e-4, atol=1e-4)
 

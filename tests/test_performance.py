@@ -13,24 +13,10 @@ from detectron2.utils.events import EventStorage
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.amp import CPUAMPTrainer, amp_trainer_for
 
+from hrnet_d2.timm_peer import body_state_dict as timm_body_state_dict
+from hrnet_d2.timm_peer import calibrated_timm, timm_branches
+
 from conftest import REPO, make_cfg
-from test_backbone import TIMM_NAMES, timm_body_state_dict, timm_branches
-
-
-def calibrated_timm(arch, x):
-    """Random timm body whose BN statistics are those of ``x`` (as in a trained net:
-    normalised activations), with non-trivial affine parameters."""
-    torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[arch], pretrained=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        timm_branches(model, x)
-    return model.eval()
 
 
 def ours_from(timm_model, arch, **kwargs):

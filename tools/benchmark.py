@@ -42,14 +42,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from hrnet_d2 import ARCHITECTURES, HRNet  # noqa: E402
 from hrnet_d2.config import get_config_file, get_hrnet_cfg  # noqa: E402
 from hrnet_d2.pyramid import HRNetV2p  # noqa: E402
-
-TIMM_NAMES = {
-    "w18_small_v1": "hrnet_w18_small",
-    "w18_small_v2": "hrnet_w18_small_v2",
-    **{f"w{w}": f"hrnet_w{w}" for w in (18, 30, 32, 40, 44, 48, 64)},
-}
-CLASSIFICATION_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
-
+from hrnet_d2.timm_peer import CLASSIFICATION_ONLY, body_state_dict, calibrated_timm, timm_branches  # noqa: E402
 
 class TimmBody(Backbone):
     """timm's ``hrnet_*`` body (stem + stages) with our body's output names."""
@@ -63,9 +56,7 @@ class TimmBody(Backbone):
         self._shapes = shapes
 
     def forward(self, x):
-        t = self.model
-        y = t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(x))))))
-        return {f"hr{i + 2}": f for i, f in enumerate(t.stages(y)) if f"hr{i + 2}" in self._shapes}
+        return {f"hr{i + 2}": f for i, f in enumerate(timm_branches(self.model, x)) if f"hr{i + 2}" in self._shapes}
 
     def output_shape(self):
         return self._shapes
@@ -95,33 +86,6 @@ def machine_info(device):
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def timm_peer(arch, calibrate_input):
-    """A random-init timm body with realistic BN statistics (a train-mode pass over
-    ``calibrate_input``) so activations stay normalised, as in a trained network."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[arch], pretrained=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        t = model
-        t.stages(t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(calibrate_input)))))))
-    return model.eval()
-
-
-def body_state_dict(timm_model):
-    return {
-        k: v
-        for k, v in timm_model.state_dict().items()
-        if k.split(".")[0] not in CLASSIFICATION_ONLY and not k.endswith("num_batches_tracked")
-    }
 
 
 def sync(device):
@@ -202,7 +166,7 @@ def make_detector(args, device, timm_model, activation_checkpoint=False):
     torch.manual_seed(0)
     model = build_model(cfg)
     body = model.backbone.bottom_up
-    body.load_state_dict(body_state_dict(timm_model), strict=False)
+    body.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
     return model
 
 
@@ -242,15 +206,15 @@ def run(args):
     ph, pw = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # what the detector's padding gives
     results = []
     torch.manual_seed(0)
-    timm_model = timm_peer(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
+    timm_model = calibrated_timm(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
 
     # --- body + HRNetV2p forward -------------------------------------------------------------
     # weights are loaded after HRNetV2p is built: its init touches every conv below it
     ours = HRNetV2p(HRNet(ARCHITECTURES[args.arch], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"])
-    ours.bottom_up.load_state_dict(body_state_dict(timm_model), strict=False)
+    ours.bottom_up.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
     ours = ours.to(device).eval()
     theirs = HRNetV2p(TimmBody(copy.deepcopy(timm_model), ours.bottom_up.output_shape()), ["hr2", "hr3", "hr4", "hr5"])
-    theirs.bottom_up.model.load_state_dict(body_state_dict(timm_model), strict=False)
+    theirs.bottom_up.model.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
     theirs.reduction_conv.load_state_dict(ours.reduction_conv.state_dict())
     theirs.fpn_convs.load_state_dict(ours.fpn_convs.state_dict())
     theirs = theirs.to(device).eval()
