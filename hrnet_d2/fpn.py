@@ -2,7 +2,7 @@
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .build import build_hrnet_backbone
+from .build import _check_feature_names, build_hrnet_backbone
 
 __all__ = ["build_hrnet_fpn_backbone"]
 
@@ -10,6 +10,10 @@ __all__ = ["build_hrnet_fpn_backbone"]
 @BACKBONE_REGISTRY.register()
 def build_hrnet_fpn_backbone(cfg, input_shape):
     bottom_up = build_hrnet_backbone(cfg, input_shape)
+    # Detectron2's FPN only asserts; say what to set (its default [] fits no HRNet)
+    _check_feature_names(
+        "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, bottom_up.output_shape(), "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+    )
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

@@ -10,9 +10,13 @@ Outputs: branch ``i`` (0-based) is named ``hr{i+2}`` and has stride ``4 * 2**i``
 (``hr2`` = stride 4, as ``res2`` in Detectron2's ResNet).  ``hr2`` alone is
 HRNetV1; ``hrv2`` is the HRNetV2 representation (all branches upsampled to stride 4
 and concatenated).
+
+Everything ``forward`` runs is TorchScript-scriptable (``torch.jit.script``, Detectron2's
+``scripting_with_instances``); the eager-only speed paths (folded inference, activation
+checkpointing) are ``@torch.jit.unused`` and scripting falls back to the plain graph.
 """
 import contextlib
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,16 +30,16 @@ from .arch import StageSpec
 from .blocks import BLOCKS, conv3x3
 from .fold import FoldedHRNet, can_fold, state_key
 
-__all__ = ["HighResolutionModule", "HRNet", "branch_name", "HRV2_NAME"]
+__all__ = ["HighResolutionModule", "HRNet", "HRStage", "Transition", "branch_name", "HRV2_NAME"]
 
-HRV2_NAME = "hrv2"
+HRV2_NAME = "hrv2"  # spelled out in HRNet.forward too (TorchScript takes no str globals)
 
 
 def branch_name(index: int) -> str:
     return f"hr{index + 2}"
 
 
-def upsample_to(x, reference, mode):
+def upsample_to(x: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
     """Resize ``x`` to ``reference``'s spatial size.
 
     Size-based (not scale-factor based) so odd input sizes work; for the exact 2**k
@@ -133,23 +137,58 @@ class HighResolutionModule(nn.Module):
         return fuse_layers
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        ys: List[torch.Tensor] = []
+        for i, branch in enumerate(self.branches):
+            ys.append(branch(xs[i]))
         if self.fuse_layers is None:
-            return xs
-        out = []
+            return ys
+        else:
+            return self._fuse(ys)
+
+    def _fuse(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
         for i, row in enumerate(self.fuse_layers):
-            y = None
-            for j, (layer, x) in enumerate(zip(row, xs)):
+            y: Optional[torch.Tensor] = None
+            owned = False  # the first term may alias a branch output still needed by other rows
+            for j, layer in enumerate(row):
                 if j == i:
-                    z = x
+                    z = xs[j]
                 elif j > i:
-                    z = upsample_to(layer(x), xs[i], self.upsample_mode)
+                    z = upsample_to(layer(xs[j]), xs[i], self.upsample_mode)
                 else:
-                    z = layer(x)
-                # the first term may alias a branch output still needed by other rows
-                y = z if y is None else (y + z if y is xs[0] or y is xs[i] else y.add_(z))
-            out.append(F.relu_(y))  # y is always a fresh sum here
+                    z = layer(xs[j])
+                if y is None:
+                    y = z
+                    owned = j != i
+                elif owned:
+                    y = y.add_(z)
+                else:
+                    y = y + z
+                    owned = True
+            assert y is not None
+            out.append(F.relu_(y))
         return out
+
+
+class Transition(nn.ModuleList):
+    """transition{k}: entry ``i`` makes branch ``i`` of the next stage (``nn.Identity`` when
+    an existing branch keeps its width; new branches start from the lowest-resolution one)."""
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        n = len(xs)
+        out: List[torch.Tensor] = []
+        for i, layer in enumerate(self):
+            out.append(layer(xs[i] if i < n else xs[n - 1]))
+        return out
+
+
+class HRStage(nn.Sequential):
+    """stage{k}: a chain of :class:`HighResolutionModule` (a Sequential over lists of branches)."""
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        for module in self:
+            xs = module(xs)
+        return xs
 
 
 class HRNet(Backbone):
@@ -170,6 +209,8 @@ class HRNet(Backbone):
         channels_last=True,
     ):
         super().__init__()
+        if len(stages) != 4:
+            raise ValueError(f"HRNet has 4 stages (strides 4/8/16/32), got {len(stages)} stage specs")
         self.activation_checkpoint = activation_checkpoint
         self.checkpoint_stem = True  # with activation_checkpoint: also the stem + stage 1 (stride 2/4)
         self.inference_fuse = inference_fuse
@@ -198,7 +239,7 @@ class HRNet(Backbone):
             for _ in range(spec.num_modules):
                 modules.append(HighResolutionModule(target, spec, norm, upsample_mode))
                 target = modules[-1].out_channels
-            self.add_module(f"stage{k + 1}", nn.Sequential(*modules))
+            self.add_module(f"stage{k + 1}", HRStage(*modules))
             channels = target
         self.num_stages = len(stages)
 
@@ -215,19 +256,17 @@ class HRNet(Backbone):
                     f"available: {sorted(self._out_feature_channels)}"
                 )
         self._out_features = list(out_features)
+        self._branch_names = [branch_name(i) for i in range(len(channels))]
+        self._hrv2 = HRV2_NAME in self._out_features
         self._out_feature_strides = {k: self._out_feature_strides[k] for k in self._out_features}
         self._out_feature_channels = {k: self._out_feature_channels[k] for k in self._out_features}
         self.freeze(freeze_at)
-        if channels_last:
-            # NHWC convs are ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU;
-            # only the layout changes: state_dict keys/values and checkpoints are the same
-            self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _make_transition(pre_channels, cur_channels, norm):
         """Existing branches get a 3x3 conv only if their width changes; each new
         branch is made from the lowest-resolution one by stride-2 3x3 convs."""
-        layers = nn.ModuleList()
+        layers = Transition()
         for i, c in enumerate(cur_channels):
             if i < len(pre_channels):
                 cp = pre_channels[i]
@@ -265,36 +304,38 @@ class HRNet(Backbone):
                 setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name)))
         return self
 
-    def forward_branches(self, x) -> List[torch.Tensor]:
+    def forward_branches(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The reference (training) path; see ``fold.py`` for the inference path."""
-        if self._checkpointing() and self.checkpoint_stem:
+        xs = [self._stem_and_layer1(x)]
+        xs = self.stage2(self.transition1(xs))
+        xs = self.stage3(self.transition2(xs))
+        return self.stage4(self.transition3(xs))
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """forward_branches, recomputing the stem + stage 1 and each HighResolutionModule in
+        backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad)."""
+        if self.checkpoint_stem:
             xs = [checkpoint(self._stem_and_layer1, x, use_reentrant=False, context_fn=_recompute_context(self))]
         else:
             xs = [self._stem_and_layer1(x)]
         for k in range(1, self.num_stages):
-            transition = getattr(self, f"transition{k}")
-            xs = [
-                t(xs[i] if i < len(xs) else xs[-1]) if not isinstance(t, nn.Identity) else xs[i]
-                for i, t in enumerate(transition)
-            ]
+            xs = getattr(self, f"transition{k}")(xs)
             for module in getattr(self, f"stage{k + 1}"):
-                xs = self._run(module, xs)
+                xs = checkpoint(module, xs, use_reentrant=False, context_fn=_recompute_context(module))
         return xs
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if self.activation_checkpoint and self.training and torch.is_grad_enabled():
+            return self._forward_checkpointed(x)
+        fast = self.folded(x)
+        return fast(x) if fast is not None else self.forward_branches(x)
 
     def _stem_and_layer1(self, x):
         x = F.relu_(self.bn1(self.conv1(x)))
         x = F.relu_(self.bn2(self.conv2(x)))
         return self.layer1(x)
-
-    def _checkpointing(self):
-        return self.activation_checkpoint and self.training and torch.is_grad_enabled()
-
-    def _run(self, module, xs):
-        """Run one HighResolutionModule, recomputing its activations in backward when
-        MODEL.HRNET.ACTIVATION_CHECKPOINT is on (only while training with grad)."""
-        if self._checkpointing():
-            return checkpoint(module, xs, use_reentrant=False, context_fn=_recompute_context(module))
-        return module(xs)
 
     def folded(self, x=None):
         """The inference fast path (:class:`FoldedHRNet`) when it may be used now, else None:
@@ -326,16 +367,21 @@ class HRNet(Backbone):
         state.pop("_fold_cache", None)
         return state
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
-            raise ValueError(f"HRNet takes (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if self.channels_last:
+            raise ValueError(f"HRNet takes (N, C, H, W) input, got shape {x.shape}")
+        if self.channels_last and (x.is_cuda or not self.training):
             x = x.contiguous(memory_format=torch.channels_last)
-        fast = self.folded(x)
-        xs = fast(x) if fast is not None else self.forward_branches(x)
-        outputs = {branch_name(i): y for i, y in enumerate(xs) if branch_name(i) in self._out_features}
-        if HRV2_NAME in self._out_features:
-            outputs[HRV2_NAME] = torch.cat([xs[0]] + [upsample_to(y, xs[0], self.hrv2_upsample_mode) for y in xs[1:]], 1)
+        if torch.jit.is_scripting():
+            xs = self.forward_branches(x)
+        else:
+            xs = self._forward_eager(x)
+        outputs: Dict[str, torch.Tensor] = {}
+        for name, y in zip(self._branch_names, xs):
+            if name in self._out_features:
+                outputs[name] = y
+        if self._hrv2:
+            outputs["hrv2"] = torch.cat([xs[0]] + [upsample_to(y, xs[0], self.hrv2_upsample_mode) for y in xs[1:]], 1)
         return outputs
 
     def output_shape(self):

@@ -9,6 +9,7 @@ Module names ``reduction_conv`` / ``fpn_convs`` mirror mmdetection's HRFPN so it
 detection checkpoints map by a plain rename.
 """
 import math
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .hrnet import upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
 
-POOLING_TYPES = {"AVG": F.avg_pool2d, "MAX": F.max_pool2d}
+POOLING_TYPES = ("AVG", "MAX")
 
 
 class HRNetV2p(Backbone):
@@ -52,8 +53,10 @@ class HRNetV2p(Backbone):
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         self.upsample_mode = upsample_mode
-        self.pool = POOLING_TYPES[pooling]
+        self.pooling = pooling
         base_stride = min(shapes[f].stride for f in self.in_features)
+        # every input is resized to the finest one (the first at the smallest stride)
+        self._finest = [shapes[f].stride for f in self.in_features].index(base_stride)
         in_channels = sum(shapes[f].channels for f in self.in_features)
         use_bias = norm == ""
         self.reduction_conv = Conv2d(
@@ -90,22 +93,34 @@ class HRNetV2p(Backbone):
     def size_divisibility(self):
         return self._size_divisibility
 
-    def _pool(self, x, k):
+    def _pool(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Non-overlapping k x k pooling, floor mode as the reference (and exactly exportable:
         ONNX Runtime averages ceil-mode border windows differently).  A map smaller than the
         window (input smaller than the level's stride) gets one ceil-mode cell instead of an error."""
-        if x.shape[-2] >= k and x.shape[-1] >= k:
-            return self.pool(x, kernel_size=k, stride=k)
-        return self.pool(x, kernel_size=k, stride=k, ceil_mode=True)
+        ceil_mode = False
+        if x.shape[-2] < k or x.shape[-1] < k:  # a plain bool also while tracing
+            ceil_mode = True
+        if self.pooling == "MAX":
+            return F.max_pool2d(x, kernel_size=k, stride=k, ceil_mode=ceil_mode)
+        return F.avg_pool2d(x, kernel_size=k, stride=k, ceil_mode=ceil_mode)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         xs = [features[f] for f in self.in_features]
-        finest = max(xs, key=lambda t: t.shape[-2] * t.shape[-1])
+        finest = xs[self._finest]
         out = self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
-        results = dict(features) if self.keep_body_outputs else {}
-        for i, name in enumerate(self.levels):
-            level = out if i == 0 else self._pool(out, 2**i)
-            conv = self.fpn_convs[0 if self.share_conv else i]
-            results[name] = conv(level)
+        levels: List[torch.Tensor] = [out]
+        for i in range(1, len(self.levels)):
+            levels.append(self._pool(out, 1 << i))
+        results: Dict[str, torch.Tensor] = {}
+        if self.keep_body_outputs:
+            for name, feature in features.items():
+                results[name] = feature
+        if self.share_conv:
+            conv = self.fpn_convs[0]
+            for name, level in zip(self.levels, levels):
+                results[name] = conv(level)
+        else:
+            for i, conv in enumerate(self.fpn_convs):
+                results[self.levels[i]] = conv(levels[i])
         return results

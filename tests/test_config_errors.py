@@ -80,6 +80,7 @@ CASES = [
     ("D2 FPN input the body does not produce", QUICKSTART,
      ["MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone", "MODEL.FPN.IN_FEATURES", "['hr2', 'hr3', 'res4']"],
      "MODEL.FPN.IN_FEATURES", "'res4'"),
+    ("D2 FPN without inputs", QUICKSTART, ["MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone"], "MODEL.FPN.IN_FEATURES", "[]"),
     ("zero PIXEL_STD", QUICKSTART, ["MODEL.PIXEL_STD", "[58.4, 0.0, 57.4]"], "MODEL.PIXEL_STD", "[58.4, 0.0, 57.4]"),
     ("one-channel PIXEL_MEAN", QUICKSTART, ["MODEL.PIXEL_MEAN", "[120.0]", "MODEL.PIXEL_STD", "[58.0]"],
      "MODEL.PIXEL_MEAN", "[120.0]"),

@@ -78,3 +78,72 @@ def test_rcnn_export_matches_pytorch(tmp_path, config, fmt):
         torch.testing.assert_close(instances.pred_masks, reference.pred_masks, atol=1e-4, rtol=1e-4)
     if fmt == "torchscript":
         assert (tmp_path / "model_ts_IR.txt").is_file()
+
+
+def test_backbone_scripting_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    path, diff = export_model.main(
+        ["--config-file", CONFIG, "--export-method", "scripting", "--what", "backbone", "--output", str(tmp_path),
+         "--opts", *OPTS]
+    )
+    assert diff < 1e-5
+    scripted = torch.jit.load(path)
+    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    torch.manual_seed(0)
+    backbone = export_model.load_model(cfg).backbone
+    x = torch.randn(2, 3, 70, 150)  # scripting keeps shapes dynamic: any batch / size (here not /32)
+    with torch.no_grad():
+        got, ref = scripted(x), backbone(x)
+    assert list(got) == list(ref) == ["p2", "p3", "p4", "p5", "p6"]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["MODEL.HRNET_PYRAMID.POOLING", "MAX", "MODEL.HRNET_PYRAMID.SHARE_CONV", True],
+        ["MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.OUT_FEATURES", ["hr2", "hr4", "hrv2"],
+         "MODEL.HRNET.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 2],
+        ["MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone", "MODEL.FPN.IN_FEATURES", ["hr2", "hr3", "hr4", "hr5"]],
+        ["MODEL.BACKBONE.NAME", "build_hrnetv2p_with_body_backbone", "MODEL.HRNET.OUT_FEATURES",
+         ["hr2", "hr3", "hr4", "hr5", "hrv2"]],
+    ],
+    ids=["v2p-max-shared", "body-v1-v2", "fpn", "v2p-with-body"],
+)
+def test_every_backbone_variant_is_scriptable(opts):
+    from detectron2.modeling import build_backbone
+
+    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS + opts)
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    scripted = torch.jit.script(backbone)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        got, ref = scripted(x), backbone(x)
+    assert list(got) == list(ref) and len(ref) > 0
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [CONFIG, MASK_RCNN], ids=["faster", "mask"])
+def test_rcnn_scripting_matches_pytorch(tmp_path, config):
+    """Detectron2's scripting_with_instances on a whole HRNetV2p R-CNN."""
+    torch.manual_seed(0)
+    path, diff = export_model.main(
+        ["--config-file", config, "--export-method", "scripting", "--output", str(tmp_path), "--opts", *OPTS]
+    )
+    assert diff < 1e-4
+    cfg = export_model.get_hrnet_cfg(config, OPTS)
+    torch.manual_seed(0)
+    model = export_model.load_model(cfg)
+    image = export_model.sample_image(cfg)
+    scripted = torch.jit.load(path)
+    with torch.no_grad():
+        got = scripted.inference([{"image": image}], do_postprocess=False)[0]
+        ref = model.inference([{"image": image}], do_postprocess=False)[0]
+    assert len(got.pred_boxes.tensor) == len(ref) > 0
+    torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.pred_classes, ref.pred_classes)
+    if ref.has("pred_masks"):
+        torch.testing.assert_close(got.pred_masks, ref.pred_masks, atol=1e-4, rtol=1e-4)

@@ -14,8 +14,10 @@ CHW image tensor (already resized, in the config's INPUT.FORMAT) and returns the
 flattened Instances fields (boxes, classes, [28x28 ROI masks], scores, image size) at
 that resized size, as Detectron2's export does (``do_postprocess=False``).  The backbone
 export takes NCHW and returns the pyramid levels in order, with dynamic N/H/W in ONNX.
-Scripting (``--export-method scripting``) goes through ``scripting_with_instances``; it
-needs a scriptable backbone, which HRNet's body is not yet (see README "Export").
+Scripting (``--export-method scripting``, TorchScript only) compiles the Python code
+instead: ``torch.jit.script`` for the backbone (dynamic shapes, dict output) and
+Detectron2's ``scripting_with_instances`` for whole R-CNNs, whose scripted
+``inference(inputs, do_postprocess=False)`` returns Instances as the eager model does.
 """
 
 import argparse
@@ -34,6 +36,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import Boxes
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -118,25 +121,56 @@ def export_tracing(model, what, image, fmt, output_dir):
     return path, module, inputs
 
 
+def instance_fields(model):
+    """The Instances fields a scripted R-CNN carries (RPN proposals and the predictions)."""
+    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor,
+              "pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
+    roi_heads = getattr(model, "roi_heads", None)
+    if getattr(roi_heads, "mask_on", False):
+        fields["pred_masks"] = torch.Tensor
+    if getattr(roi_heads, "keypoint_on", False):
+        fields["pred_keypoints"] = torch.Tensor
+    return fields
+
+
 def export_scripting(model, what, output_dir):
     if what == "backbone":
         scripted = torch.jit.script(model.backbone)
     else:
-        fields = {"pred_boxes": "Boxes", "scores": torch.Tensor, "pred_classes": torch.Tensor}
-        if getattr(model, "roi_heads", None) is not None and model.roi_heads.mask_on:
-            fields["pred_masks"] = torch.Tensor
-        if getattr(model, "roi_heads", None) is not None and model.roi_heads.keypoint_on:
-            fields["pred_keypoints"] = torch.Tensor
-        from detectron2.structures import Boxes
-
-        fields = {k: Boxes if v == "Boxes" else v for k, v in fields.items()}
-        scripted = scripting_with_instances(model, fields)
+        if not isinstance(model, GeneralizedRCNN):
+            raise SystemExit(f"--export-method scripting of a whole model supports R-CNNs, not {type(model).__name__}")
+        scripted = scripting_with_instances(model, instance_fields(model))
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{what}.ts")
     scripted.save(path)
     dump_torchscript_IR(scripted, output_dir)
     logger.info("Exported %s (torchscript, scripting) to %s", what, path)
     return path
+
+
+def scripted_outputs(module, what, image):
+    """Flat list of tensors a (scripted or eager) backbone / R-CNN gives on ``image``."""
+    with torch.no_grad():
+        if what == "backbone":
+            x = ((image - module.pixel_mean) / module.pixel_std)[None] if hasattr(module, "pixel_mean") else image
+            return list(module(x).values())
+        instances = module.inference([{"image": image}], do_postprocess=False)[0]
+        fields = instances.get_fields()
+        return [v.tensor if hasattr(v, "tensor") else v for k, v in sorted(fields.items())]
+
+
+def scripting_diff(model, path, what, image):
+    """Largest |scripted - PyTorch| on ``image`` (inf when shapes differ)."""
+    scripted = torch.jit.load(path)
+    if what == "backbone":
+        x = ((image - model.pixel_mean) / model.pixel_std)[None]
+        with torch.no_grad():
+            got, ref = list(scripted(x).values()), list(model.backbone(x).values())
+    else:
+        got, ref = scripted_outputs(scripted, what, image), scripted_outputs(model, what, image)
+    if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
+        return float("inf")
+    return max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))
 
 
 def run_exported(path, fmt, inputs):
@@ -202,15 +236,12 @@ def main(argv=None):
     if args.export_method == "scripting" and args.format != "torchscript":
         raise SystemExit("--export-method scripting only produces TorchScript (--format torchscript)")
     model = load_model(cfg)
-    if args.export_method == "scripting":
-        try:
-            return export_scripting(model, args.what, args.output), None
-        except Exception as e:  # torch.jit frontend errors
-            raise SystemExit(
-                f"Scripting failed:\n{e}\nThe HRNet body and HRNetV2p pyramid are not scriptable yet; "
-                "use --export-method tracing (README 'Export')."
-            ) from e
     image = sample_image(cfg, args.sample_image)
+    if args.export_method == "scripting":
+        path = export_scripting(model, args.what, args.output)
+        diff = scripting_diff(model, path, args.what, image)
+        logger.info("Scripted vs PyTorch on the sample: max |difference| = %.3g", diff)
+        return path, diff
     logger.info("Tracing with an input of shape %s", tuple(image.shape))
     path, module, inputs = export_tracing(model, args.what, image, args.format, args.output)
     diff = max_abs_diff(module, path, args.format, inputs)
