@@ -105,6 +105,21 @@ def test_layout_and_fuse_switches_agree(channels_last):
         assert out[0].is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_channels_last_at_inference_not_in_cpu_training():
+    """MODEL.HRNET.CHANNELS_LAST: NHWC at inference; CPU training stays NCHW (faster there),
+    and the parameters keep their layout either way (checkpoints are layout-free)."""
+    net = HRNet(ARCHITECTURES["w18_small_v1"], norm="FrozenBN", channels_last=True)
+    x = torch.randn(1, 3, 64, 96)
+    assert all(p.is_contiguous() for p in net.parameters())
+    y = net.train()(x)["hr2"]
+    assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    assert net.conv1.weight.grad.is_contiguous()
+    with torch.no_grad():
+        y = net.eval()(x)["hr2"]
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
 def test_fast_path_odd_input_size_and_tracing():
     """Sizes that are not multiples of 32 (inexact upsampling ratios) take the same values;
     tracing (export) records the plain graph."""
