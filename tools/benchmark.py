@@ -93,9 +93,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_DTYPE = {"cpu": "bf16", "cuda": "fp16"}  # what SOLVER.AMP.ENABLED uses (Detectron2's AMPTrainer / ours on CPU)
+
+
 def autocast(device, enabled):
-    dtype = torch.float16 if device == "cuda" else torch.bfloat16
-    return torch.autocast(device, dtype=dtype, enabled=enabled)
+    return torch.autocast(device, dtype=AMP_DTYPES[AMP_DTYPE[device]], enabled=enabled)
+
+
+def rel_l2(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def interleaved(variants, reps, warmup, device):
@@ -241,6 +248,10 @@ def run(args):
         with torch.no_grad():  # parity of what is timed
             ref, out = theirs(x), ours(x)
             err = max(((out[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+            if args.amp:
+                with autocast(device, True):
+                    low = ours(x)
+                amp_err = max(rel_l2(low[k], out[k]) for k in out)
         times = interleaved(variants, args.reps, args.warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows = [
@@ -248,7 +259,7 @@ def run(args):
             ("body+HRNetV2p forward, fp32, both channels_last", "ours", "timm_channels_last", None),
         ]
         if args.amp:
-            amp = "fp16" if device == "cuda" else "bf16"
+            amp = AMP_DTYPE[device]
             rows += [
                 (f"body+HRNetV2p forward, ours {amp} autocast vs timm fp32", "ours_amp", "timm", None),
                 (f"body+HRNetV2p forward, both {amp} autocast + channels_last", "ours_amp", "timm_channels_last_amp", None),
@@ -258,6 +269,8 @@ def run(args):
                 {"measure": title, "batch": batch, "ours_s": med[a], "timm_s": med[b], "ratio": med[a] / med[b],
                  "ours_runs": times[a], "timm_runs": times[b], "max_rel_diff_fp32": err}
             )
+            if a == "ours_amp":  # what autocast costs in accuracy: ||amp - fp32|| / ||fp32||, worst pyramid level
+                results[-1]["amp_rel_l2_vs_fp32"] = amp_err
         print_row(results[-len(rows):])
     del ours, theirs, theirs_cl
 
@@ -302,18 +315,22 @@ def run(args):
         train_inputs = detector_inputs(batch, h, w, device, with_gt=True)
         peaks = {}
 
-        def step(model, name):
+        def step(model, name, amp=False):
             def fn():
                 model.train()
                 model.zero_grad(set_to_none=True)
                 with PeakMemory(device) as mem, EventStorage():
-                    losses = model(train_inputs)
+                    with autocast(device, amp):
+                        losses = model(train_inputs)
                     sum(losses.values()).backward()
                 peaks.setdefault(name, []).append(mem.peak)
 
             return fn
 
         variants = {"timm": step(det_timm, "timm"), "ours": step(det, "ours"), "ours_ckpt": step(det_ckpt, "ours_ckpt")}
+        if args.amp:
+            variants["timm_amp"] = step(det_timm, "timm_amp", True)
+            variants["ours_amp"] = step(det, "ours_amp", True)
         times = interleaved(variants, args.reps, args.warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: statistics.median(v[args.warmup:] or v) for k, v in peaks.items()}
@@ -329,6 +346,10 @@ def run(args):
              "ours_s": mem["ours_ckpt"] / 2**20, "timm_s": mem["ours"] / 2**20, "ratio": _ratio(mem["ours_ckpt"], mem["ours"]),
              "baseline": "ours, checkpoint off"},
         ]
+        if args.amp:
+            new.append({"measure": f"Faster R-CNN training step (fwd+bwd), both {AMP_DTYPE[device]} autocast", "batch": batch,
+                        "ours_s": med["ours_amp"], "timm_s": med["timm_amp"], "ratio": med["ours_amp"] / med["timm_amp"],
+                        "ours_runs": times["ours_amp"], "timm_runs": times["timm_amp"]})
         results += new
         print_row(new)
         det.eval()
@@ -360,8 +381,11 @@ def markdown(results, info, args):
     for r in results:
         unit = "" if "MiB" in r["measure"] else " s"
         ref = r.get("baseline", "timm")
+        measure = r["measure"]
+        if "amp_rel_l2_vs_fp32" in r:
+            measure += f" (outputs vs fp32: {r['amp_rel_l2_vs_fp32']:.2%} rel. L2)"
         lines.append(
-            f"| {r['measure']} | {r['batch']} | {r['ours_s']:.3f}{unit} | {r['timm_s']:.3f}{unit} ({ref}) | **{r['ratio']:.2f}** |"
+            f"| {measure} | {r['batch']} | {r['ours_s']:.4g}{unit} | {r['timm_s']:.4g}{unit} ({ref}) | **{r['ratio']:.2f}** |"
         )
     lines += ["", f"Command: `{' '.join(['.venv/bin/python', 'tools/benchmark.py'] + sys.argv[1:])}`", ""]
     return "\n".join(lines)
@@ -375,7 +399,9 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU, fp16 on CUDA by default)")
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), help="autocast dtype for --amp (default: bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing (CUDNN_BENCHMARK)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--skip-detector", action="store_true", help="only the body + HRNetV2p forward")
     parser.add_argument("--quick", action="store_true", help="smoke test: w18_small_v1, 64x96, batch 1, 1 run")
@@ -383,7 +409,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.size, args.batch, args.reps, args.warmup = "w18_small_v1", (64, 96), (1,), 1, 1
+    if args.amp_dtype:
+        AMP_DTYPE[args.device] = args.amp_dtype
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     info = machine_info(args.device)
+    info["amp_dtype"] = AMP_DTYPE[args.device] if args.amp else None
+    info["cudnn_benchmark"] = args.cudnn_benchmark
     results = run(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
