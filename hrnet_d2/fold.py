@@ -9,7 +9,8 @@ and checkpoint loading are untouched) and runs the same graph as ``HRNet.forward
   (``torch.ops.mkldnn._convolution_pointwise``) with pre-packed weights, the ReLU
   and the residual / fusion sums as post-ops, so blocks and fusions make no extra
   passes over memory;
-* elsewhere (CUDA, autocast) it is ``F.conv2d`` with a bias plus in-place add/ReLU;
+* elsewhere (CUDA, autocast) it is ``F.conv2d`` with a bias plus in-place add/ReLU, the
+  weights cast to the autocast dtype once and kept (autocast would cast them at every call);
 * the fusion sums in place into the branch outputs and adds nearest-upsampled terms
   through broadcasting views instead of materialising the upsampled tensors.
 
@@ -80,7 +81,7 @@ def _onednn_ok(x: torch.Tensor) -> bool:
 class FoldedConv:
     """One ``conv -> norm`` pair as a biased conv with optional fused add and ReLU."""
 
-    __slots__ = ("weight", "bias", "stride", "padding", "channels_last", "_packed")
+    __slots__ = ("weight", "bias", "stride", "padding", "channels_last", "_packed", "_low")
 
     def __init__(self, conv, norm=None, channels_last=True):
         assert conv.groups == 1 and conv.dilation == (1, 1), conv
@@ -91,6 +92,7 @@ class FoldedConv:
         self.padding = list(conv.padding)
         self.channels_last = channels_last
         self._packed = None
+        self._low = {}  # autocast dtype -> (weight, bias) cast once, not at every call
 
     def _onednn_weight(self, x):
         if self._packed is None:
@@ -114,7 +116,13 @@ class FoldedConv:
                 return torch.ops.mkldnn._convolution_pointwise_(
                     add_to, x, *args, "add", 1.0, "relu" if relu else None, [], None
                 )
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if dtype not in self._low:
+                self._low[dtype] = (weight.to(dtype), bias.to(dtype))
+            weight, bias = self._low[dtype]
+        y = F.conv2d(x, weight, bias, self.stride, self.padding)
         if add_to is not None:
             y = add_to.add_(y)
         return y.relu_() if relu else y

@@ -47,19 +47,26 @@ def test_folded_inference_matches_timm_on_cuda(arch):
         assert a.shape == b.shape and rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.02), (torch.bfloat16, 0.08)])
-def test_autocast_pyramid_matches_fp32_on_cuda(dtype, tolerance):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_matches_timm_under_autocast_on_cuda(dtype):
+    """Autocast moves our outputs from fp32 no further than it moves timm's.  (A randomly
+    initialised W32 is chaotic: 0.4% input noise changes its fp32 outputs by ~15%, so the
+    distance to fp32 alone is no yardstick; the oracle's own distance is.)"""
     x = torch.randn(1, 3, 256, 320)
-    body, _ = _ours_and_timm("w32", x)
-    model = HRNetV2p(body, ["hr2", "hr3", "hr4", "hr5"]).cuda().eval()
+    ours, theirs = _ours_and_timm("w32", x)
+    ours.eval()
+    theirs.eval()
     x = x.cuda()
     with torch.no_grad():
-        ref = model(x)
+        ref_ours, ref_timm = list(ours(x).values()), timm_branches(theirs, x)
         with torch.autocast("cuda", dtype=dtype):
-            out = model(x)
-    assert all(v.dtype == dtype for v in out.values())
-    errors = {k: rel_l2(out[k], ref[k]) for k in ref}
-    assert max(errors.values()) < tolerance, errors
+            amp_ours, amp_timm = list(ours(x).values()), timm_branches(theirs, x)
+        pyramid = HRNetV2p(ours, ["hr2", "hr3", "hr4", "hr5"]).cuda().eval()
+        with torch.autocast("cuda", dtype=dtype):
+            levels = pyramid(x)
+    assert all(y.dtype == dtype for y in amp_ours) and all(v.dtype == dtype for v in levels.values())
+    for a, r, ta, tr in zip(amp_ours, ref_ours, amp_timm, ref_timm):
+        assert rel_l2(a, r) <= 1.25 * rel_l2(ta, tr) + 1e-3, (rel_l2(a, r), rel_l2(ta, tr))
 
 
 def test_activation_checkpoint_gradients_on_cuda():

@@ -193,6 +193,9 @@ def test_bf16_autocast_forward_as_accurate_as_timm():
         assert out[k].dtype == torch.bfloat16
         assert rel_l2(out[k], ref[k]) <= 1.1 * rel_l2(t_out, t_ref) + 1e-3, k
         assert rel_l2(out[k], ref[k]) < 0.15, k
+    with torch.no_grad():
+        fast = ours.folded(x)  # the folded convs cast their weights once per autocast dtype, then reuse them
+    assert all(torch.bfloat16 in c._low and c._low[torch.bfloat16][0].dtype == torch.bfloat16 for c in fast.stem)
     ours.train()  # training forward/backward under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x)
