@@ -163,3 +163,29 @@ def test_training_progress_eta_and_tensorboard(tmp_path):
     acc.Reload()
     assert "total_loss" in acc.Tags()["scalars"]
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_precision_check_fp32_control_and_bf16(tmp_path):
+    """tools/precision_check.py: fp32 against itself matches every detection with equal AP
+    (the tool's control); bf16 autocast gives a fraction, score differences and both APs."""
+    import json
+
+    import precision_check
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    quickstart = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(make_cfg(quickstart)), save_dir=str(tmp_path)).save("model_final")
+    opts = ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", "('shapes_tiny_val',)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    argv = ["--config-file", str(CONFIGS / quickstart), "--score", "0.0", "--max-images", "2"]
+    control = precision_check.main(argv + ["--dtype", "fp32", "--opts", *opts])
+    assert control["fp32_detections"] > 0 and control["matched_fraction"] == 1.0 and control["max_score_diff"] == 0
+    same = json.dumps(control["results"]["fp32"]) == json.dumps(control["results"]["fp32 (again)"])  # NaN-aware
+    assert same and "AP" in control["results"]["fp32"]["bbox"]
+    low = precision_check.main(argv + ["--dtype", "bf16", "--opts", *opts])
+    saved = json.loads((tmp_path / "precision_bf16.json").read_text())
+    assert saved["dtype"] == "bf16" and saved["images"] == 2 and saved["fp32_detections"] == control["fp32_detections"]
+    assert 0.0 <= low["matched_fraction"] <= 1.0 and set(low["results"]) == {"fp32", "bf16"}
+    assert set(low["results"]["bf16"]) == {"bbox", "segm"}

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Does low-precision inference (autocast bf16 / fp16) give the same detections as fp32?
+
+Runs a trained model over a test set twice per batch, in fp32 and under autocast, and
+reports for each the COCO AP (the dataset's evaluator) and how the detections agree:
+the share of fp32 detections above ``--score`` that have an autocast detection of the same
+class with IoU >= ``--iou``, and the score difference of those pairs.  Writes a JSON.
+
+    # the quickstart model (after bash scripts/quickstart.sh), bf16 on CPU:
+    python tools/precision_check.py --dtype bf16
+    # any config + weights, fp16 on a GPU:
+    python tools/precision_check.py --config-file <yaml> --dtype fp16 --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cuda
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.evaluation import print_csv_format
+from detectron2.structures import pairwise_iou
+from detectron2.utils.logger import setup_logger
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
+from hrnet_d2.engine import Trainer  # noqa: E402
+
+logger = logging.getLogger("hrnet_d2.precision_check")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_CONFIG = REPO / "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
+
+
+def agreement(reference, other, score, iou):
+    """(matched, total, |score differences| of matched) for one image's Instances."""
+    ref = reference[reference.scores >= score]
+    if len(ref) == 0:
+        return 0, 0, []
+    if len(other) == 0:
+        return 0, len(ref), []
+    overlaps = pairwise_iou(ref.pred_boxes, other.pred_boxes.to(ref.pred_boxes.device))
+    same_class = ref.pred_classes[:, None] == other.pred_classes[None, :].to(ref.pred_classes.device)
+    overlaps = torch.where(same_class, overlaps, torch.zeros_like(overlaps))
+    best, index = overlaps.max(dim=1)
+    hit = best >= iou
+    diffs = (ref.scores[hit] - other.scores[index[hit]].float()).abs().tolist()
+    return int(hit.sum()), len(ref), diffs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="autocast dtype to compare with fp32")
+    parser.add_argument("--score", type=float, default=0.5, help="fp32 detections at or above this score are matched")
+    parser.add_argument("--iou", type=float, default=0.9, help="IoU for a detection to count as the same")
+    parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
+    parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+    setup_logger(name="hrnet_d2")
+    setup_logger(name="detectron2")
+    register_all_shapes()
+    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    ensure_all_generated(list(cfg.DATASETS.TEST))
+    weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if not os.path.isfile(weights):
+        raise SystemExit(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
+    model = Trainer.build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    device = torch.device(cfg.MODEL.DEVICE).type
+    dataset = cfg.DATASETS.TEST[0]
+    loader = Trainer.build_test_loader(cfg, dataset)
+    out_dir = os.path.join(cfg.OUTPUT_DIR, f"precision_{args.dtype}")
+    evaluators = {name: Trainer.build_evaluator(cfg, dataset, os.path.join(out_dir, name)) for name in ("fp32", args.dtype)}
+    if args.dtype == "fp32":  # the tool's own control: fp32 against itself
+        evaluators = {"fp32": evaluators["fp32"], "fp32 (again)": Trainer.build_evaluator(cfg, dataset, out_dir + "_again")}
+    for e in evaluators.values():
+        e.reset()
+    matched = total = images = 0
+    diffs = []
+    with torch.no_grad():
+        for inputs in tqdm(loader, desc=f"fp32 vs {args.dtype}", total=len(loader)):
+            ref = model(inputs)
+            with torch.autocast(device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
+                low = model(inputs)
+            (name_ref, ev_ref), (name_low, ev_low) = evaluators.items()
+            ev_ref.process(inputs, ref)
+            ev_low.process(inputs, low)
+            for r, o in zip(ref, low):
+                m, t, d = agreement(r["instances"], o["instances"], args.score, args.iou)
+                matched, total, diffs = matched + m, total + t, diffs + d
+            images += len(inputs)
+            if args.max_images and images >= args.max_images:
+                break
+    results = {}
+    for name, e in evaluators.items():
+        results[name] = e.evaluate()
+        logger.info("%s:", name)
+        print_csv_format(results[name])
+    summary = {
+        "config": args.config_file, "weights": weights, "dataset": dataset, "images": images, "device": device,
+        "dtype": args.dtype, "score_threshold": args.score, "iou_threshold": args.iou,
+        "fp32_detections": total, "matched": matched, "matched_fraction": matched / total if total else float("nan"),
+        "max_score_diff": max(diffs, default=0.0), "mean_score_diff": sum(diffs) / len(diffs) if diffs else 0.0,
+        "results": {k: {task: dict(v) for task, v in r.items()} for k, r in results.items()},
+    }
+    logger.info(
+        "%s vs fp32 on %d images: %d/%d fp32 detections (score >= %.2f) matched (same class, IoU >= %.2f), "
+        "score difference max %.4f mean %.4f",
+        args.dtype, images, matched, total, args.score, args.iou, summary["max_score_diff"], summary["mean_score_diff"],
+    )
+    path = args.output or out_dir + ".json"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.info("Wrote %s", path)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
