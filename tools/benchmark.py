@@ -20,6 +20,8 @@ Ratios are ours / timm (< 1: ours is faster / smaller).  Writes ``benchmark.json
 """
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -139,6 +141,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        _release_freed_memory()
         self.base = self._rss()
         self.max = self.base
         self._stop = threading.Event()
@@ -161,6 +164,16 @@ class PeakMemory:
             self._thread.join()
             self.max = max(self.max, self._rss())
             self.peak = self.max - self.base
+
+
+def _release_freed_memory():
+    """Hand memory freed by earlier steps back to the OS (glibc keeps it in its heap), so the
+    RSS growth of the next step is that step's own, not hidden by a bigger step before it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS growth may then understate later variants
+        pass
 
 
 def make_detector(args, device, timm_model, activation_checkpoint=False):
