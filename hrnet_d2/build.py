@@ -202,6 +202,7 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False
         norm=p.NORM,
         upsample_mode=p.UPSAMPLE_MODE,
         keep_body_outputs=keep_body_outputs,
+        activation_checkpoint=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT,
     )
 
 

@@ -34,7 +34,8 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET.FUSE_UPSAMPLE_MODE = "nearest"
     # Upsampling used to build the HRNetV2 representation (hrv2 output).
     _C.MODEL.HRNET.HRV2_UPSAMPLE_MODE = "bilinear"
-    # Recompute the stage activations in backward (torch.utils.checkpoint) to save memory.
+    # Recompute the stage activations in backward (torch.utils.checkpoint) to save memory; with
+    # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
     # the convs and add/ReLU fused (hrnet_d2/fold.py); training and state_dict are unaffected.

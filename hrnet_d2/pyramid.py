@@ -14,11 +14,12 @@ from typing import Dict, List
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import Backbone
 
-from .hrnet import upsample_to
+from .hrnet import _recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
 
@@ -37,9 +38,13 @@ class HRNetV2p(Backbone):
         norm="",
         upsample_mode="bilinear",
         keep_body_outputs=False,
+        activation_checkpoint=False,
     ):
         """``keep_body_outputs``: also return the body's outputs (e.g. ``hrv2`` for the
-        semantic head of Panoptic FPN), computed once and shared with the pyramid."""
+        semantic head of Panoptic FPN), computed once and shared with the pyramid.
+        ``activation_checkpoint`` (MODEL.HRNET.ACTIVATION_CHECKPOINT): in training, recompute the
+        upsample + concat + reduction in backward instead of keeping the stride-4 concatenation
+        (sum of all branch widths, the largest activation of the detector)."""
         super().__init__()
         shapes = bottom_up.output_shape()
         for name in in_features:
@@ -88,6 +93,7 @@ class HRNetV2p(Backbone):
             self._out_feature_strides.update({k: v.stride for k, v in shapes.items()})
             self._out_feature_channels.update({k: v.channels for k, v in shapes.items()})
         self._size_divisibility = bottom_up.size_divisibility
+        self.activation_checkpoint = activation_checkpoint
 
     @property
     def size_divisibility(self):
@@ -104,11 +110,22 @@ class HRNetV2p(Backbone):
             return F.max_pool2d(x, kernel_size=k, stride=k, ceil_mode=ceil_mode)
         return F.avg_pool2d(x, kernel_size=k, stride=k, ceil_mode=ceil_mode)
 
+    def _reduce(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        """HRNetV2 (all inputs at the finest resolution, concatenated), reduced by the 1x1 conv."""
+        finest = xs[self._finest]
+        return self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
+
+    @torch.jit.unused
+    def _reduce_checkpointed(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         xs = [features[f] for f in self.in_features]
-        finest = xs[self._finest]
-        out = self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
+        if self.activation_checkpoint and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            out = self._reduce_checkpointed(xs)
+        else:
+            out = self._reduce(xs)
         levels: List[torch.Tensor] = [out]
         for i in range(1, len(self.levels)):
             levels.append(self._pool(out, 1 << i))

@@ -178,6 +178,29 @@ def test_activation_checkpoint_same_gradients_less_memory(norm):
     assert mem2 < 0.4 * mem1, (mem1, mem2)
 
 
+def test_pyramid_activation_checkpoint_same_gradients_less_memory():
+    """With HRNetV2p the stride-4 concatenation is recomputed too: same gradients and BN
+    statistics (BN pyramid norm), and less kept for backward than checkpointing the body alone."""
+    from hrnet_d2.pyramid import HRNetV2p
+
+    def model(body_ckpt, pyramid_ckpt):
+        torch.manual_seed(0)
+        body = HRNet(ARCHITECTURES["w18_small_v1"], norm="BN", activation_checkpoint=body_ckpt)
+        return HRNetV2p(body, ["hr2", "hr3", "hr4", "hr5"], norm="BN", activation_checkpoint=pyramid_ckpt).train()
+
+    x = torch.randn(2, 3, 64, 96)
+    g1, xg1, s1, mem_plain = _train_step(model(False, False), x)
+    _, _, _, mem_body = _train_step(model(True, False), x)
+    g2, xg2, s2, mem_both = _train_step(model(True, True), x)
+    assert g1.keys() == g2.keys() and any(n.startswith("reduction_conv") for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(xg2, xg1, rtol=1e-4, atol=1e-5)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert mem_both < mem_body < mem_plain, (mem_plain, mem_body, mem_both)
+
+
 def test_bf16_autocast_forward_as_accurate_as_timm():
     """Our bf16 path (folded, fused) is no less accurate than timm's body under the same
     autocast: with random weights both are ~5-10% off fp32 in relative L2."""
