@@ -70,6 +70,11 @@ def _tracing() -> bool:
     )
 
 
+def _checkpointing(module) -> bool:
+    """MODEL.HRNET.ACTIVATION_CHECKPOINT applies now: on, training, and gradients wanted."""
+    return module.activation_checkpoint and module.training and torch.is_grad_enabled()
+
+
 def _recompute_context(module):
     """``context_fn`` for torch.utils.checkpoint: the recomputation in backward must not
     update BN running statistics a second time (momentum 0 and the batch counter
@@ -327,7 +332,7 @@ class HRNet(Backbone):
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if self.activation_checkpoint and self.training and torch.is_grad_enabled():
+        if _checkpointing(self):
             return self._forward_checkpointed(x)
         fast = self.folded(x)
         return fast(x) if fast is not None else self.forward_branches(x)

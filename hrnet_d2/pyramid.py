@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import Backbone
 
-from .hrnet import _recompute_context, upsample_to
+from .hrnet import _checkpointing, _recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
 
@@ -116,16 +116,19 @@ class HRNetV2p(Backbone):
         return self.reduction_conv(torch.cat([upsample_to(t, finest, self.upsample_mode) for t in xs], 1))
 
     @torch.jit.unused
-    def _reduce_checkpointed(self, xs: List[torch.Tensor]) -> torch.Tensor:
-        return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
+    def _reduce_eager(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        """``_reduce``, recomputed in backward under MODEL.HRNET.ACTIVATION_CHECKPOINT."""
+        if _checkpointing(self):
+            return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
+        return self._reduce(xs)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         xs = [features[f] for f in self.in_features]
-        if self.activation_checkpoint and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            out = self._reduce_checkpointed(xs)
-        else:
+        if torch.jit.is_scripting():
             out = self._reduce(xs)
+        else:
+            out = self._reduce_eager(xs)
         levels: List[torch.Tensor] = [out]
         for i in range(1, len(self.levels)):
             levels.append(self._pool(out, 1 << i))

@@ -96,11 +96,11 @@ def sync(device):
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-AMP_DTYPE = {"cpu": "bf16", "cuda": "fp16"}  # what SOLVER.AMP.ENABLED uses (Detectron2's AMPTrainer / ours on CPU)
+DEFAULT_AMP_DTYPE = {"cpu": "bf16", "cuda": "fp16"}  # what SOLVER.AMP.ENABLED uses (Detectron2's AMPTrainer / ours on CPU)
 
 
-def autocast(device, enabled):
-    return torch.autocast(device, dtype=AMP_DTYPES[AMP_DTYPE[device]], enabled=enabled)
+def autocast(args, enabled):
+    return torch.autocast(args.device, dtype=AMP_DTYPES[args.amp_dtype], enabled=enabled)
 
 
 def rel_l2(a, b):
@@ -245,7 +245,7 @@ def run(args):
 
         def fwd(model, inp, amp=False):
             def fn():
-                with torch.no_grad(), autocast(device, amp):
+                with torch.no_grad(), autocast(args, amp):
                     model(inp)
 
             return fn
@@ -262,7 +262,7 @@ def run(args):
             ref, out = theirs(x), ours(x)
             err = max(((out[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
             if args.amp:
-                with autocast(device, True):
+                with autocast(args, True):
                     low = ours(x)
                 amp_err = max(rel_l2(low[k], out[k]) for k in out)
         times = interleaved(variants, args.reps, args.warmup, device)
@@ -272,7 +272,7 @@ def run(args):
             ("body+HRNetV2p forward, fp32, both channels_last", "ours", "timm_channels_last", None),
         ]
         if args.amp:
-            amp = AMP_DTYPE[device]
+            amp = args.amp_dtype
             rows += [
                 (f"body+HRNetV2p forward, ours {amp} autocast vs timm fp32", "ours_amp", "timm", None),
                 (f"body+HRNetV2p forward, both {amp} autocast + channels_last", "ours_amp", "timm_channels_last_amp", None),
@@ -310,7 +310,7 @@ def run(args):
 
             def infer_amp():
                 det.eval()
-                with torch.no_grad(), autocast(device, True):
+                with torch.no_grad(), autocast(args, True):
                     det(inputs)
 
             variants["ours_amp"] = infer_amp
@@ -333,7 +333,7 @@ def run(args):
                 model.train()
                 model.zero_grad(set_to_none=True)
                 with PeakMemory(device) as mem, EventStorage():
-                    with autocast(device, amp):
+                    with autocast(args, amp):
                         losses = model(train_inputs)
                     sum(losses.values()).backward()
                 peaks.setdefault(name, []).append(mem.peak)
@@ -360,7 +360,7 @@ def run(args):
              "baseline": "ours, checkpoint off"},
         ]
         if args.amp:
-            new.append({"measure": f"Faster R-CNN training step (fwd+bwd), both {AMP_DTYPE[device]} autocast", "batch": batch,
+            new.append({"measure": f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast", "batch": batch,
                         "ours_s": med["ours_amp"], "timm_s": med["timm_amp"], "ratio": med["ours_amp"] / med["timm_amp"],
                         "ours_runs": times["ours_amp"], "timm_runs": times["timm_amp"]})
         results += new
@@ -422,11 +422,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.size, args.batch, args.reps, args.warmup = "w18_small_v1", (64, 96), (1,), 1, 1
-    if args.amp_dtype:
-        AMP_DTYPE[args.device] = args.amp_dtype
+    args.amp_dtype = args.amp_dtype or DEFAULT_AMP_DTYPE[args.device]
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     info = machine_info(args.device)
-    info["amp_dtype"] = AMP_DTYPE[args.device] if args.amp else None
+    info["amp_dtype"] = args.amp_dtype if args.amp else None
     info["cudnn_benchmark"] = args.cudnn_benchmark
     results = run(args)
     out = Path(args.output_dir)

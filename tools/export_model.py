@@ -148,26 +148,22 @@ def export_scripting(model, what, output_dir):
     return path
 
 
-def scripted_outputs(module, what, image):
-    """Flat list of tensors a (scripted or eager) backbone / R-CNN gives on ``image``."""
+def instance_tensors(rcnn, image):
+    """The Instances fields a (scripted or eager) R-CNN predicts on ``image``, as tensors in name order."""
     with torch.no_grad():
-        if what == "backbone":
-            x = ((image - module.pixel_mean) / module.pixel_std)[None] if hasattr(module, "pixel_mean") else image
-            return list(module(x).values())
-        instances = module.inference([{"image": image}], do_postprocess=False)[0]
-        fields = instances.get_fields()
-        return [v.tensor if hasattr(v, "tensor") else v for k, v in sorted(fields.items())]
+        fields = rcnn.inference([{"image": image}], do_postprocess=False)[0].get_fields()
+    return [v.tensor if hasattr(v, "tensor") else v for _, v in sorted(fields.items())]
 
 
 def scripting_diff(model, path, what, image):
     """Largest |scripted - PyTorch| on ``image`` (inf when shapes differ)."""
     scripted = torch.jit.load(path)
     if what == "backbone":
-        x = ((image - model.pixel_mean) / model.pixel_std)[None]
+        _, (x,) = traceable(model, what, image)  # the normalised NCHW input the backbone sees
         with torch.no_grad():
             got, ref = list(scripted(x).values()), list(model.backbone(x).values())
     else:
-        got, ref = scripted_outputs(scripted, what, image), scripted_outputs(model, what, image)
+        got, ref = instance_tensors(scripted, image), instance_tensors(model, image)
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
         return float("inf")
     return max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))

@@ -78,10 +78,10 @@ def main(argv=None):
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
     out_dir = os.path.join(cfg.OUTPUT_DIR, f"precision_{args.dtype}")
-    evaluators = {name: Trainer.build_evaluator(cfg, dataset, os.path.join(out_dir, name)) for name in ("fp32", args.dtype)}
-    if args.dtype == "fp32":  # the tool's own control: fp32 against itself
-        evaluators = {"fp32": evaluators["fp32"], "fp32 (again)": Trainer.build_evaluator(cfg, dataset, out_dir + "_again")}
-    for e in evaluators.values():
+    # --dtype fp32 is the tool's own control: fp32 against itself
+    names = ("fp32", args.dtype if args.dtype != "fp32" else "fp32 (again)")
+    ev_ref, ev_low = (Trainer.build_evaluator(cfg, dataset, os.path.join(out_dir, sub)) for sub in ("fp32", "autocast"))
+    for e in (ev_ref, ev_low):
         e.reset()
     matched = total = images = 0
     diffs = []
@@ -90,17 +90,17 @@ def main(argv=None):
             ref = model(inputs)
             with torch.autocast(device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
                 low = model(inputs)
-            (name_ref, ev_ref), (name_low, ev_low) = evaluators.items()
             ev_ref.process(inputs, ref)
             ev_low.process(inputs, low)
             for r, o in zip(ref, low):
                 m, t, d = agreement(r["instances"], o["instances"], args.score, args.iou)
-                matched, total, diffs = matched + m, total + t, diffs + d
+                matched, total = matched + m, total + t
+                diffs += d
             images += len(inputs)
             if args.max_images and images >= args.max_images:
                 break
     results = {}
-    for name, e in evaluators.items():
+    for name, e in zip(names, (ev_ref, ev_low)):
         results[name] = e.evaluate()
         logger.info("%s:", name)
         print_csv_format(results[name])
