@@ -1,0 +1,37 @@
+"""User mistakes, and how command-line entry points report them.
+
+Every error that hrnet_d2 raises for something the user gave it (a config, weights, data,
+a device) derives from :class:`UserError`.  Library code raises it like any exception;
+the command-line entry points (``train_net.py``, ``lazy_train_net.py``, ``demo.py``, the
+tools) run their ``main`` under :func:`exit_on_user_error`, which prints the message
+alone and exits with status 2.  ``--debug`` or ``HRNET_D2_DEBUG=1`` shows the traceback.
+"""
+import os
+import sys
+
+__all__ = ["UserError", "debug_enabled", "exit_on_user_error"]
+
+DEBUG_ENV = "HRNET_D2_DEBUG"
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us; the message says what and how to fix it."""
+
+    exit_code = 2
+
+
+def debug_enabled(argv=None) -> bool:
+    """True when tracebacks were asked for (``--debug`` on the command line or HRNET_D2_DEBUG=1)."""
+    argv = sys.argv if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """Call ``fn``; on a :class:`UserError` print ``error: <message>`` to stderr and exit 2."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        if debug_enabled():
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
