@@ -21,7 +21,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .hrnet import HRV2_NAME, HRNet, branch_name
-from .pyramid import POOLING_TYPES, HRNetV2p
+from .pyramid import AUTOCAST_DTYPES, POOLING_TYPES, HRNetV2p
 
 __all__ = ["build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
 
@@ -161,6 +161,7 @@ def validate_pyramid_config(cfg):
     _check_choice("MODEL.HRNET_PYRAMID.POOLING", p.POOLING, sorted(POOLING_TYPES))
     _check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM)
+    _check_choice("MODEL.HRNET.INFERENCE_AUTOCAST", cfg.MODEL.HRNET.INFERENCE_AUTOCAST, ["", *AUTOCAST_DTYPES])
     _check_feature_names(
         "MODEL.HRNET_PYRAMID.IN_FEATURES", p.IN_FEATURES, list(cfg.MODEL.HRNET.OUT_FEATURES), "MODEL.HRNET.OUT_FEATURES"
     )
@@ -203,6 +204,7 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False
         upsample_mode=p.UPSAMPLE_MODE,
         keep_body_outputs=keep_body_outputs,
         activation_checkpoint=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT,
+        inference_autocast=cfg.MODEL.HRNET.INFERENCE_AUTOCAST,
     )
 
 

@@ -44,6 +44,12 @@ def add_hrnet_config(cfg):
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower
     # (W32 body + HRNetV2p, 384x640 fwd+bwd on 2 AVX2 cores: 5.71 s NHWC vs 4.16 s NCHW).
     _C.MODEL.HRNET.CHANNELS_LAST = True
+    # Inference precision of the HRNetV2p backbone (body + pyramid): "" = fp32; "bf16" (CPUs with
+    # native bf16: amx_bf16 / avx512_bf16 in lscpu's flags; GPUs) or "fp16" (GPUs) run them under
+    # torch.autocast in eval mode, the pyramid's outputs cast back to fp32 for the heads.
+    # Training is unaffected (use SOLVER.AMP.ENABLED there).  On CPUs without native bf16 it is
+    # emulated and slower than fp32.
+    _C.MODEL.HRNET.INFERENCE_AUTOCAST = ""
 
     # HRNetV2p pyramid (build_hrnetv2p_backbone)
     _C.MODEL.HRNET_PYRAMID = CN()

@@ -21,9 +21,11 @@ from detectron2.modeling.backbone import Backbone
 
 from .hrnet import _checkpointing, _recompute_context, upsample_to
 
-__all__ = ["HRNetV2p", "POOLING_TYPES"]
+__all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES"]
 
 POOLING_TYPES = ("AVG", "MAX")
+# MODEL.HRNET.INFERENCE_AUTOCAST values ("" = fp32)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class HRNetV2p(Backbone):
@@ -39,12 +41,16 @@ class HRNetV2p(Backbone):
         upsample_mode="bilinear",
         keep_body_outputs=False,
         activation_checkpoint=False,
+        inference_autocast="",
     ):
         """``keep_body_outputs``: also return the body's outputs (e.g. ``hrv2`` for the
         semantic head of Panoptic FPN), computed once and shared with the pyramid.
         ``activation_checkpoint`` (MODEL.HRNET.ACTIVATION_CHECKPOINT): in training, recompute the
         upsample + concat + reduction in backward instead of keeping the stride-4 concatenation
-        (sum of all branch widths, the largest activation of the detector)."""
+        (sum of all branch widths, the largest activation of the detector).
+        ``inference_autocast`` (MODEL.HRNET.INFERENCE_AUTOCAST): "bf16" or "fp16" runs body and
+        pyramid under ``torch.autocast`` in eval mode (the outputs are cast back to fp32, so the
+        heads run in fp32); "" (default) keeps fp32.  Training is never affected."""
         super().__init__()
         shapes = bottom_up.output_shape()
         for name in in_features:
@@ -94,6 +100,11 @@ class HRNetV2p(Backbone):
             self._out_feature_channels.update({k: v.channels for k, v in shapes.items()})
         self._size_divisibility = bottom_up.size_divisibility
         self.activation_checkpoint = activation_checkpoint
+        if inference_autocast and inference_autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"MODEL.HRNET.INFERENCE_AUTOCAST: {inference_autocast!r} is not one of {['', *AUTOCAST_DTYPES]}"
+            )
+        self.inference_autocast = inference_autocast
 
     @property
     def size_divisibility(self):
@@ -122,7 +133,18 @@ class HRNetV2p(Backbone):
             return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
         return self._reduce(xs)
 
+    @torch.jit.unused
+    def _forward_autocast(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.inference_autocast]):
+            out = self._forward(x)
+        return {k: v.float() for k, v in out.items()}
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not torch.jit.is_scripting() and self.inference_autocast != "" and not self.training:
+            return self._forward_autocast(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         xs = [features[f] for f in self.in_features]
         if torch.jit.is_scripting():

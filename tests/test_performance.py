@@ -297,7 +297,18 @@ def test_benchmark_quick(tmp_path):
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cores"]
     measures = {r["measure"] for r in data["results"]}
     assert any("forward" in m for m in measures) and any("training" in m for m in measures)
+    assert data["machine"]["isa"] == benchmark.isa_flags()
+    peaks = [r for r in data["results"] if r["measure"].startswith("peak: ")]
+    assert [r["measure"] for r in peaks] == ["peak: 3x3 conv / matmul, fp32"]
+    assert all(r["conv3x3_gflops"] > 0 and r["matmul_gflops"] > 0 for r in peaks)
+    body_rows = [r for r in data["results"] if "ours_gflops" in r]
+    assert body_rows
+    for r in body_rows:  # achieved GFLOP/s = the model's FLOPs / our median time, as % of the same-dtype peak
+        assert r["ours_gflops"] == pytest.approx(r["gflop"] / r["ours_s"])
+        assert r["ours_pct_of_conv_peak"] == pytest.approx(100 * r["ours_gflops"] / peaks[0]["conv3x3_gflops"])
     for r in payload["results"]:
+        if r["measure"].startswith("peak: "):
+            continue
         if "MiB" in r["measure"]:  # RSS may not grow at all for so small an input
             assert r["ours_s"] >= 0 and r["timm_s"] >= 0
         else:
@@ -305,4 +316,21 @@ def test_benchmark_quick(tmp_path):
     for r in data["results"]:
         if "max_rel_diff_fp32" in r:
             assert r["max_rel_diff_fp32"] < 1e-4
-    assert "| measure |" in (tmp_path / "benchmark.md").read_text()
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| measure |" in text and "| fp32 |" in text and "CPU ISA flags:" in text
+
+
+def test_benchmark_flop_count_and_isa_flags():
+    """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags against /proc/cpuinfo."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    x = torch.randn(2, 8, 10, 12)
+    assert benchmark.model_gflop(conv, x) == pytest.approx(2 * 2 * 8 * 16 * 9 * 10 * 12 / 1e9)
+    # negative control: a different input size gives a different count
+    assert benchmark.model_gflop(conv, torch.randn(1, 8, 10, 12)) != pytest.approx(benchmark.model_gflop(conv, x))
+    with open("/proc/cpuinfo") as f:
+        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    assert benchmark.isa_flags() == [f for f in benchmark.ISA_FLAGS if f in flags]
+    assert benchmark.native_bf16({"isa": benchmark.isa_flags()}) == ("amx_bf16" in flags or "avx512_bf16" in flags)

@@ -85,9 +85,29 @@ def machine_info(device):
         "device": device,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    info["isa"] = isa_flags()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+# the CPU features that decide which fp32 / bf16 kernels oneDNN can use
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def isa_flags():
+    """The ISA_FLAGS this CPU reports in /proc/cpuinfo (Linux), in that order."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def native_bf16(info):
+    """Whether the CPU computes bf16 natively (AMX or AVX-512 bf16); elsewhere autocast bf16 is emulated."""
+    return any(flag in info["isa"] for flag in ("amx_bf16", "avx512_bf16"))
 
 
 def sync(device):
@@ -176,6 +196,48 @@ def _release_freed_memory():
         pass
 
 
+def peak_gflops(args, device, dtypes):
+    """The machine's own throughput for what the body is made of, in GFLOP/s (2 FLOPs per
+    multiply-add): a 3x3 convolution (128 -> 128 channels at 200x336, a stride-4 map of an
+    800x1344 image; channels_last) and a 2048^3 matmul, for each dtype in ``dtypes``.
+    Medians over ``args.reps`` runs after ``args.warmup``.  These are the "peak" the body
+    rows are compared with: what this torch build reaches on this machine, not a datasheet number."""
+    c, h, w = 128, 200, 336
+    n = 2048
+    peaks = {}
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, **AMP_DTYPES}[name]
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, dtype).to(memory_format=torch.channels_last)
+        x = torch.randn(1, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+
+        def run_conv():
+            with torch.no_grad():
+                conv(x)
+
+        def run_mm():
+            torch.mm(a, b)
+
+        times = interleaved({"conv": run_conv, "mm": run_mm}, max(args.reps, 3), max(args.warmup, 1), device)
+        peaks[name] = {
+            "conv3x3": 2 * c * c * 9 * h * w / statistics.median(times["conv"]) / 1e9,
+            "matmul": 2 * n**3 / statistics.median(times["mm"]) / 1e9,
+        }
+    return peaks
+
+
+def model_gflop(model, x):
+    """FLOPs (2 per multiply-add, in G) of one forward of ``model`` on ``x`` (fvcore counts multiply-adds)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, x)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return 2 * analysis.total() / 1e9
+
+
 def make_detector(args, device, timm_model, activation_checkpoint=False):
     # the 1x Faster R-CNN recipe (all widths share it but for MODEL.HRNET.ARCH)
     cfg = get_hrnet_cfg(get_config_file("COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml"))
@@ -239,6 +301,12 @@ def run(args):
     theirs.fpn_convs.load_state_dict(ours.fpn_convs.state_dict())
     theirs = theirs.to(device).eval()
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+    peak_dtypes = ["fp32"] + ([args.amp_dtype] if args.amp else [])
+    peaks = peak_gflops(args, device, peak_dtypes)
+    for name, p in peaks.items():
+        results.append({"measure": f"peak: 3x3 conv / matmul, {name}", "batch": 1, "conv3x3_gflops": p["conv3x3"],
+                        "matmul_gflops": p["matmul"]})
+        print(f"{results[-1]['measure']:<70} conv3x3 {p['conv3x3']:.1f} GFLOP/s  matmul {p['matmul']:.1f} GFLOP/s", flush=True)
     for batch in args.batch:
         x = torch.randn(batch, 3, ph, pw, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -267,6 +335,7 @@ def run(args):
                 amp_err = max(rel_l2(low[k], out[k]) for k in out)
         times = interleaved(variants, args.reps, args.warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
+        gflop = model_gflop(theirs, x)  # the same arithmetic as ours (traced graph, plain convs)
         rows = [
             ("body+HRNetV2p forward, fp32", "ours", "timm", None),
             ("body+HRNetV2p forward, fp32, both channels_last", "ours", "timm_channels_last", None),
@@ -278,9 +347,12 @@ def run(args):
                 (f"body+HRNetV2p forward, both {amp} autocast + channels_last", "ours_amp", "timm_channels_last_amp", None),
             ]
         for title, a, b, _ in rows:
+            dtype = args.amp_dtype if a.endswith("_amp") else "fp32"
             results.append(
                 {"measure": title, "batch": batch, "ours_s": med[a], "timm_s": med[b], "ratio": med[a] / med[b],
-                 "ours_runs": times[a], "timm_runs": times[b], "max_rel_diff_fp32": err}
+                 "ours_runs": times[a], "timm_runs": times[b], "max_rel_diff_fp32": err,
+                 "gflop": gflop, "ours_gflops": gflop / med[a], "peak_dtype": dtype,
+                 "ours_pct_of_conv_peak": 100 * gflop / med[a] / peaks[dtype]["conv3x3"]}
             )
             if a == "ours_amp":  # what autocast costs in accuracy: ||amp - fp32|| / ||fp32||, worst pyramid level
                 results[-1]["amp_rel_l2_vs_fp32"] = amp_err
@@ -375,8 +447,10 @@ def _ratio(a, b):
 
 def print_row(rows):
     for r in rows:
-        print(f"{r['measure']:<70} batch {r['batch']}: ours {r['ours_s']:.4g}  ref {r['timm_s']:.4g}  ratio {r['ratio']:.3f}",
-              flush=True)
+        achieved = (f"  ({r['ours_gflops']:.0f} GFLOP/s, {r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']} conv peak)"
+                    if "ours_gflops" in r else "")
+        print(f"{r['measure']:<70} batch {r['batch']}: ours {r['ours_s']:.4g}  ref {r['timm_s']:.4g}  ratio {r['ratio']:.3f}"
+              + achieved, flush=True)
 
 
 def markdown(results, info, args):
@@ -387,18 +461,34 @@ def markdown(results, info, args):
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, "
         f"{info['cpu_capability']}), torch {info['torch']}, load average at start {info['load_average']}.",
+        f"CPU ISA flags: {', '.join(info['isa']) or 'none of ' + ', '.join(ISA_FLAGS)}"
+        + ("" if native_bf16(info) else " (no native bf16: bf16 autocast on this CPU is emulated)") + ".",
         "",
-        "| measure | batch | ours | reference | ours / reference |",
-        "|---|---:|---:|---:|---:|",
+        "Peak (this machine, this torch build; 2 FLOPs per multiply-add):",
+        "",
+        "| dtype | 3x3 conv, channels_last (GFLOP/s) | matmul 2048^3 (GFLOP/s) |",
+        "|---|---:|---:|",
     ]
     for r in results:
+        if r["measure"].startswith("peak: "):
+            lines.append(f"| {r['measure'].rsplit(', ', 1)[1]} | {r['conv3x3_gflops']:.0f} | {r['matmul_gflops']:.0f} |")
+    lines += [
+        "",
+        "| measure | batch | ours | reference | ours / reference | ours GFLOP/s (% of conv peak) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r["measure"].startswith("peak: "):
+            continue
         unit = "" if "MiB" in r["measure"] else " s"
         ref = r.get("baseline", "timm")
         measure = r["measure"]
         if "amp_rel_l2_vs_fp32" in r:
             measure += f" (outputs vs fp32: {r['amp_rel_l2_vs_fp32']:.2%} rel. L2)"
+        achieved = (f"{r['ours_gflops']:.0f} ({r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']})"
+                    if "ours_gflops" in r else "")
         lines.append(
-            f"| {measure} | {r['batch']} | {r['ours_s']:.4g}{unit} | {r['timm_s']:.4g}{unit} ({ref}) | **{r['ratio']:.2f}** |"
+            f"| {measure} | {r['batch']} | {r['ours_s']:.4g}{unit} | {r['timm_s']:.4g}{unit} ({ref}) | **{r['ratio']:.2f}** | {achieved} |"
         )
     lines += ["", f"Command: `{' '.join(['.venv/bin/python', 'tools/benchmark.py'] + sys.argv[1:])}`", ""]
     return "\n".join(lines)
