@@ -221,11 +221,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _Refused("a persistent id (only torch.save files use them: name the file .pth)")
 
 
-def _refused_global(source, name):
+_PKL_ALLOWS = (
+    "A weights .pkl may hold only dicts, lists, tuples, strings, numbers and numeric NumPy arrays; if you trust "
+    "the file, re-save its arrays (e.g. as a .pth state dict) in a trusted Python session."
+)
+_PTH_ALLOWS = (
+    "A .pth is read with torch.load(weights_only=True): tensors, numbers, strings and plain containers only; "
+    "if you trust the file, re-save only its state dict (torch.save(model.state_dict(), ...)) or use safetensors."
+)
+
+
+def _refused_global(source, name, allows=_PKL_ALLOWS):
     return UnsafeFileError(
-        f"{source}: refusing to load {name} from this pickle: unpickling it could run code. A weights .pkl "
-        "may hold only dicts, lists, tuples, strings, numbers and numeric NumPy arrays; if you trust the file, "
-        "re-save its arrays (e.g. as a .pth state dict) in a trusted Python session.",
+        f"{source}: refusing to load {name} from this pickle: unpickling it could run code. {allows}",
         path=source,
         refused=name,
     )
@@ -273,8 +281,7 @@ def load_pickle(file, source=None):
         return _replace_placeholders(data, {})
     except _Refused as e:
         raise UnsafeFileError(
-            f"{source}: refusing to load this pickle: {e} is not plain numeric data. A weights .pkl may hold "
-            "only dicts, lists, tuples, strings, numbers and numeric NumPy arrays.",
+            f"{source}: refusing to load this pickle: {e} is not plain numeric data. {_PKL_ALLOWS}",
             path=source,
             refused=str(e),
         ) from None
@@ -294,7 +301,7 @@ def torch_load(file, source=None):
     except pickle.UnpicklingError as e:
         match = re.search(r"GLOBAL ([\w.]+)", str(e))
         if match:  # weights_only refused a class/function reference: code would have run
-            raise _refused_global(source, match.group(1)) from None
+            raise _refused_global(source, match.group(1), _PTH_ALLOWS) from None
         raise
 
 

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,6 +249,34 @@ def test_restricted_unpickler_matches_pickle(protocol):
     got = load_pickle(io.BytesIO(raw), "mem.pkl")
     assert _same(expected, got)
     assert not _same(expected, load_pickle(io.BytesIO(_dump({**data, "matching_heuristics": False}, 2))))  # control
+
+
+def _numpy2_fixture_data():
+    """What tests/data/numpy2.1.3_protocol{2,5}.pkl hold: written by
+    ``pickle.dump(_numpy2_fixture_data(), f, protocol=p)`` under NumPy 2.1.3 (``numpy._core`` names,
+    and ``numpy._core.numeric._frombuffer`` at protocol 5)."""
+    rng = np.random.default_rng(0)
+    model = collections.OrderedDict(
+        w=rng.standard_normal((3, 4)).astype(np.float32), fortran=np.asfortranarray(rng.standard_normal((3, 4))),
+        big_endian=np.arange(3, dtype=">i4"), b=np.array([True, False]), s=np.array([b"ab"]), u=np.array(["xy"]),
+        empty=np.zeros((0, 2)),
+    )
+    return {"model": model, "scalars": [np.float32(1.5), np.int64(7)], "dtype": np.dtype("f8"), "__author__": "numpy"}
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_numpy2_pickles_load(protocol):
+    path = Path(__file__).parent / f"data/numpy2.1.3_protocol{protocol}.pkl"
+    assert b"numpy._core" in path.read_bytes() and b"numpy.core" not in path.read_bytes()
+    expected, got = _numpy2_fixture_data(), load_pickle(path)
+    assert list(got) == list(expected) and list(got["model"]) == list(expected["model"])
+    for k, a in expected["model"].items():
+        b = got["model"][k]
+        # NumPy turns non-native byte order native in _reconstruct (protocol < 5), keeps it in _frombuffer
+        dtype = a.dtype if protocol == 5 else a.dtype.newbyteorder("=")
+        assert b.dtype == dtype and b.shape == a.shape and np.array_equal(a, b), k
+        assert b.flags.f_contiguous == a.flags.f_contiguous and b.flags.writeable, k
+    assert _same(expected["scalars"], got["scalars"]) and got["dtype"] == expected["dtype"]
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
