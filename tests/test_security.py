@@ -183,6 +183,42 @@ def test_non_numeric_pickle_contents_refused(bad, refused):
     _refusal(excinfo, "bad.pkl", refused)
 
 
+def _proposal_dataset(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    name = f"security_proposals_{tmp_path.name}"
+    image = tmp_path / "img.png"
+    image.write_bytes(b"")  # existence is all the record check needs
+    records = [{"file_name": str(image), "image_id": i, "height": 8, "width": 8} for i in (1, 2)]
+    DatasetCatalog.register(name, lambda: [dict(r) for r in records])
+    return name
+
+
+def test_proposal_pkl_payload_refused(tmp_path):
+    """Precomputed proposals (DATASETS.PROPOSAL_FILES_*) are .pkl files Detectron2 reads with pickle.load."""
+    from detectron2.data import DatasetCatalog
+
+    from hrnet_d2.data.checks import load_dataset_dicts
+
+    name = _proposal_dataset(tmp_path)
+    boxes = [np.array([[0, 0, 4, 4], [1, 1, 5, 5]], np.float32), np.array([[2, 2, 6, 6]], np.float32)]
+    good = {"ids": [1, 2], "boxes": boxes, "objectness_logits": [np.array([0.1, 0.9]), np.array([0.5])], "bbox_mode": 0}
+    marker = tmp_path / "MARKER"
+    try:
+        with open(tmp_path / "good.pkl", "wb") as f:
+            pickle.dump(good, f)
+        dicts = load_dataset_dicts([name], proposal_files=[str(tmp_path / "good.pkl")])
+        assert np.array_equal(dicts[0]["proposal_boxes"], boxes[0][::-1])  # sorted by objectness, as Detectron2 does
+        with open(tmp_path / "evil.pkl", "wb") as f:
+            pickle.dump({**good, "extra": _OpenMarker(marker)}, f)
+        with pytest.raises(UnsafeFileError) as excinfo:
+            load_dataset_dicts([name], proposal_files=[str(tmp_path / "evil.pkl")])
+        _refusal(excinfo, tmp_path / "evil.pkl", "refusing to load io.open")
+        assert not marker.exists()
+    finally:
+        DatasetCatalog.remove(name)
+
+
 # --------------------------------------------------------------------------------------------
 # legitimate .pkl / .pth files load exactly as before
 # --------------------------------------------------------------------------------------------
