@@ -476,6 +476,21 @@ def test_train_net_refuses_yaml_python_tag(tmp_path):
 
 
 @pytest.mark.e2e
+def test_train_net_allow_unsafe_yaml_flag(tmp_path):
+    """--allow-unsafe-yaml restores yaml.unsafe_load: the tag's value is used (here: a missing MODEL.WEIGHTS,
+    which stops train_net at once with its own message)."""
+    path = tmp_path / "tagged.yaml"
+    path.write_text(f'_BASE_: "{QUICKSTART}"\nMODEL:\n  WEIGHTS: !!python/object/apply:builtins.str ["/nonexistent/from_tag.pth"]\n')
+    args = ["--config-file", path, *TINY, "OUTPUT_DIR", tmp_path / "out"]
+    refused = run_train_net(args, env=_env(tmp_path), timeout=300)
+    assert refused.returncode == 2 and "YAML tag !!python/object/apply:builtins.str is refused" in refused.stderr
+    allowed = run_train_net(["--allow-unsafe-yaml", *args], env=_env(tmp_path), timeout=300)
+    assert allowed.returncode == 2 and "MODEL.WEIGHTS = '/nonexistent/from_tag.pth' does not exist" in allowed.stderr, (
+        allowed.stderr[-3000:]
+    )
+
+
+@pytest.mark.e2e
 def test_train_net_refuses_pkl_weights_and_resume(tmp_path):
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil.pkl"
