@@ -76,7 +76,8 @@ def _is_local(path):
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose saves are atomic and whose load errors name the file."""
+    """DetectionCheckpointer whose saves are atomic, whose loads run no code from the file
+    (``hrnet_d2.safe_load``) and whose load errors name the file."""
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:

@@ -57,7 +57,7 @@ _KINDS = "biufcSU"  # bool, int, uint, float, complex, bytes, str: no objects, n
 
 
 class _Refused(Exception):
-    """Malformed NumPy state inside an otherwise allowed pickle (turned into UnsafeFileError)."""
+    """An allowed global called with arguments or state that are not plain numeric data (-> UnsafeFileError)."""
 
 
 def _plain_dtype(code, byteorder=None):
