@@ -49,7 +49,8 @@ def set_cpu_threads(cfg):
 
 
 def setup(args):
-    cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=getattr(args, "allow_unsafe_yaml", False) or None)
+    allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
+    cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
