@@ -71,7 +71,7 @@ class Predictor:
     """DefaultPredictor for YAML and LazyConfig configs: resize, run, outputs at input size."""
 
     def __init__(self, config_file, opts, threshold):
-        from detectron2.checkpoint import DetectionCheckpointer
+        from hrnet_d2.checkpoint import AtomicCheckpointer
 
         if config_file.endswith(".py"):
             from detectron2.config import LazyConfig, instantiate
@@ -106,7 +106,7 @@ class Predictor:
                 "(train.init_checkpoint=path.pth for a .py config), or train the quickstart model first: "
                 "bash scripts/quickstart.sh"
             )
-        DetectionCheckpointer(self.model).load(weights)
+        AtomicCheckpointer(self.model).load(weights)
         self.model.eval()
         self.metadata = MetadataCatalog.get(dataset)
         logger.info("Loaded %s with weights %s", config_file, weights)

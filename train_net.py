@@ -23,6 +23,8 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
+from hrnet_d2.errors import exit_on_user_error
+from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV
 from hrnet_d2.weights import check_pretrained_weights
 
 logger = logging.getLogger("hrnet_d2")
@@ -47,7 +49,8 @@ def set_cpu_threads(cfg):
 
 
 def setup(args):
-    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
+    cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
@@ -84,9 +87,17 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-unsafe-yaml",
+        action="store_true",
+        help=f"read a config with python tags using yaml.unsafe_load (runs code: trusted files only; "
+        f"same as {ALLOW_UNSAFE_YAML_ENV}=1)",
+    )
+    args = parser.parse_args(argv)
     print("Command Line Args:", args)
-    return launch(
+    return exit_on_user_error(
+        launch,
         main,
         args.num_gpus,
         num_machines=args.num_machines,

@@ -6,6 +6,11 @@ then fails on it.  ``AtomicCheckpointer`` writes each file to a temporary name i
 same folder, fsyncs it and renames it over the target (``os.replace`` is atomic on
 POSIX): a reader sees the old file or the complete new one, never a partial one.
 Loading a file that is not a readable checkpoint raises ``CheckpointError`` naming it.
+
+Files are read without running code in them (``hrnet_d2.safe_load``): ``.pth`` / ``.pyth``
+with ``torch.load(weights_only=True)``, Detectron2 / Caffe2 ``.pkl`` files with a restricted
+unpickler; a file that references anything else raises ``UnsafeFileError`` naming the
+file and the refused global.
 """
 import logging
 import os
@@ -14,6 +19,9 @@ import tempfile
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+from .safe_load import UnsafeFileError, load_pickle, torch_load
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "capture_rng_state", "restore_rng_state"]
 
@@ -68,7 +76,8 @@ def _is_local(path):
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose saves are atomic and whose load errors name the file."""
+    """DetectionCheckpointer whose saves are atomic, whose loads run no code from the file
+    (``hrnet_d2.safe_load``) and whose load errors name the file."""
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -102,7 +111,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         try:
-            loaded = super()._load_file(filename)
+            if filename.endswith(".pkl"):
+                loaded = self._load_pkl(filename)
+            elif filename.endswith(".pyth"):
+                loaded = self._load_pycls(filename)
+            else:  # Detectron2's .pth path (URL query handling), reading through _torch_load below
+                loaded = super()._load_file(filename)
+        except UnsafeFileError as e:
+            raise UnsafeFileError(str(e) + self._resume_hint(filename), e.path, e.refused) from None
+        except CheckpointError:
+            raise
         except Exception as e:  # truncated zip, garbage bytes, wrong pickle, ...
             raise CheckpointError(
                 self._describe(filename, f"is not a readable checkpoint (truncated or not a torch/pickle file): "
@@ -112,18 +130,48 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise CheckpointError(self._describe(filename, "does not hold a state dict"))
         return loaded
 
+    def _torch_load(self, f):
+        return torch_load(f)  # weights_only=True, whatever torch's default
+
+    def _load_pkl(self, filename):
+        """DetectionCheckpointer's .pkl reading, with the restricted unpickler instead of pickle.load."""
+        with PathManager.open(filename, "rb") as f:
+            data = load_pickle(f, filename)
+        if not isinstance(data, dict):
+            raise CheckpointError(self._describe(filename, f"holds a {type(data).__name__}, not a dict of weights"))
+        if "model" in data and "__author__" in data:  # Detectron2 model zoo format
+            self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+            return data
+        # Caffe2 / Detectron1 model zoo; detection models have "blobs", ImageNet models don't
+        if "blobs" in data:
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _load_pycls(self, filename):
+        """DetectionCheckpointer's .pyth (pycls) reading, with weights_only explicit."""
+        with PathManager.open(filename, "rb") as f:
+            data = torch_load(f, filename)
+        if "model_state" not in data:
+            raise CheckpointError(self._describe(filename, "is not a pycls checkpoint (no 'model_state')"))
+        model_state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+        return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
+
     def _describe(self, path, problem):
-        msg = f"Checkpoint {path} {problem}."
+        return f"Checkpoint {path} {problem}." + self._resume_hint(path)
+
+    def _resume_hint(self, path):
+        """Where ``path`` came from when it is the checkpoint ``last_checkpoint`` names, else ""."""
         last = os.path.join(self.save_dir, "last_checkpoint") if self.save_dir else None
         if last and os.path.isfile(last) and os.path.abspath(self.get_checkpoint_file()) == os.path.abspath(path):
             others = sorted(set(map(os.path.basename, self.get_all_checkpoint_files())) - {os.path.basename(path)})
-            msg += (
+            hint = (
                 f" It is named by {last}; to resume from an earlier checkpoint write one of {others} into that file"
                 if others
                 else f" It is named by {last}; delete that file to start from MODEL.WEIGHTS instead"
             )
-            msg += "."
-        return msg
+            return hint + "."
+        return ""
 
 
 def capture_rng_state():

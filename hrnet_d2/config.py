@@ -72,13 +72,21 @@ def get_config_file(name: str) -> str:
     return str(path)
 
 
-def get_hrnet_cfg(config_file=None, opts=()):
-    """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides."""
+def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
+    """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides.
+
+    The file (and its ``_BASE_`` files) is read with ``yaml.safe_load``: a python tag raises
+    ``hrnet_d2.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
+    (default: the ``HRNET_D2_ALLOW_UNSAFE_YAML`` environment variable) restores Detectron2's
+    ``yaml.unsafe_load`` fallback, for files you trust.
+    """
     from detectron2.config import get_cfg
+
+    from .safe_load import merge_yaml_file
 
     cfg = get_cfg()
     add_hrnet_config(cfg)
     if config_file:
-        cfg.merge_from_file(str(config_file))
+        merge_yaml_file(cfg, config_file, allow_unsafe=allow_unsafe_yaml)
     cfg.merge_from_list(list(opts))
     return cfg

@@ -8,8 +8,8 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
     and the HRNetV2p pyramid are converted; detector heads (``rpn_head``, ``roi_head``...)
     are left out because their layout differs from Detectron2's.
 
-Files are read without running pickled code (``torch.load(weights_only=True)`` or
-safetensors).  Usage::
+Files are read without running pickled code (``torch.load(weights_only=True)``,
+safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
 
     python -m hrnet_d2.convert hrnetv2_w32_imagenet_pretrained.pth pretrained/hrnetv2_w32_imagenet_d2.pth \\
         --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml
@@ -23,9 +23,11 @@ import zipfile
 from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .arch import ARCHITECTURES, StageSpec
+from .safe_load import UnsafeFileError, load_pickle
 
 __all__ = [
     "ConversionError",
@@ -85,6 +87,14 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
             data = load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    elif path.endswith(".pkl"):  # Detectron2 / Caffe2 layout: numpy arrays
+        try:
+            data = load_pickle(path)
+        except UnsafeFileError as e:
+            raise ConversionError(str(e)) from None
+        except Exception as e:  # truncated or not a pickle: UnpicklingError, EOFError, ValueError, ...
+            raise ConversionError(f"{path}: not a readable pickle (truncated or corrupt?): {e}") from e
+        data = _arrays_to_tensors(data)
     else:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,6 +110,12 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as e:
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
     return _unwrap(data, path)
+
+
+def _arrays_to_tensors(data):
+    if isinstance(data, dict):
+        return type(data)((k, _arrays_to_tensors(v)) for k, v in data.items())
+    return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
 
 
 def _unwrap(data, source=""):

@@ -13,6 +13,9 @@ import os
 import torch
 
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.utils.file_io import PathManager
+
+from ..safe_load import UnsafeFileError, load_pickle
 
 __all__ = ["DataError", "check_coco_json", "find_coco_json_problem", "check_dataset_dicts", "load_dataset_dicts"]
 
@@ -149,10 +152,15 @@ def load_dataset_dicts(names, *, filter_empty=False, min_keypoints=0, proposal_f
     """``get_detection_dataset_dicts`` with clear errors and an explicit warning for what is dropped."""
     names = [names] if isinstance(names, str) else list(names)
     try:
+        for path in proposal_files or ():
+            # Detectron2 reads proposal .pkl files with plain pickle.load: read each with the restricted
+            # unpickler first, so one that references anything but plain data and numeric arrays stops here
+            with PathManager.open(path, "rb") as f:
+                load_pickle(f, path)
         dicts = get_detection_dataset_dicts(
             names, filter_empty=False, min_keypoints=min_keypoints, proposal_files=proposal_files
         )
-    except DataError:
+    except (DataError, UnsafeFileError):
         raise
     except Exception as e:  # JSONDecodeError, KeyError, "Dataset ... is empty!", ...
         raise _explain_load_failure(names, e) from e
