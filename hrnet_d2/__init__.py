@@ -2,8 +2,10 @@
 
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
-BACKBONE_REGISTRY.
+BACKBONE_REGISTRY, and the ``hrnet_d2://`` path handler (published weights by name,
+``hrnet_d2/catalog.py``) in Detectron2's PathManager.
 """
+from . import catalog  # noqa: F401  (registers hrnet_d2://)
 from .arch import ARCHITECTURES, StageSpec
 from .build import build_hrnet_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
