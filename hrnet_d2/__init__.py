@@ -2,12 +2,11 @@
 
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
-BACKBONE_REGISTRY, and the ``hrnet_d2://`` path handler (published weights by name,
-``hrnet_d2/catalog.py``) in Detectron2's PathManager.
+BACKBONE_REGISTRY.
 """
-from . import catalog  # noqa: F401  (registers hrnet_d2://)
 from .arch import ARCHITECTURES, StageSpec
 from .build import build_hrnet_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
+from .catalog import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in Detectron2's PathManager
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule

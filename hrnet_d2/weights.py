@@ -1,5 +1,6 @@
-"""Where the ImageNet weights of each HRNet come from, and a check that stops training
-at once (before any model or data is built) when the converted file is missing."""
+"""The converted ImageNet weights the shipped configs name, and a check that stops training
+at once (before any model or data is built) when that file is missing.  Where the weights
+come from is in the model-zoo table (``hrnet_d2.zoo``)."""
 import os
 import sys
 

@@ -220,6 +220,8 @@ def test_imagenet_body_by_name_downloads_checks_converts_and_caches(server, cach
     # cached: the converted file under its name, the checked download under the URL's path; no partial files
     converted = cache / "imagenet" / f"{SMALL}.pth"
     assert PathManager.get_local_path(f"hrnet_d2://imagenet/{SMALL}") == str(converted)
+    with PathManager.open(f"hrnet_d2://imagenet/{SMALL}", "rb") as f:
+        assert f.read() == converted.read_bytes()
     assert _files_in(cache) == sorted([f"imagenet/{SMALL}.pth", "downloads" + _path(entry.url)])
     # a second resolve (and a second model load) makes no request
     DetectionCheckpointer(build_model(cfg)).load(cfg.MODEL.WEIGHTS)
@@ -358,6 +360,16 @@ def test_cached_download_is_checked_before_use(server, cache, monkeypatch, image
     PathManager.get_local_path(f"hrnet_d2://{entry.name}")
     assert server.requests == [_path(entry.url)]  # replaced by a download
     assert placed.read_bytes() == imagenet_bytes
+
+
+def test_missing_local_weights_message_offers_the_name(tmp_path):
+    from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights
+
+    cfg = make_cfg(FASTER, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"))
+    with pytest.raises(PretrainedWeightsMissing, match="(?m)MODEL.WEIGHTS hrnet_d2://imagenet/w18$"):
+        check_pretrained_weights(cfg)
+    cfg.MODEL.WEIGHTS = "hrnet_d2://imagenet/w18"  # resolved by Detectron2's PathManager, not checked here
+    check_pretrained_weights(cfg)
 
 
 def test_unknown_name():

@@ -81,8 +81,7 @@ class Row:
 
 
 def coco_configs() -> List[str]:
-    """The training recipes; the ``*_mmdet.yaml`` inference configs of the published models are in
-    the "COCO model zoo" table (``coco_zoo_block``)."""
+    """The training recipes (``*_mmdet.yaml`` are inference configs of converted mmdetection models)."""
     return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml") if not p.stem.endswith("_mmdet"))
 
 
