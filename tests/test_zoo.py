@@ -236,6 +236,28 @@ def test_imagenet_body_by_name_downloads_checks_converts_and_caches(server, cach
     assert len(server.requests) == 1
 
 
+def test_concurrent_resolves_download_and_convert_once(server, cache, monkeypatch, imagenet_bytes):
+    """One process per GPU resolves the same name at the same time: one download, one conversion."""
+    entry = _imagenet_entry(imagenet_bytes)
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    server.files[_path(entry.url)] = imagenet_bytes
+    results, errors = [], []
+
+    def resolve():
+        try:
+            results.append(PathManager.get_local_path(f"hrnet_d2://{entry.name}"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=resolve) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == [str(cache / "imagenet" / f"{SMALL}.pth")] * 3
+    assert len(server.requests) == 1
+
+
 def test_imagenet_body_falls_back_to_the_hub_safetensors(server, cache, monkeypatch, timm_small):
     """The release file is gone (404): the unhashed hub safetensors is used, checked by conversion."""
     from safetensors.torch import save
