@@ -26,6 +26,7 @@ from detectron2.utils.file_io import PathManager
 
 import hrnet_d2  # noqa: F401  (registers hrnet_d2://)
 from hrnet_d2 import catalog, zoo
+from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.arch import ARCHITECTURES
 from hrnet_d2.config import CONFIG_DIR
 from hrnet_d2.convert import ConversionError
@@ -199,6 +200,12 @@ class _Recording(DetectionCheckpointer):
         return self.report
 
 
+class _RecordingAtomic(AtomicCheckpointer):  # what train_net.py loads MODEL.WEIGHTS with
+    def _load_model(self, checkpoint):
+        self.report = super()._load_model(checkpoint)
+        return self.report
+
+
 # ---------------------------------------------------------------- downloads, checks, conversion, cache
 def test_imagenet_body_by_name_downloads_checks_converts_and_caches(server, cache, monkeypatch, timm_small, imagenet_bytes):
     entry = _imagenet_entry(imagenet_bytes)
@@ -292,8 +299,8 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
 
     cfg = make_cfg(str(small_detector_config), "MODEL.WEIGHTS", f"hrnet_d2://{entry.name}")
     model = build_model(cfg).eval()
-    checkpointer = _Recording(model)
-    checkpointer.load(cfg.MODEL.WEIGHTS)
+    checkpointer = _RecordingAtomic(model)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     report = checkpointer.report
     assert not report.unexpected_keys and not report.incorrect_shapes
     assert not [k for k in report.missing_keys if k.startswith("backbone.")]
