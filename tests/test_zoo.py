@@ -483,11 +483,13 @@ def test_imagenet_entries_are_timms_weights():
     assert TIMM_NAMES == {a: e.timm_name for a, e in zoo.imagenet_bodies().items()}
 
 
-def test_readme_coco_zoo_block_is_generated_from_the_table():
+def test_readme_zoo_blocks_are_generated_from_the_table():
     import model_zoo
 
     text = model_zoo.README.read_text()
     assert model_zoo.current_block(text, *model_zoo.COCO_ZOO_MARKERS) == model_zoo.coco_zoo_block()
+    assert model_zoo.current_block(text, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
+    assert model_zoo.main(["--zoo-only", "--check"]) == 0
     for e in zoo.coco_models():  # every model, with its one evaluation command
         assert (f"python train_net.py --config-file configs/{e.config} --eval-only "
                 f"MODEL.WEIGHTS hrnet_d2://{e.name}") in text
