@@ -6,7 +6,7 @@ it is a test/benchmark dependency, not a runtime one.
 """
 import torch
 
-from .zoo import imagenet_bodies
+from hrnet_d2.zoo import imagenet_bodies
 
 __all__ = ["TIMM_NAMES", "CLASSIFICATION_ONLY", "body_state_dict", "timm_branches", "calibrated_timm"]
 

@@ -27,11 +27,11 @@ from detectron2.utils.file_io import PathManager
 import hrnet_d2  # noqa: F401  (registers hrnet_d2://)
 from hrnet_d2 import catalog, zoo
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2 import HRNet
 from hrnet_d2.arch import ARCHITECTURES
 from hrnet_d2.config import CONFIG_DIR
 from hrnet_d2.convert import ConversionError
 from hrnet_d2.convert import main as convert_main
-from hrnet_d2.timm_peer import TIMM_NAMES, body_state_dict
 from hrnet_d2.weights import IMAGENET_CHECKPOINTS
 
 from conftest import REPO, make_cfg
@@ -110,11 +110,19 @@ def _serialized(state_dict) -> bytes:
 
 
 # ---------------------------------------------------------------- generated checkpoints
+def body_state_dict(timm_model, keep_num_batches_tracked=True):
+    """The tensors of a timm / official state dict that our HRNet body holds."""
+    with torch.device("meta"):
+        ours = HRNet(ARCHITECTURES[SMALL], norm="BN").state_dict()
+    return {k: v for k, v in timm_model.state_dict().items()
+            if k in ours and (keep_num_batches_tracked or not k.endswith("num_batches_tracked"))}
+
+
 @pytest.fixture(scope="module")
 def timm_small():
     """timm hrnet_w18_small (= our w18_small_v1) with random weights and non-trivial BN statistics."""
     torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[SMALL], pretrained=False).eval()
+    model = timm.create_model(zoo.imagenet_bodies()[SMALL].timm_name, pretrained=False).eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -478,9 +486,8 @@ def test_imagenet_entries_are_timms_weights():
         cfg = timm.models.get_pretrained_cfg(f"{e.timm_name}.ms_in1k")
         assert cfg is not None and cfg.hf_hub_id == f"timm/{e.timm_name}.ms_in1k", arch
         assert e.downloads[1].url == f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
-    # the derived tables are this one
+    # the derived table is this one
     assert IMAGENET_CHECKPOINTS == {a: (e.official_file, e.timm_name) for a, e in zoo.imagenet_bodies().items()}
-    assert TIMM_NAMES == {a: e.timm_name for a, e in zoo.imagenet_bodies().items()}
 
 
 def test_readme_zoo_blocks_are_generated_from_the_table():
