@@ -96,6 +96,13 @@ def _unlink(path):
         pass
 
 
+def _publish(tmp, path):
+    """Rename a complete file to its final name, its data on disk first (as checkpoint.atomic_write)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _convert_command(entry: ZooEntry, src: str) -> str:
     from .config import CONFIG_DIR
 
@@ -136,7 +143,7 @@ def _fetch(entry: ZooEntry, url: str, sha256, dst: str) -> None:
                     f"corrupted download, or the file changed at its source). Nothing was kept in the cache "
                     f"({dst}); try again."
                 )
-        os.replace(got, dst)
+        _publish(got, dst)
     finally:
         _unlink(got)
 
@@ -180,7 +187,7 @@ def resolve(name: str) -> str:
         tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
         try:
             _convert(entry, src, tmp, checked=bool(download.sha256))
-            os.replace(tmp, out)
+            _publish(tmp, out)
         finally:
             _unlink(tmp)
     logger.info(f"{PREFIX}{name}: converted {src} -> {out}")

@@ -322,6 +322,19 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
     assert len(server.requests) == 1
 
 
+def test_a_checked_download_that_does_not_fit_the_config_is_kept_and_nothing_converted(
+        server, cache, monkeypatch, mmdet_checkpoint):
+    _, data = mmdet_checkpoint
+    entry = dataclasses.replace(_coco_entry(data, CONFIG_DIR / FASTER), arch="w18")  # expects W18, file holds W18-small
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    server.files[_path(entry.url)] = data
+    with pytest.raises(ConversionError, match=r"hrnet_d2://coco/faster_rcnn_hrnetv2p_w18_1x: the downloaded file .* does "
+                                              r"not convert: .*w18_small_v1.*w18"):
+        PathManager.get_local_path(f"hrnet_d2://{entry.name}")
+    # the download matched its published hash: kept (converting with a fixed config needs no download)
+    assert _files_in(cache) == ["downloads" + _path(entry.url)]
+
+
 @pytest.mark.parametrize("fault", ["corrupt", "truncated", "short_without_length"])
 def test_bad_download_is_refused_and_nothing_is_left(server, cache, monkeypatch, imagenet_bytes, fault):
     entry = _imagenet_entry(imagenet_bytes)
