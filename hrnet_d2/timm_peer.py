@@ -6,14 +6,12 @@ it is a test/benchmark dependency, not a runtime one.
 """
 import torch
 
+from hrnet_d2.zoo import imagenet_bodies
+
 __all__ = ["TIMM_NAMES", "CLASSIFICATION_ONLY", "body_state_dict", "timm_branches", "calibrated_timm"]
 
-# our architecture name -> timm model name
-TIMM_NAMES = {
-    "w18_small_v1": "hrnet_w18_small",
-    "w18_small_v2": "hrnet_w18_small_v2",
-    **{f"w{w}": f"hrnet_w{w}" for w in (18, 30, 32, 40, 44, 48, 64)},
-}
+# our architecture name -> timm model name (from the model-zoo table, hrnet_d2.zoo)
+TIMM_NAMES = {arch: e.timm_name for arch, e in imagenet_bodies().items()}
 # top-level modules of the ImageNet classifier that detection does not use
 CLASSIFICATION_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
 

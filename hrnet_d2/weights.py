@@ -1,20 +1,18 @@
-"""Where the ImageNet weights of each HRNet come from, and a check that stops training
-at once (before any model or data is built) when the converted file is missing."""
+"""The converted ImageNet weights the shipped configs name, and a check that stops training
+at once (before any model or data is built) when that file is missing.  Where the weights
+come from is in the model-zoo table (``hrnet_d2.zoo``)."""
 import os
 import sys
 
 from .arch import ARCHITECTURES
+from .catalog import PREFIX
+from .zoo import HRNET_CLASSIFICATION_REPO as OFFICIAL_REPO
+from .zoo import imagenet_bodies
 
 __all__ = ["IMAGENET_CHECKPOINTS", "PretrainedWeightsMissing", "converted_weights_path", "check_pretrained_weights"]
 
-OFFICIAL_REPO = "https://github.com/HRNet/HRNet-Image-Classification"
-
-# arch -> (file name in the official HRNet-Image-Classification release, timm model name)
-IMAGENET_CHECKPOINTS = {
-    "w18_small_v1": ("hrnet_w18_small_model_v1.pth", "hrnet_w18_small"),
-    "w18_small_v2": ("hrnet_w18_small_model_v2.pth", "hrnet_w18_small_v2"),
-    **{f"w{w}": (f"hrnetv2_w{w}_imagenet_pretrained.pth", f"hrnet_w{w}") for w in (18, 30, 32, 40, 44, 48, 64)},
-}
+# arch -> (file name in the official HRNet-Image-Classification release, timm model name); from hrnet_d2.zoo
+IMAGENET_CHECKPOINTS = {arch: (e.official_file, e.timm_name) for arch, e in imagenet_bodies().items()}
 assert set(IMAGENET_CHECKPOINTS) == set(ARCHITECTURES)
 
 
@@ -62,6 +60,7 @@ def check_pretrained_weights(cfg, config_file=None, resume=False):
             f"  1. download {official} from {OFFICIAL_REPO} (README, 'ImageNet pretrained models'),",
             f"     or the timm weights of '{timm_name}' (timm/{timm_name}.ms_in1k on the Hugging Face hub: model.safetensors);",
             f"  2. python -m hrnet_d2.convert {official} {path} {target}",
+            f"Or let hrnet_d2 download, check and convert it (network needed): MODEL.WEIGHTS {PREFIX}imagenet/{arch}",
         ]
     lines.append("Or train from scratch with MODEL.WEIGHTS \"\" (and MODEL.HRNET.NORM BN or GN, since frozen norms need pretrained statistics).")
     raise PretrainedWeightsMissing("\n".join(lines))

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Generate the model-zoo table (docs/model_zoo.md and the README block) from the configs.
+"""Generate the model-zoo tables (docs/model_zoo.md and the README blocks) from the code.
 
 Parameters and GFLOPs are computed from the code (tools/analyze_model.py), published
 AP comes from the table below with its source, so the README cannot drift from the
-configs: tests/test_model_zoo.py regenerates the table and compares.
+configs: tests/test_model_zoo.py regenerates the table and compares.  The README's
+"COCO model zoo" and ImageNet-weights tables are rendered from hrnet_d2.zoo, the table
+behind ``hrnet_d2://`` (tests/test_zoo.py compares).
 
     python tools/model_zoo.py            # rewrite docs/model_zoo.md and the README block
     python tools/model_zoo.py --check    # exit 1 if either is out of date
@@ -14,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 import torch
 
@@ -22,10 +25,14 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from analyze_model import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups  # noqa: E402
 
+from hrnet_d2 import zoo  # noqa: E402
+
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
 README = REPO / "README.md"
 BLOCK_START, BLOCK_END = "<!-- model-zoo:start -->", "<!-- model-zoo:end -->"
+COCO_ZOO_MARKERS = ("<!-- coco-model-zoo:start -->", "<!-- coco-model-zoo:end -->")
+IMAGENET_MARKERS = ("<!-- imagenet-weights:start -->", "<!-- imagenet-weights:end -->")
 INPUT_SIZE = (800, 1333)
 
 HRNET_OD = "https://github.com/HRNet/HRNet-Object-Detection"
@@ -74,7 +81,8 @@ class Row:
 
 
 def coco_configs() -> List[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml"))
+    """The training recipes (``*_mmdet.yaml`` are inference configs of converted mmdetection models)."""
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml") if not p.stem.endswith("_mmdet"))
 
 
 def collect(configs=None, flops_for=None, log=print) -> List[Row]:
@@ -143,11 +151,69 @@ def parse_readme_gflops(text: str) -> Dict[str, str]:
     return out
 
 
-def current_readme_block(text: str) -> str:
-    start, end = text.find(BLOCK_START), text.find(BLOCK_END)
+def current_block(text: str, start_marker: str, end_marker: str) -> str:
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise SystemExit(f"{README}: markers {BLOCK_START} ... {BLOCK_END} not found")
-    return text[start : end + len(BLOCK_END)]
+        raise SystemExit(f"{README}: markers {start_marker} ... {end_marker} not found")
+    return text[start : end + len(end_marker)]
+
+
+def current_readme_block(text: str) -> str:
+    return current_block(text, BLOCK_START, BLOCK_END)
+
+
+# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.zoo)
+def _dash(value):
+    return "–" if value is None else f"{value:.1f}"
+
+
+def coco_zoo_block() -> str:
+    """README block: every published COCO model, its config, name, published AP and evaluation command."""
+    lines = [
+        COCO_ZOO_MARKERS[0],
+        "| `hrnet_d2://` name | config | body | published box AP | published mask AP | source: mmdetection 3.3.0 model (checkpoint) |",
+        "|:--|:--|:--:|--:|--:|:--|",
+    ]
+    for e in zoo.coco_models():
+        lines.append(
+            f"| `{e.name}` | [{Path(e.config).name}](configs/{e.config}) | {e.arch} | {_dash(e.box_ap)} | {_dash(e.mask_ap)} "
+            f"| [`{e.source_name}`]({e.url}) |"
+        )
+    lines += [
+        "",
+        f"**Published** = COCO val2017 AP copied from {zoo.MMDET_METAFILE} ([mmdetection configs/hrnet]({zoo.MMDET_HRNET})): "
+        "mmdetection's own evaluation of these checkpoints. **Measured here: none** — the machine this project is built on has "
+        "no COCO and no network access, so no AP of a converted model has been measured. Evaluate one (COCO under "
+        "`$DETECTRON2_DATASETS/coco`):",
+        "",
+        "```bash",
+        *(f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
+          for e in zoo.coco_models()),
+        "```",
+        COCO_ZOO_MARKERS[1],
+    ]
+    return "\n".join(lines)
+
+
+def imagenet_block() -> str:
+    """README block: the ImageNet bodies behind ``hrnet_d2://imagenet/<arch>``."""
+    lines = [
+        IMAGENET_MARKERS[0],
+        "| `hrnet_d2://` name | official file (HRNet-Image-Classification) | timm | downloaded from (sha256 prefix) |",
+        "|:--|:--|:--|:--|",
+    ]
+    for arch, e in zoo.imagenet_bodies().items():
+        where = ", else ".join(
+            f"[{urlsplit(d.url).netloc}]({d.url}) ({f'`{d.sha256}`' if d.sha256 else 'no published hash: checked by conversion'})"
+            for d in e.downloads
+        )
+        lines.append(f"| `{e.name}` | `{e.official_file}` | `{e.timm_name}.ms_in1k` | {where} |")
+    lines.append(IMAGENET_MARKERS[1])
+    return "\n".join(lines)
+
+
+def _replace_block(text, markers, block):
+    return text.replace(current_block(text, *markers), block)
 
 
 # ---------------------------------------------------------------- parameter difference
@@ -254,17 +320,39 @@ def write(rows: List[Row]):
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(render_doc(rows))
     text = README.read_text()
-    README.write_text(text.replace(current_readme_block(text), readme_block(rows)))
+    text = text.replace(current_readme_block(text), readme_block(rows))
+    text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
+    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+
+
+def write_zoo_blocks():
+    """Only the hrnet_d2:// tables (no model is built): ``--zoo-only``."""
+    text = README.read_text()
+    text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
+    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
+    parser.add_argument("--zoo-only", action="store_true",
+                        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)")
     args = parser.parse_args(argv)
+    zoo_blocks = [coco_zoo_block(), imagenet_block()]
+    if args.zoo_only:
+        if args.check:
+            stale = [b.splitlines()[0] for b in zoo_blocks if b not in README.read_text()]
+            if stale:
+                print("out of date (run python tools/model_zoo.py --zoo-only):", ", ".join(stale))
+            return int(bool(stale))
+        write_zoo_blocks()
+        print(f"wrote the hrnet_d2:// tables in {README}")
+        return 0
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     rows = collect()
     if args.check:
-        stale = [str(p) for p, want in ((DOC, render_doc(rows)), (README, readme_block(rows)))
+        stale = [str(p) for p, want in ((DOC, render_doc(rows)), (README, readme_block(rows)),
+                                        *((README, b) for b in zoo_blocks))
                  if want not in (p.read_text() if p.exists() else "")]
         if stale:
             print("out of date (run python tools/model_zoo.py):", ", ".join(stale))
