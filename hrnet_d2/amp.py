@@ -2,16 +2,17 @@
 
 Detectron2's ``AMPTrainer`` asserts CUDA and uses a CUDA GradScaler.  On CPU mixed
 precision means bfloat16 autocast, which has fp32's exponent range and so needs no
-loss scaling; :class:`CPUAMPTrainer` is that step.  ``amp_trainer_for`` swaps it in
-for the trainer ``DefaultTrainer`` made when the model lives on the CPU.
+loss scaling; :class:`CPUAMPTrainer` is that step.  ``build_train_step`` picks the step
+for a model (Detectron2's SimpleTrainer / AMPTrainer, or ours on CPU); ``amp_trainer_for``
+swaps ours in for the trainer ``DefaultTrainer`` made when the model lives on the CPU.
 """
 import time
 
 import torch
 
-from detectron2.engine import AMPTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAMPTrainer", "amp_trainer_for"]
+__all__ = ["CPUAMPTrainer", "amp_trainer_for", "build_train_step"]
 
 
 class CPUAMPTrainer(AMPTrainer):
@@ -41,6 +42,15 @@ class CPUAMPTrainer(AMPTrainer):
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
+
+
+def build_train_step(model, data_loader, optimizer, amp=False):
+    """The training step: SimpleTrainer, or with ``amp`` Detectron2's AMPTrainer for a
+    CUDA model and :class:`CPUAMPTrainer` for a CPU one (``model`` may be wrapped in DDP)."""
+    if not amp:
+        return SimpleTrainer(model, data_loader, optimizer)
+    cpu = next(model.parameters()).device.type == "cpu"
+    return (CPUAMPTrainer if cpu else AMPTrainer)(model, data_loader, optimizer)
 
 
 def amp_trainer_for(cfg, trainer):

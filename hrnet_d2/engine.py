@@ -8,19 +8,21 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
-from .amp import amp_trainer_for
+from .amp import build_train_step
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
 from .data.checks import load_dataset_dicts
@@ -30,6 +32,8 @@ from .data.sampler import ResumableSampler
 __all__ = [
     "Trainer",
     "ResumeState",
+    "build_resumable_train_loader",
+    "use_checked_data",
     "create_ddp_model",
     "set_cpu_threads",
     "check_datasets",
@@ -140,6 +144,54 @@ class ResumeState(hooks.HookBase):
             )
 
 
+def build_resumable_train_loader(dataset, *, mapper, sampler=None, **kwargs):
+    """Detectron2's ``build_detection_train_loader`` (same arguments) whose sampler can
+    start part-way through its stream: a :class:`ResumableSampler` around ``sampler``
+    (default: Detectron2's TrainingSampler), also returned as the loader's
+    ``resumable_sampler`` for :class:`ResumeState`."""
+    if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
+        sampler = TrainingSampler(len(dataset))
+    sampler = ResumableSampler(sampler) if sampler is not None else None
+    # The DataLoader draws its workers' base seed when iterated; a private generator
+    # (seeded from the already-seeded NumPy RNG) keeps that draw off the global torch
+    # RNG, whose state a resumed run restores.
+    kwargs.setdefault("seed", int(np.random.randint(2**31)))
+    loader = build_detection_train_loader(dataset, mapper=mapper, sampler=sampler, **kwargs)
+    loader.resumable_sampler = sampler
+    return loader
+
+
+def use_checked_data(cfg):
+    """Give a LazyConfig's data loaders (Detectron2's ``common/data`` layout) what
+    ``Trainer`` gives YAML configs: datasets read by ``load_dataset_dicts`` (checked),
+    images by ``CheckedDatasetMapper`` (errors name the file), and a training loader
+    that resumes where the interrupted run was (``build_resumable_train_loader``).
+    Other targets are left as the config names them.  Changes ``cfg`` in place."""
+    swaps = {
+        get_detection_dataset_dicts: load_dataset_dicts,
+        DatasetMapper: CheckedDatasetMapper,
+        build_detection_train_loader: build_resumable_train_loader,
+    }
+
+    def swap(node):
+        if node is None or "_target_" not in node:
+            return
+        target = locate(node._target_) if isinstance(node._target_, str) else node._target_
+        if target in swaps:
+            node._target_ = swaps[target]
+            if target is get_detection_dataset_dicts:
+                node.pop("check_consistency", None)  # load_dataset_dicts always checks
+                if "filter_empty" not in node:
+                    node.filter_empty = True  # get_detection_dataset_dicts' default
+
+    for split in ("train", "test"):
+        loader = cfg.dataloader.get(split)
+        if loader is not None:
+            swap(loader)
+            swap(loader.get("dataset"))
+            swap(loader.get("mapper"))
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with evaluation by the dataset's evaluator_type, and:
 
@@ -165,9 +217,8 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        step = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         # SOLVER.AMP.ENABLED on a CPU model: bf16 autocast (detectron2's AMPTrainer needs CUDA)
-        self._trainer = amp_trainer_for(cfg, step)
+        self._trainer = build_train_step(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -217,15 +268,9 @@ class Trainer(DefaultTrainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        args = _train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
-        sampler = ResumableSampler(args["sampler"]) if args["sampler"] is not None else None
-        args["sampler"] = sampler
-        # The DataLoader draws its workers' base seed when iterated; a private generator
-        # (seeded from the already-seeded NumPy RNG) keeps that draw off the global torch
-        # RNG, whose state a resumed run restores.
-        loader = build_detection_train_loader(**args, seed=int(np.random.randint(2**31)))
-        loader.resumable_sampler = sampler
-        return loader
+        return build_resumable_train_loader(
+            **_train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
