@@ -43,15 +43,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def set_cpu_threads(device, num_workers):
     """On CPU, give each training process its share of the cores, less one per
     data-loader worker (at least 1 thread).
 
     PyTorch's default (one thread per core in every process) plus the workers
     oversubscribes the cores, and OpenMP's spinning threads then slow down many-fold
-    when anything else runs (quickstart on a 2-core machine with another job: 13 s/iter
-    with 2 threads, 0.57 s with 1).  With ``--num-gpus N`` on CPU the N processes of a
-    machine share its cores.  An explicit OMP_NUM_THREADS wins.
+    when anything else runs.  With ``--num-gpus N`` on CPU the N processes of a machine
+    share its cores.  An explicit OMP_NUM_THREADS wins.
     """
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
