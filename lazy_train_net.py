@@ -76,7 +76,7 @@ def do_train(args, cfg):
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             ResumeState(
-                train_loader.resumable_sampler,
+                getattr(train_loader, "resumable_sampler", None),  # None: a loader of the config's own
                 cfg.dataloader.train.total_batch_size // comm.get_world_size(),
                 cfg.train.checkpointer.period,
             ),
