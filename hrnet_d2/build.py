@@ -23,7 +23,13 @@ from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
 
-__all__ = ["build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config", "validate_model"]
+__all__ = [
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "stage_specs_from_cfg",
+    "validate_config",
+    "validate_model",
+]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 

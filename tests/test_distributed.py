@@ -181,7 +181,8 @@ def test_evaluation_across_two_ranks_equals_one_rank(full, tmp_path):
 def _trace(tmp_path, name, num_gpus, *opts):
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(REPO / "tests/loss_trace.py"), str(out), "--num-gpus", str(num_gpus),
-           "--dist-url", "auto", "--config-file", str(QUICKSTART), *opts, "OUTPUT_DIR", str(tmp_path / name)]  # fmt: skip
+           "--dist-url", "auto", "--config-file", str(QUICKSTART), *opts,
+           "OUTPUT_DIR", str(tmp_path / name)]  # fmt: skip
     env = dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     _check(proc)
@@ -261,7 +262,8 @@ def test_small_configs_keep_their_total_batch():
 @pytest.mark.parametrize(
     "opts, world, message",
     [
-        (["SOLVER.IMS_PER_BATCH", "12"], 2, "SOLVER.REFERENCE_WORLD_SIZE = 8 is invalid: .* divides SOLVER.IMS_PER_BATCH = 12"),
+        (["SOLVER.IMS_PER_BATCH", "12"], 2,
+         "SOLVER.REFERENCE_WORLD_SIZE = 8 is invalid: .* divides SOLVER.IMS_PER_BATCH = 12"),
         (["SOLVER.REFERENCE_WORLD_SIZE", "0", "SOLVER.IMS_PER_BATCH", "3"], 2,
          r"SOLVER.IMS_PER_BATCH = 3 is invalid: must be divisible by the number of training processes \(2\)"),
     ],

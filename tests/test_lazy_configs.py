@@ -107,7 +107,8 @@ LAZY_SHAPES = get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py")
 LAZY_TINY = [
     "dataloader.train.dataset.names=shapes_tiny_train", "dataloader.test.dataset.names=shapes_tiny_val",
     "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[64,80]", "dataloader.train.mapper.augmentations.0.max_size=80",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[64,80]",
+    "dataloader.train.mapper.augmentations.0.max_size=80",
     "dataloader.test.mapper.augmentations.0.short_edge_length=64", "dataloader.test.mapper.augmentations.0.max_size=64",
     "train.seed=7", "train.max_iter=8", "train.checkpointer.period=3", "train.log_period=1",
     "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.amp.CPUAMPTrainer)
