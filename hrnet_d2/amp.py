@@ -3,8 +3,8 @@
 Detectron2's ``AMPTrainer`` asserts CUDA and uses a CUDA GradScaler.  On CPU mixed
 precision means bfloat16 autocast, which has fp32's exponent range and so needs no
 loss scaling; :class:`CPUAMPTrainer` is that step.  ``build_train_step`` picks the step
-for a model (Detectron2's SimpleTrainer / AMPTrainer, or ours on CPU); ``amp_trainer_for``
-swaps ours in for the trainer ``DefaultTrainer`` made when the model lives on the CPU.
+for a model: Detectron2's SimpleTrainer / AMPTrainer, or ours for AMP on CPU (``Trainer``
+and ``lazy_train_net.py`` use it).
 """
 import time
 
@@ -12,7 +12,7 @@ import torch
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAMPTrainer", "amp_trainer_for", "build_train_step"]
+__all__ = ["CPUAMPTrainer", "build_train_step"]
 
 
 class CPUAMPTrainer(AMPTrainer):
@@ -51,12 +51,3 @@ def build_train_step(model, data_loader, optimizer, amp=False):
         return SimpleTrainer(model, data_loader, optimizer)
     cpu = next(model.parameters()).device.type == "cpu"
     return (CPUAMPTrainer if cpu else AMPTrainer)(model, data_loader, optimizer)
-
-
-def amp_trainer_for(cfg, trainer):
-    """The step ``DefaultTrainer`` should run: ``trainer`` unchanged unless
-    SOLVER.AMP.ENABLED is set for a CPU model, then a :class:`CPUAMPTrainer` on the
-    same model, data loader and optimizer."""
-    if not cfg.SOLVER.AMP.ENABLED or torch.device(cfg.MODEL.DEVICE).type != "cpu":
-        return trainer
-    return CPUAMPTrainer(trainer.model, trainer.data_loader, trainer.optimizer)
