@@ -1,8 +1,10 @@
-#!/usr/bin/env python
 """Train / evaluate HRNet models from Python (LazyConfig) configs.
 
-Detectron2's ``tools/lazyconfig_train_net.py`` (not shipped in the pip package) plus the
-generated "shapes" datasets and the dataset check of ``train_net.py``.  Same CLI:
+Detectron2's ``tools/lazyconfig_train_net.py`` (not shipped in the pip package) with what
+``train_net.py`` guarantees, from the same pieces of ``hrnet_d2.engine``: the generated
+"shapes" datasets and the dataset checks, the model's wiring validated before data is
+read, atomic checkpoints, bf16 AMP on CPU, ``--resume`` that continues the data stream
+and RNG states of every rank, ``--num-gpus N`` on CPU (gloo).  Same CLI:
 
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w32_1x.py --num-gpus 8
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py \
@@ -14,24 +16,20 @@ Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bott
 
 import logging
 
+from omegaconf import OmegaConf
+
 import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
+from hrnet_d2.amp import build_train_step
+from hrnet_d2.build import validate_model
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.engine import check_datasets
+from hrnet_d2.engine import ResumeState, check_datasets, create_ddp_model, set_cpu_threads, use_checked_data
 
 logger = logging.getLogger("detectron2")
 
@@ -55,10 +53,15 @@ def do_test(cfg, model):
         return ret
 
 
-def do_train(args, cfg):
+def build_model(cfg):
     model = instantiate(cfg.model)
+    validate_model(model)  # before any data is read
+    return model.to(cfg.train.device)
+
+
+def do_train(args, cfg):
+    model = build_model(cfg)
     logger.info("Model:\n{}".format(model))
-    model.to(cfg.train.device)
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
@@ -66,12 +69,17 @@ def do_train(args, cfg):
     train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    trainer = build_train_step(model, train_loader, optim, amp=cfg.train.amp.enabled)
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            ResumeState(
+                getattr(train_loader, "resumable_sampler", None),  # None: a loader of the config's own
+                cfg.dataloader.train.total_batch_size // comm.get_world_size(),
+                cfg.train.checkpointer.period,
+            ),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             # metrics.json, TensorBoard events, and the console log with ETA
@@ -94,16 +102,18 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    # default_setup configures the detectron2/fvcore loggers; ours too
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
+    set_cpu_threads(cfg.train.device, OmegaConf.select(cfg, "dataloader.train.num_workers", default=0))
     names = dataset_names(cfg, args.eval_only)
     if comm.is_main_process():
         ensure_all_generated(names)
     comm.synchronize()
     check_datasets(names)
+    use_checked_data(cfg)
 
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(build_model(cfg))
         AtomicCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)

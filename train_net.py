@@ -8,11 +8,13 @@ predictions after evaluation.  Same CLI as Detectron2:
     python train_net.py --config-file configs/faster_rcnn_hrnetv2p_w32.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --resume
+
+``--num-gpus N`` starts N processes (Detectron2's ``launch``): on GPUs with NCCL, on a
+CPU-only machine with gloo, the cores shared between them.
 """
 import logging
-import os
 
-import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -22,30 +24,12 @@ from detectron2.utils.logger import setup_logger
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
+from hrnet_d2.engine import Trainer, check_datasets, set_cpu_threads, visualize_predictions
 from hrnet_d2.errors import exit_on_user_error
 from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV
 from hrnet_d2.weights import check_pretrained_weights
 
 logger = logging.getLogger("hrnet_d2")
-
-
-def set_cpu_threads(cfg):
-    """On CPU, leave one core to each data-loader worker.
-
-    PyTorch's default (one thread per core) plus the workers oversubscribes the cores,
-    and OpenMP's spinning threads then slow down many-fold when anything else runs
-    (quickstart on a 2-core machine with another job: 13 s/iter with 2 threads, 0.57 s
-    with 1).  An explicit OMP_NUM_THREADS wins.
-    """
-    if cfg.MODEL.DEVICE != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - cfg.DATALOADER.NUM_WORKERS))
-    logger.info(
-        "Using %d CPU threads (%d cores, %d data-loader workers)",
-        torch.get_num_threads(), cores, cfg.DATALOADER.NUM_WORKERS,
-    )
 
 
 def setup(args):
@@ -55,7 +39,7 @@ def setup(args):
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
-    set_cpu_threads(cfg)
+    set_cpu_threads(cfg.MODEL.DEVICE, cfg.DATALOADER.NUM_WORKERS)
     return cfg
 
 
@@ -82,7 +66,8 @@ def main(args):
     trainer.resume_or_load(resume=args.resume)
     res = trainer.train()
     if comm.is_main_process():
-        visualize_predictions(cfg, trainer.model)
+        model = trainer.model
+        visualize_predictions(cfg, model.module if isinstance(model, DistributedDataParallel) else model)
     return res
 
 

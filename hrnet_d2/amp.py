@@ -2,16 +2,17 @@
 
 Detectron2's ``AMPTrainer`` asserts CUDA and uses a CUDA GradScaler.  On CPU mixed
 precision means bfloat16 autocast, which has fp32's exponent range and so needs no
-loss scaling; :class:`CPUAMPTrainer` is that step.  ``amp_trainer_for`` swaps it in
-for the trainer ``DefaultTrainer`` made when the model lives on the CPU.
+loss scaling; :class:`CPUAMPTrainer` is that step.  ``build_train_step`` picks the step
+for a model: Detectron2's SimpleTrainer / AMPTrainer, or ours for AMP on CPU (``Trainer``
+and ``lazy_train_net.py`` use it).
 """
 import time
 
 import torch
 
-from detectron2.engine import AMPTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAMPTrainer", "amp_trainer_for"]
+__all__ = ["CPUAMPTrainer", "build_train_step"]
 
 
 class CPUAMPTrainer(AMPTrainer):
@@ -43,10 +44,10 @@ class CPUAMPTrainer(AMPTrainer):
         self.optimizer.step()
 
 
-def amp_trainer_for(cfg, trainer):
-    """The step ``DefaultTrainer`` should run: ``trainer`` unchanged unless
-    SOLVER.AMP.ENABLED is set for a CPU model, then a :class:`CPUAMPTrainer` on the
-    same model, data loader and optimizer."""
-    if not cfg.SOLVER.AMP.ENABLED or torch.device(cfg.MODEL.DEVICE).type != "cpu":
-        return trainer
-    return CPUAMPTrainer(trainer.model, trainer.data_loader, trainer.optimizer)
+def build_train_step(model, data_loader, optimizer, amp=False):
+    """The training step: SimpleTrainer, or with ``amp`` Detectron2's AMPTrainer for a
+    CUDA model and :class:`CPUAMPTrainer` for a CPU one (``model`` may be wrapped in DDP)."""
+    if not amp:
+        return SimpleTrainer(model, data_loader, optimizer)
+    cpu = next(model.parameters()).device.type == "cpu"
+    return (CPUAMPTrainer if cpu else AMPTrainer)(model, data_loader, optimizer)

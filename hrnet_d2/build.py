@@ -23,7 +23,13 @@ from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import AUTOCAST_DTYPES, POOLING_TYPES, HRNetV2p
 
-__all__ = ["build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
+__all__ = [
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "stage_specs_from_cfg",
+    "validate_config",
+    "validate_model",
+]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -301,3 +307,42 @@ def validate_config(cfg):
     if meta in _USES_SEM_SEG_HEAD:
         _check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
     return shapes
+
+
+def validate_model(model):
+    """What ``validate_config`` checks, on a model built from a LazyConfig (whose heads
+    are given explicit strides and scales): the heads read features the backbone
+    produces, anchors and poolers use those features' strides, the input is 3-channel.
+
+    Raises ValueError naming the LazyConfig key (``model.…``), the value and what is allowed.
+    """
+    if hasattr(model, "input_format"):
+        _check_choice("model.input_format", model.input_format, INPUT_FORMATS)
+    if hasattr(model, "pixel_mean"):
+        mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
+        if len(mean) != 3:
+            _fail("model.pixel_mean", mean, "HRNet takes 3-channel input: needs 3 values")
+        if len(std) != 3 or not all(v > 0 for v in std):
+            _fail("model.pixel_std", std, "needs 3 positive values (the input is divided by them)")
+    shapes = model.backbone.output_shape()
+    what = f"the backbone ({type(model.backbone).__name__})"
+    heads = [(f"model.{n}", getattr(model, n, None)) for n in ("proposal_generator", "roi_heads")]
+    rpn_key, rpn = heads[0]
+    if rpn is not None and hasattr(rpn, "in_features") and hasattr(rpn, "anchor_generator"):
+        _check_feature_names(f"{rpn_key}.in_features", rpn.in_features, shapes, what)
+        strides = [shapes[f].stride for f in rpn.in_features]
+        if list(rpn.anchor_generator.strides) != strides:
+            _fail(f"{rpn_key}.anchor_generator.strides", list(rpn.anchor_generator.strides),
+                  f"must be the strides of {rpn_key}.in_features {list(rpn.in_features)}: {strides}")  # fmt: skip
+    roi_key, roi = heads[1]
+    for part in ("box", "mask", "keypoint"):
+        names, pooler = getattr(roi, f"{part}_in_features", None), getattr(roi, f"{part}_pooler", None)
+        if names is None or pooler is None:
+            continue
+        key = f"{roi_key}.{part}_in_features"
+        _check_feature_names(key, names, shapes, what)
+        _check_consecutive_levels(key, names, shapes)
+        scales = [p.spatial_scale for p in pooler.level_poolers]
+        wanted = [1 / shapes[n].stride for n in names]
+        if sorted(scales, reverse=True) != sorted(wanted, reverse=True):
+            _fail(f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}")

@@ -8,26 +8,189 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
-from .amp import amp_trainer_for
+from .amp import build_train_step
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
 from .data.checks import load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
 
-__all__ = ["Trainer", "check_datasets", "visualize_predictions", "DatasetFilesMissing"]
+__all__ = [
+    "Trainer",
+    "ResumeState",
+    "build_resumable_train_loader",
+    "use_checked_data",
+    "create_ddp_model",
+    "set_cpu_threads",
+    "check_datasets",
+    "visualize_predictions",
+    "DatasetFilesMissing",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def set_cpu_threads(device, num_workers):
+    """On CPU, give each training process its share of the cores, less one per
+    data-loader worker (at least 1 thread).
+
+    PyTorch's default (one thread per core in every process) plus the workers
+    oversubscribes the cores, and OpenMP's spinning threads then slow down many-fold
+    when anything else runs.  With ``--num-gpus N`` on CPU the N processes of a machine
+    share its cores.  An explicit OMP_NUM_THREADS wins.
+    """
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = comm.get_local_size()
+    torch.set_num_threads(max(1, cores // processes - num_workers))
+    logger.info(
+        "Using %d CPU threads (%d cores, %d training processes on this machine, %d data-loader workers each)",
+        torch.get_num_threads(), cores, processes, num_workers,
+    )
+
+
+def create_ddp_model(model, **kwargs):
+    """Detectron2's ``create_ddp_model``, also for a model on the CPU.
+
+    Detectron2 gives DistributedDataParallel ``device_ids=[local rank]``, which only a
+    single-GPU module accepts; a CPU module (``launch`` picks the gloo backend when
+    there is no CUDA) takes none.
+    """
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+class ResumeState(hooks.HookBase):
+    """Makes ``--resume`` continue the interrupted run, in every process.
+
+    * The RNG states (Python, NumPy, torch) of every rank are saved in the checkpoint
+      (as this hook's state) and restored on the same rank before the first resumed
+      step: augmentations and the sampling of anchors / RoIs continue as they would
+      have.
+    * Each rank's training data stream (a :class:`ResumableSampler`) skips the samples
+      that the iterations before the checkpoint consumed.
+
+    Register it on every rank, after the LRScheduler hook and right before the
+    PeriodicCheckpointer (which exists on rank 0 only); at the checkpointer's
+    iterations it gathers the states of all ranks to rank 0.
+
+    Args:
+        sampler (ResumableSampler or None): this rank's training sampler.
+        images_per_rank (int): images per iteration in each process.
+        checkpoint_period (int): the PeriodicCheckpointer's period.
+    """
+
+    def __init__(self, sampler, images_per_rank, checkpoint_period):
+        self._sampler = sampler
+        self._images_per_rank = images_per_rank
+        self._period = checkpoint_period
+        self._rng, self._rng_iter = None, None  # states of all ranks, captured after iteration _rng_iter
+        self._to_restore = None
+
+    def after_step(self):
+        it = self.trainer.iter
+        # the iterations where fvcore's PeriodicCheckpointer.step saves
+        if (it + 1) % self._period == 0 or it >= self.trainer.max_iter - 1:
+            state = capture_rng_state()
+            self._rng = comm.gather(state) if comm.get_world_size() > 1 else [state]
+            self._rng_iter = it
+
+    def state_dict(self):
+        if self._rng_iter != self.trainer.iter:  # a save outside the checkpointer's schedule
+            if comm.get_world_size() > 1:
+                return {}  # the other ranks' states cannot be collected here
+            self._rng, self._rng_iter = [capture_rng_state()], self.trainer.iter
+        return {"rng": self._rng}
+
+    def load_state_dict(self, state_dict):
+        self._to_restore = state_dict.get("rng")
+
+    def before_train(self):
+        start = self.trainer.start_iter
+        if self._sampler is not None:
+            self._sampler.start = start * self._images_per_rank
+        if self._to_restore is not None:
+            if len(self._to_restore) == comm.get_world_size():
+                restore_rng_state(self._to_restore[comm.get_rank()])
+            else:
+                logger.warning(
+                    "The checkpoint holds the RNG states of %d processes, this run has %d: "
+                    "RNGs keep their fresh per-rank seeds", len(self._to_restore), comm.get_world_size(),
+                )
+            self._to_restore = None
+        if start:
+            optimizer = self.trainer.optimizer
+            lr = optimizer.param_groups[hooks.LRScheduler.get_best_param_group_id(optimizer)]["lr"]
+            # every rank logs it (ranks > 0 to OUTPUT_DIR/log.txt.rank<N>)
+            logger.info(
+                "Rank %d resumes at iteration %d, lr %.10g, after %d samples of its training data stream",
+                comm.get_rank(), start, lr, self._sampler.start if self._sampler is not None else -1,
+            )
+
+
+def build_resumable_train_loader(dataset, *, mapper, sampler=None, **kwargs):
+    """Detectron2's ``build_detection_train_loader`` (same arguments) whose sampler can
+    start part-way through its stream: a :class:`ResumableSampler` around ``sampler``
+    (default: Detectron2's TrainingSampler), also returned as the loader's
+    ``resumable_sampler`` for :class:`ResumeState`."""
+    if sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
+        sampler = TrainingSampler(len(dataset))
+    sampler = ResumableSampler(sampler) if sampler is not None else None
+    # The DataLoader draws its workers' base seed when iterated; a private generator
+    # (seeded from the already-seeded NumPy RNG) keeps that draw off the global torch
+    # RNG, whose state a resumed run restores.
+    kwargs.setdefault("seed", int(np.random.randint(2**31)))
+    loader = build_detection_train_loader(dataset, mapper=mapper, sampler=sampler, **kwargs)
+    loader.resumable_sampler = sampler
+    return loader
+
+
+def use_checked_data(cfg):
+    """Give a LazyConfig's data loaders (Detectron2's ``common/data`` layout) what
+    ``Trainer`` gives YAML configs: datasets read by ``load_dataset_dicts`` (checked),
+    images by ``CheckedDatasetMapper`` (errors name the file), and a training loader
+    that resumes where the interrupted run was (``build_resumable_train_loader``).
+    Other targets are left as the config names them.  Changes ``cfg`` in place."""
+    swaps = {
+        get_detection_dataset_dicts: load_dataset_dicts,
+        DatasetMapper: CheckedDatasetMapper,
+        build_detection_train_loader: build_resumable_train_loader,
+    }
+
+    def swap(node):
+        if node is None or "_target_" not in node:
+            return
+        target = locate(node._target_) if isinstance(node._target_, str) else node._target_
+        if target in swaps:
+            node._target_ = swaps[target]
+            if target is get_detection_dataset_dicts:
+                node.pop("check_consistency", None)  # load_dataset_dicts always checks
+                if "filter_empty" not in node:
+                    node.filter_empty = True  # get_detection_dataset_dicts' default
+
+    for split in ("train", "test"):
+        loader = cfg.dataloader.get(split)
+        if loader is not None:
+            swap(loader)
+            swap(loader.get("dataset"))
+            swap(loader.get("mapper"))
+
 
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with evaluation by the dataset's evaluator_type, and:
@@ -36,22 +199,61 @@ class Trainer(DefaultTrainer):
     * datasets are checked when loaded and bad images stop training with the file named
       (``data/checks.py``, ``data/mapper.py``);
     * checkpoints are written atomically (``AtomicCheckpointer``) and also hold the RNG
-      states; ``--resume`` skips the samples already seen, so a resumed run continues
-      the uninterrupted one (single process; exact with DATALOADER.NUM_WORKERS 0);
+      states of every rank; ``--resume`` skips the samples already seen
+      (:class:`ResumeState`), so a resumed run continues the uninterrupted one (exact
+      with DATALOADER.NUM_WORKERS 0);
+    * several processes train on CPU too (gloo; :func:`create_ddp_model`);
     * a NaN/Inf loss or prediction stops training with the iteration named.
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        # DefaultTrainer.__init__, with our DDP wrapper, the CPU AMP step and the
+        # atomic checkpointer (built before the hooks, which take it)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
         # SOLVER.AMP.ENABLED on a CPU model: bf16 autocast (detectron2's AMPTrainer needs CUDA)
-        self._trainer = amp_trainer_for(cfg, self._trainer)
-        # DefaultTrainer.__init__ makes a plain DetectionCheckpointer and gives it to the
-        # PeriodicCheckpointer hook: replace it in both places.
-        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        for h in self._hooks:
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                h.checkpointer = self.checkpointer
-        self._rng_state_to_restore = None
+        self._trainer = build_train_step(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        resume = ResumeState(
+            getattr(self.data_loader, "resumable_sampler", None),
+            self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+            self.cfg.SOLVER.CHECKPOINT_PERIOD,
+        )
+        # right before the PeriodicCheckpointer (rank 0) / the EvalHook (other ranks)
+        at = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        ret.insert(at, resume)
+        return ret
+
+    @staticmethod
+    def auto_scale_workers(cfg, num_workers):
+        """DefaultTrainer's scaling to ``num_workers`` processes (SOLVER.REFERENCE_WORLD_SIZE),
+        with one-line errors where Detectron2 asserts."""
+        ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
+        if not isinstance(ref, int) or ref < 0 or (ref and batch % ref):
+            raise ValueError(
+                f"SOLVER.REFERENCE_WORLD_SIZE = {ref!r} is invalid: must be 0 (no scaling) or a number of "
+                f"processes that divides SOLVER.IMS_PER_BATCH = {batch}"
+            )
+        if not ref and batch % num_workers:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH = {batch} is invalid: must be divisible by the number of "
+                f"training processes ({num_workers})"
+            )
+        return DefaultTrainer.auto_scale_workers(cfg, num_workers)
 
     @classmethod
     def build_model(cls, cfg):
@@ -66,15 +268,9 @@ class Trainer(DefaultTrainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        args = _train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
-        sampler = ResumableSampler(args["sampler"]) if args["sampler"] is not None else None
-        args["sampler"] = sampler
-        # The DataLoader draws its workers' base seed when iterated; a private generator
-        # (seeded from the already-seeded NumPy RNG) keeps that draw off the global torch
-        # RNG, whose state a resumed run restores.
-        loader = build_detection_train_loader(**args, seed=int(np.random.randint(2**31)))
-        loader.resumable_sampler = sampler
-        return loader
+        return build_resumable_train_loader(
+            **_train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -85,32 +281,6 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(
             dataset=dataset, mapper=CheckedDatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
         )
-
-    def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
-        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
-        if sampler is not None:
-            sampler.start = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
-            if sampler.start:
-                logger.info("Resuming the training data stream after %d samples", sampler.start)
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["rng"] = capture_rng_state()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # Restored in before_train, after everything that runs between loading and the
-        # first step; other ranks than 0 keep Detectron2's per-rank seeding.
-        if "rng" in state_dict and comm.get_world_size() == 1:
-            self._rng_state_to_restore = state_dict["rng"]
-
-    def before_train(self):
-        super().before_train()
-        if self._rng_state_to_restore is not None:
-            restore_rng_state(self._rng_state_to_restore)
-            self._rng_state_to_restore = None
 
     def run_step(self):
         # Detectron2 checks the losses after every step (FloatingPointError naming the

@@ -2,6 +2,7 @@
 lazy_train_net.py trains / evaluates from them."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,10 @@ def test_lazy_train_net_trains_and_evaluates(tmp_path):
         str(REPO / "lazy_train_net.py"),
         "--config-file",
         get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py"),
+        "--num-gpus",  # 2 processes (gloo on CPU)
+        "2",
+        "--dist-url",
+        "auto",
         "train.max_iter=3",
         "train.log_period=1",
         f"train.output_dir={out}",
@@ -89,7 +94,88 @@ def test_lazy_train_net_trains_and_evaluates(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
+    assert "World size: 2" in log and (out / "log.txt.rank1").is_file()
     assert (out / "model_final.pth").is_file()
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
     assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log
     assert "eta:" in log  # Detectron2's CommonMetricPrinter
+
+
+# --- lazy_train_net.py has train_net.py's guarantees --------------------------------
+
+LAZY_SHAPES = get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py")
+LAZY_TINY = [
+    "dataloader.train.dataset.names=shapes_tiny_train", "dataloader.test.dataset.names=shapes_tiny_val",
+    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[64,80]",
+    "dataloader.train.mapper.augmentations.0.max_size=80",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=64", "dataloader.test.mapper.augmentations.0.max_size=64",
+    "train.seed=7", "train.max_iter=8", "train.checkpointer.period=3", "train.log_period=1",
+    "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.amp.CPUAMPTrainer)
+]  # fmt: skip
+# The second checkpoint save (iteration 5) writes half a file, then fails like a full disk.
+_FAIL_SECOND_SAVE = """
+import runpy, sys, torch
+real_save, calls = torch.save, []
+def failing_save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        f.write(b"PK\\x03\\x04 partial"); f.flush()
+        raise OSError("No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = failing_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _lazy(out, *args, code=None):
+    cmd = [sys.executable, *(("-c", code) if code else ()), str(REPO / "lazy_train_net.py"), "--config-file",
+           LAZY_SHAPES, *args, *LAZY_TINY, f"train.output_dir={out}"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HRNET_D2_DATASETS=str(out.parent / "datasets"))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return proc, proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+def test_lazy_train_net_saves_atomically_and_resumes_exactly(tmp_path):
+    from test_interrupted_training import _assert_state_close
+
+    # a save fails half-way: the previous checkpoint stays the last one, nothing partial is left
+    broken = tmp_path / "broken"
+    proc, log = _lazy(broken, code=_FAIL_SECOND_SAVE)
+    assert proc.returncode != 0 and "No space left on device" in log, log[-3000:]
+    assert (broken / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert sorted(p.name for p in broken.iterdir() if "model" in p.name) == ["model_0000002.pth"]
+
+    proc, log = _lazy(broken, "--resume")
+    assert proc.returncode == 0, log[-3000:]
+    # per-rank batch 2: iterations 0..2 consumed 6 samples of the stream
+    assert re.search(r"Rank 0 resumes at iteration 3, lr [\d.e-]+, after 6 samples", log), log[-3000:]
+
+    full = tmp_path / "full"
+    proc, log = _lazy(full)
+    assert proc.returncode == 0, log[-3000:]
+    assert "copypaste: Task: bbox" in log
+    a = torch.load(full / "model_final.pth", map_location="cpu", weights_only=True)
+    b = torch.load(broken / "model_final.pth", map_location="cpu", weights_only=True)
+    assert "grad_scaler" in a["trainer"]  # the AMP step ran (on CPU)
+    assert len(a["trainer"]["hooks"]["ResumeState"]["rng"]) == 1
+    _assert_state_close(a, b, "checkpoint")  # weights, optimizer, LR scheduler, RNG states
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.roi_heads.box_in_features=[p2,p4]",
+         r"model.roi_heads.box_in_features = \['p2', 'p4'\] is invalid: pooled features must be consecutive levels"),
+        ("model.proposal_generator.in_features=[p2,p3,p4,p5,p7]",
+         r"model.proposal_generator.in_features = .* is invalid: 'p7' is not produced by the backbone"),
+    ],
+)  # fmt: skip
+def test_lazy_train_net_validates_the_model_before_reading_data(tmp_path, override, message):
+    proc, log = _lazy(tmp_path / "out", override)
+    assert proc.returncode != 0
+    assert re.search(message, log), log[-3000:]
+    assert "Loaded 8 images" not in log  # stopped before the training data was read

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2.amp import CPUAMPTrainer, amp_trainer_for
+from hrnet_d2.amp import CPUAMPTrainer, build_train_step
 
 from hrnet_d2.timm_peer import body_state_dict as timm_body_state_dict
 from hrnet_d2.timm_peer import calibrated_timm, timm_branches
@@ -255,8 +255,7 @@ def test_faster_rcnn_trains_with_amp_on_cpu():
     model = build_model(cfg).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     batch = _batch()
-    plain = SimpleTrainer(model, [batch, batch], optimizer)  # what DefaultTrainer made
-    trainer = amp_trainer_for(cfg, plain)  # swapped: AMP on a CPU model
+    trainer = build_train_step(model, [batch, batch], optimizer, amp=cfg.SOLVER.AMP.ENABLED)  # as Trainer does
     assert isinstance(trainer, CPUAMPTrainer) and trainer.model is model and trainer.optimizer is optimizer
     dtypes = []
     model.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["p2"].dtype))
@@ -270,7 +269,7 @@ def test_faster_rcnn_trains_with_amp_on_cpu():
     assert dtypes == [torch.bfloat16, torch.bfloat16]  # autocast was on
     assert torch.isfinite(torch.tensor(losses))
     assert not torch.equal(before, model.backbone.bottom_up.conv1.weight)
-    assert amp_trainer_for(_tiny_rcnn_cfg(), plain) is plain  # AMP off: unchanged
+    assert type(build_train_step(model, [batch], optimizer, amp=False)) is SimpleTrainer  # AMP off
 
 
 def test_bf16_detector_features_match_fp32():
