@@ -5,9 +5,13 @@
 BACKBONE_REGISTRY.
 """
 from .arch import ARCHITECTURES, StageSpec
-from .build import build_hrnet_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
+from .build import (
+    build_hrnet_backbone,
+    build_hrnet_fpn_backbone,
+    build_hrnetv2p_backbone,
+    build_hrnetv2p_with_body_backbone,
+)
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
-from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
 

@@ -3,7 +3,7 @@
 ``MODEL.BACKBONE.NAME``:
   * ``build_hrnet_backbone``    — the HRNet body (hr2..hr5, optional hrv2)
   * ``build_hrnetv2p_backbone`` — body + HRNetV2p pyramid (p2..p6), what detectors use
-  * ``build_hrnet_fpn_backbone`` — body + Detectron2's FPN (in ``fpn.py``)
+  * ``build_hrnet_fpn_backbone`` — body + Detectron2's FPN, for comparison with HRNetV2p
 
 All config values are validated here, before any weights or data are touched, and
 every error names the config key, the bad value and what is allowed.  The builders
@@ -17,13 +17,21 @@ from collections.abc import Sequence
 import torch
 
 from detectron2.layers import ShapeSpec, get_norm
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
 
-__all__ = ["build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
+__all__ = [
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "build_hrnetv2p_with_body_backbone",
+    "build_hrnet_fpn_backbone",
+    "stage_specs_from_cfg",
+    "validate_config",
+]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -212,6 +220,24 @@ def build_hrnetv2p_with_body_backbone(cfg, input_shape: ShapeSpec):
     FPN's semantic head can read the HRNetV2 representation (``hrv2``) while the R-CNN heads
     read p2..p6."""
     return build_hrnetv2p_backbone(cfg, input_shape, keep_body_outputs=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """The HRNet body under Detectron2's own FPN (MODEL.FPN.*), for comparison with HRNetV2p."""
+    bottom_up = build_hrnet_backbone(cfg, input_shape)
+    # Detectron2's FPN only asserts; say what to set (its default [] fits no HRNet)
+    _check_feature_names(
+        "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, bottom_up.output_shape(), "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+    )
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
 
 
 # ---------------------------------------------------------------------------------

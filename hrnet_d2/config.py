@@ -38,7 +38,7 @@ def add_hrnet_config(cfg):
     # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
-    # the convs and add/ReLU fused (hrnet_d2/fold.py); training and state_dict are unaffected.
+    # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Run the body in channels_last (NHWC) memory format at inference (CPU and GPU) and in GPU
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import Backbone
 
-from .hrnet import _checkpointing, _recompute_context, upsample_to
+from .layers import checkpointing, recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
 
@@ -118,8 +118,8 @@ class HRNetV2p(Backbone):
     @torch.jit.unused
     def _reduce_eager(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """``_reduce``, recomputed in backward under MODEL.HRNET.ACTIVATION_CHECKPOINT."""
-        if _checkpointing(self):
-            return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
+        if checkpointing(self):
+            return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=recompute_context(self.reduction_conv))
         return self._reduce(xs)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
