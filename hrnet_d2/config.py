@@ -3,7 +3,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR"]
+__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR", "ConfigValueError", "check_feature_names"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -55,6 +55,26 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+
+
+class ConfigValueError(ValueError):
+    """A bad config value, in one line: the key, the value and what is allowed."""
+
+    def __init__(self, key, value, allowed):
+        super().__init__(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def check_feature_names(key, names, available, what):
+    """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
+    distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
+    names = list(names)
+    if not names:
+        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
+    for name in names:
+        if name not in available:
+            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
+    if len(set(names)) != len(names):
+        raise ConfigValueError(key, names, "lists a feature twice")
 
 
 def get_config_file(name: str) -> str:

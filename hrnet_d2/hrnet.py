@@ -27,6 +27,7 @@ from detectron2.modeling.backbone import Backbone
 
 from .arch import StageSpec
 from .blocks import BLOCKS
+from .config import check_feature_names
 from .layers import (
     ConvNorm,
     ConvNormChain,
@@ -271,12 +272,7 @@ class HRNet(FoldsConvNorms, Backbone):
         self._out_feature_channels[HRV2_NAME] = sum(channels)
         if out_features is None:
             out_features = [branch_name(i) for i in range(len(channels))]
-        for name in out_features:
-            if name not in self._out_feature_channels:
-                raise ValueError(
-                    f"MODEL.HRNET.OUT_FEATURES: {name!r} is not produced by this HRNet; "
-                    f"available: {sorted(self._out_feature_channels)}"
-                )
+        check_feature_names("MODEL.HRNET.OUT_FEATURES", out_features, self._out_feature_channels, "the HRNet body")
         self._out_features = list(out_features)
         self._branch_names = [branch_name(i) for i in range(len(channels))]
         self._hrv2 = HRV2_NAME in self._out_features

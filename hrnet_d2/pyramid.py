@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import Backbone
 
+from .config import ConfigValueError, check_feature_names
 from .layers import checkpointing, recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
@@ -47,14 +48,11 @@ class HRNetV2p(Backbone):
         (sum of all branch widths, the largest activation of the detector)."""
         super().__init__()
         shapes = bottom_up.output_shape()
-        for name in in_features:
-            if name not in shapes:
-                raise ValueError(
-                    f"MODEL.HRNET_PYRAMID.IN_FEATURES: {name!r} is not produced by the HRNet body; "
-                    f"it produces {sorted(shapes)} (MODEL.HRNET.OUT_FEATURES)"
-                )
+        check_feature_names(
+            "MODEL.HRNET_PYRAMID.IN_FEATURES", in_features, shapes, "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+        )
         if pooling not in POOLING_TYPES:
-            raise ValueError(f"MODEL.HRNET_PYRAMID.POOLING: {pooling!r} is not one of {sorted(POOLING_TYPES)}")
+            raise ConfigValueError("MODEL.HRNET_PYRAMID.POOLING", pooling, f"allowed: {list(POOLING_TYPES)}")
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         self.upsample_mode = upsample_mode
