@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the model-zoo table (docs/model_zoo.md and the README block) from the configs.
 
-Parameters and GFLOPs are computed from the code (tools/analyze_model.py), published
+Parameters and GFLOPs are computed from the code (hrnet_d2/analysis.py), published
 AP comes from the table below with its source, so the README cannot drift from the
 configs: tests/test_model_zoo.py regenerates the table and compares.
 
@@ -18,9 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
-from analyze_model import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups  # noqa: E402
+from hrnet_d2.analysis import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups
 
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
