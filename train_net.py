@@ -32,9 +32,8 @@ def set_cpu_threads(cfg):
     """On CPU, leave one core to each data-loader worker.
 
     PyTorch's default (one thread per core) plus the workers oversubscribes the cores,
-    and OpenMP's spinning threads then slow down many-fold when anything else runs
-    (quickstart on a 2-core machine with another job: 13 s/iter with 2 threads, 0.57 s
-    with 1).  An explicit OMP_NUM_THREADS wins.
+    and OpenMP's spinning threads then slow down many-fold when anything else runs.
+    An explicit OMP_NUM_THREADS wins.
     """
     if cfg.MODEL.DEVICE != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return

@@ -5,11 +5,13 @@
   * ``build_hrnetv2p_backbone`` — body + HRNetV2p pyramid (p2..p6), what detectors use
   * ``build_hrnet_fpn_backbone`` — body + Detectron2's FPN, for comparison with HRNetV2p
 
-All config values are validated here, before any weights or data are touched, and
-every error names the config key, the bad value and what is allowed.  The builders
-check the backbone's own keys; ``validate_config`` (called by ``Trainer.build_model``)
-also checks that the heads and anchors fit what the backbone produces, which the
-builders cannot do: a backbone is also built alone, with Detectron2's default head keys.
+Config values are validated before any weights or data are touched, each key in one
+place, and every error names the config key, the bad value and what is allowed.  The
+builders check the backbone's own keys (``HRNet`` and ``HRNetV2p`` check the feature
+names they are given against what they produce); ``validate_config`` (called by
+``Trainer.build_model``) also checks that the heads and anchors fit the backbone's
+``output_shape()``, which the builders cannot do: a backbone is also built alone, with
+Detectron2's default head keys.
 """
 import math
 from collections.abc import Sequence

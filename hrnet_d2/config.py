@@ -42,7 +42,7 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Run the body in channels_last (NHWC) memory format at inference (CPU and GPU) and in GPU
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower
-    # (W32 body + HRNetV2p, 384x640 fwd+bwd on 2 AVX2 cores: 5.71 s NHWC vs 4.16 s NCHW).
+    # (README "Performance").
     _C.MODEL.HRNET.CHANNELS_LAST = True
 
     # HRNetV2p pyramid (build_hrnetv2p_backbone)

@@ -28,6 +28,9 @@ POOLING_TYPES = ("AVG", "MAX")
 
 
 class HRNetV2p(Backbone):
+    """HRNetV2p: the body's branches upsampled to the finest and concatenated, reduced by a
+    1x1 conv, pooled into one level per stride, each level through a 3x3 conv (p2, p3, ...)."""
+
     def __init__(
         self,
         bottom_up: Backbone,
@@ -41,11 +44,24 @@ class HRNetV2p(Backbone):
         keep_body_outputs=False,
         activation_checkpoint=False,
     ):
-        """``keep_body_outputs``: also return the body's outputs (e.g. ``hrv2`` for the
-        semantic head of Panoptic FPN), computed once and shared with the pyramid.
-        ``activation_checkpoint`` (MODEL.HRNET.ACTIVATION_CHECKPOINT): in training, recompute the
-        upsample + concat + reduction in backward instead of keeping the stride-4 concatenation
-        (sum of all branch widths, the largest activation of the detector)."""
+        """
+        Args:
+            bottom_up (Backbone): the HRNet body (or any backbone with strided outputs).
+            in_features (list[str]): body outputs to concatenate (MODEL.HRNET_PYRAMID.IN_FEATURES);
+                all are resized to the finest of them, whose stride becomes the first level's.
+            out_channels (int): channels of the reduction conv and of every level.
+            num_levels (int): levels p{k}..: the finest stride, then each pooled 2x further.
+            pooling (str): "AVG" or "MAX", the pooling that makes the coarser levels.
+            share_conv (bool): one 3x3 conv shared by all levels instead of one per level.
+            norm (str): a Detectron2 ``get_norm`` name for the pyramid's convs; "" for none
+                (then the convs have a bias).
+            upsample_mode (str): "nearest" or "bilinear", how inputs are resized to the finest.
+            keep_body_outputs (bool): also return the body's outputs (e.g. ``hrv2`` for the
+                semantic head of Panoptic FPN), computed once and shared with the pyramid.
+            activation_checkpoint (bool): in training, recompute the upsample + concat +
+                reduction in backward instead of keeping the stride-4 concatenation (sum of
+                all branch widths, the largest activation of the detector).
+        """
         super().__init__()
         shapes = bottom_up.output_shape()
         check_feature_names(
