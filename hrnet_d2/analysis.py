@@ -13,7 +13,9 @@ property of the config alone:
 * mask / keypoint head on ``TEST.DETECTIONS_PER_IMAGE`` detections.
 
 fvcore counts one fused multiply-add as one FLOP; G = 1e9.  Parameters are
-``model.parameters()``: FrozenBN statistics and affine terms are buffers, not counted.
+``model.parameters()`` (FrozenBN statistics and affine terms are buffers, not counted);
+``norms=False`` also leaves out the weight/bias of trainable norms (BN, BNEval), as the
+published HRNet #Params do.
 """
 import math
 from collections import OrderedDict
@@ -27,7 +29,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from .config import get_hrnet_cfg
 
-__all__ = ["load_model", "count_parameters", "parameter_groups", "frozen_norm_affine", "count_flops"]
+__all__ = ["load_model", "count_parameters", "parameter_groups", "norm_affine", "count_flops"]
 
 
 def load_model(config_file, opts=(), device="cpu"):
@@ -45,37 +47,49 @@ def load_model(config_file, opts=(), device="cpu"):
     return cfg, model.eval()
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+_NORMS = (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def _params(module):
-    return sum(p.numel() for p in module.parameters())
+def _params(module, norms=True):
+    if norms:
+        return sum(p.numel() for p in module.parameters())
+    skip = {id(p) for m in module.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 
 
-def parameter_groups(model) -> "OrderedDict[str, int]":
-    """Parameters per part: body, pyramid/FPN, then each head module."""
+def count_parameters(model, norms=True) -> int:
+    """Elements of ``model.parameters()``; ``norms=False`` leaves out those of norm layers."""
+    return _params(model, norms)
+
+
+def parameter_groups(model, norms=True) -> "OrderedDict[str, int]":
+    """Parameters per part: body, pyramid/FPN, then each head module (``norms`` as in
+    :func:`count_parameters`)."""
     groups = OrderedDict()
     for name, child in model.named_children():
         if name == "backbone" and hasattr(child, "bottom_up"):
-            groups["backbone.bottom_up"] = _params(child.bottom_up)
+            groups["backbone.bottom_up"] = _params(child.bottom_up, norms)
             for sub, m in child.named_children():
-                if sub != "bottom_up" and _params(m):
-                    groups[f"backbone.{sub}"] = _params(m)
+                if sub != "bottom_up" and _params(m, norms):
+                    groups[f"backbone.{sub}"] = _params(m, norms)
         elif name in ("roi_heads", "proposal_generator"):
             for sub, m in child.named_children():
-                if _params(m):
-                    groups[f"{name}.{sub}"] = _params(m)
-        elif _params(child):
-            groups[name] = _params(child)
-    assert sum(groups.values()) == count_parameters(model)
+                if _params(m, norms):
+                    groups[f"{name}.{sub}"] = _params(m, norms)
+        elif _params(child, norms):
+            groups[name] = _params(child, norms)
+    assert sum(groups.values()) == count_parameters(model, norms)
     return groups
 
 
-def frozen_norm_affine(model) -> int:
-    """Elements of FrozenBN weight + bias: trainable parameters in a BatchNorm model,
-    buffers (so not in ``count_parameters``) in a FrozenBN one."""
-    return sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+def norm_affine(model) -> int:
+    """Elements of the weight + bias of every norm layer: trainable parameters with BN /
+    BNEval, buffers (so never in ``count_parameters``) with FrozenBN."""
+    return sum(
+        m.weight.numel() + m.bias.numel()
+        for m in model.modules()
+        if isinstance(m, _NORMS) and m.weight is not None and m.bias is not None
+    )
 
 
 _FLOP_CACHE = {}

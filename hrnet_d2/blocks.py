@@ -2,14 +2,12 @@
 
 Module names (conv1/bn1/.../downsample.0/downsample.1) are those of the official
 HRNet ImageNet checkpoints, so the weights load without any key mapping.  The norm
-comes from Detectron2's ``get_norm`` so FrozenBN/BN/SyncBN/GN all work.
+comes from ``layers.get_norm`` (Detectron2's plus BNEval) so FrozenBN/BN/SyncBN/GN/BNEval all work.
 """
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import get_norm
-
-from .layers import ConvNorm, FoldsConvNorms, conv3x3
+from .layers import ConvNorm, FoldsConvNorms, conv3x3, get_norm
 
 __all__ = ["BasicBlock", "Bottleneck", "BLOCKS"]
 
@@ -47,7 +45,7 @@ class BasicBlock(_ResidualBlock):
         in_channels (int): input channels.
         channels (int): width of the block (= output channels, ``expansion`` 1).
         stride (int): stride of the first conv (and of the projection shortcut).
-        norm (str): a Detectron2 ``get_norm`` name.
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval).
     """
 
     expansion = 1
@@ -76,7 +74,7 @@ class Bottleneck(_ResidualBlock):
         in_channels (int): input channels.
         channels (int): width of the 3x3 conv; the output has ``4 * channels``.
         stride (int): stride of the 3x3 conv (and of the projection shortcut).
-        norm (str): a Detectron2 ``get_norm`` name.
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval).
     """
 
     expansion = 4

@@ -18,13 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-from detectron2.layers import ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .config import ConfigValueError, check_feature_names
 from .hrnet import HRNet
+from .layers import NORMS as HRNET_NORMS
+from .layers import get_norm
 from .pyramid import HRNetV2p
 
 __all__ = [
@@ -44,12 +46,12 @@ def _check_positive_int(key, value):
         raise ConfigValueError(key, value, "must be a positive integer")
 
 
-NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN")
+ALLOWED_NORMS = ("BN", "SyncBN", "FrozenBN", *HRNET_NORMS, "GN", "nnSyncBN", "naiveSyncBN", "LN")
 
 
 def _check_norm(key, norm, allow_none):
     """A Detectron2 ``get_norm`` name; "" (no norm) only where ``allow_none``."""
-    allowed = ("''", *NORMS) if allow_none else NORMS
+    allowed = ("''", *ALLOWED_NORMS) if allow_none else ALLOWED_NORMS
     if norm == "" and allow_none:
         return
     try:

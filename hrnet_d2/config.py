@@ -25,7 +25,9 @@ def add_hrnet_config(cfg):
         stage.FUSE_METHOD = "SUM"
         setattr(_C.MODEL.HRNET, f"STAGE{k}", stage)
     _C.MODEL.HRNET.STEM_CHANNELS = 64
-    # FrozenBN, BN, SyncBN, GN, ... (anything detectron2.layers.get_norm accepts)
+    # FrozenBN, BN, SyncBN, GN, ... (anything detectron2.layers.get_norm accepts), or BNEval:
+    # BN with frozen statistics and trainable weight/bias (the published detectors' norm,
+    # mmdetection norm_eval=True; the COCO configs use it, with SOLVER.WEIGHT_DECAY_NORM).
     _C.MODEL.HRNET.NORM = "FrozenBN"
     # hr2..hr5 are the branches at stride 4..32 (hr2 alone = HRNetV1);
     # hrv2 is the HRNetV2 concatenation at stride 4.

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
 from .arch import StageSpec
@@ -37,6 +37,7 @@ from .layers import (
     checkpointing,
     conv3x3,
     exporting,
+    get_norm,
     recompute_context,
     upsample_to,
 )
@@ -57,7 +58,7 @@ class HighResolutionModule(nn.Module):
         in_channels (Sequence[int]): channels of each input branch (highest resolution first).
         spec (StageSpec): the stage this module belongs to (block type, blocks and
             channels per branch).
-        norm (str): a Detectron2 ``get_norm`` name for every norm of the module.
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for every norm of the module.
         upsample_mode (str): "nearest" or "bilinear", how lower-resolution branches are
             upsampled in the fusion (MODEL.HRNET.FUSE_UPSAMPLE_MODE).
     """
@@ -200,7 +201,7 @@ class HRNet(FoldsConvNorms, Backbone):
 
     Args:
         stages (Sequence[StageSpec]): the four stages, e.g. ``ARCHITECTURES["w32"]``.
-        norm (str): a Detectron2 ``get_norm`` name for every norm of the body (FrozenBN,
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for every norm of the body (FrozenBN,
             BN, SyncBN, GN, ...; MODEL.HRNET.NORM).
         out_features (list[str] or None): outputs to return, from ``hr2``..``hr5``
             (branches at strides 4..32) and ``hrv2`` (their HRNetV2 concatenation at

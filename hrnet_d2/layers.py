@@ -27,9 +27,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import FrozenBatchNorm2d, get_norm
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import get_norm as d2_get_norm
 
 __all__ = [
+    "EvalBatchNorm2d",
+    "NORMS",
+    "get_norm",
     "conv3x3",
     "upsample_to",
     "add_upsampled_",
@@ -44,6 +48,28 @@ __all__ = [
     "ConvNorm",
     "ConvNormChain",
 ]
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose statistics never move: it normalises with its running statistics in
+    training too, while ``weight`` and ``bias`` stay trainable parameters (so the optimizer,
+    with SOLVER.WEIGHT_DECAY_NORM, decays them like any norm parameter).  This is the norm of
+    the published HRNet detectors: mmdetection's ``norm_eval=True`` with ``requires_grad=True``.
+    MODEL.HRNET.NORM "BNEval"; the state dict is BatchNorm2d's."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+# MODEL.*.NORM names hrnet_d2 adds to Detectron2's ``get_norm``
+NORMS = {"BNEval": EvalBatchNorm2d}
+
+
+def get_norm(norm, out_channels):
+    """Detectron2's ``get_norm`` (BN, SyncBN, FrozenBN, GN, ...), plus the names in :data:`NORMS`."""
+    if isinstance(norm, str) and norm in NORMS:
+        norm = NORMS[norm]
+    return d2_get_norm(norm, out_channels)
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -264,7 +290,7 @@ class ConvNorm(FoldsConvNorms, nn.Sequential):
         out_channels (int): output channels.
         kernel_size (int): 1 or 3 (padding keeps the size at stride 1).
         stride (int): stride of the conv.
-        norm (str): a Detectron2 ``get_norm`` name (FrozenBN, BN, SyncBN, GN, ...).
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) (FrozenBN, BN, SyncBN, GN, ...).
         relu (bool): end with a ReLU.
     """
 

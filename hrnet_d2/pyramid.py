@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
 from .config import ConfigValueError, check_feature_names
-from .layers import checkpointing, recompute_context, upsample_to
+from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES"]
 
@@ -53,7 +53,7 @@ class HRNetV2p(Backbone):
             num_levels (int): levels p{k}..: the finest stride, then each pooled 2x further.
             pooling (str): "AVG" or "MAX", the pooling that makes the coarser levels.
             share_conv (bool): one 3x3 conv shared by all levels instead of one per level.
-            norm (str): a Detectron2 ``get_norm`` name for the pyramid's convs; "" for none
+            norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for the pyramid's convs; "" for none
                 (then the convs have a bias).
             upsample_mode (str): "nearest" or "bilinear", how inputs are resized to the finest.
             keep_body_outputs (bool): also return the body's outputs (e.g. ``hrv2`` for the

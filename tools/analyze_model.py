@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from hrnet_d2.analysis import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups
+from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
 
 
 def _format_table(rows, headers):
@@ -39,9 +39,9 @@ def main(argv=None):
         rows.append(["total", f"{total:,}", f"{total / 1e6:.2f}"])
         print("\nParameters (model.parameters(); FrozenBN affine/statistics are buffers):")
         print(_format_table(rows, ["module", "params", "M"]))
-        affine = frozen_norm_affine(model)
+        affine = norm_affine(model)
         if affine:
-            print(f"FrozenBN weight+bias (buffers, not counted above): {affine:,}")
+            print(f"Norm weight+bias (parameters with BN/BNEval, buffers with FrozenBN): {affine:,}")
     if "flop" in args.tasks:
         h, w = args.input_size
         parts = count_flops(cfg, model, h, w)
