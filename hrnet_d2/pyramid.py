@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d
 from detectron2.modeling.backbone import Backbone
 
 from .config import ConfigValueError, check_feature_names
