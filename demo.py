@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.data import register_all_shapes
+from hrnet_d2.predict import model_input, test_augmentations
 from hrnet_d2.visualization import draw_predictions
 
 DEFAULT_CONFIG = "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
@@ -85,8 +86,6 @@ class Predictor:
             names = cfg.dataloader.test.dataset.names
             dataset = names if isinstance(names, str) else names[0]
         else:
-            from detectron2.data import transforms as T
-
             from hrnet_d2 import get_hrnet_cfg
 
             cfg = get_hrnet_cfg(config_file, opts)
@@ -97,7 +96,7 @@ class Predictor:
 
             self.model = build_model(cfg)
             weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-            self.augmentation = [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
+            self.augmentation = test_augmentations(cfg)
             self.input_format = cfg.INPUT.FORMAT
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
         if not weights or not os.path.isfile(weights):
@@ -114,12 +113,7 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, image):
         """``image``: HxWx3 in the model's input format."""
-        from detectron2.data import transforms as T
-
-        h, w = image.shape[:2]
-        resized = T.AugmentationList(self.augmentation)(T.AugInput(image)).apply_image(image)
-        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-        return self.model([{"image": tensor, "height": h, "width": w}])[0]
+        return self.model([model_input(image, self.augmentation)])[0]
 
 
 def main(argv=None):

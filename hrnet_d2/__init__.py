@@ -5,16 +5,22 @@
 BACKBONE_REGISTRY.
 """
 from .arch import ARCHITECTURES, StageSpec
-from .build import build_hrnet_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
+from .build import (
+    build_hrnet_backbone,
+    build_hrnet_fpn_backbone,
+    build_hrnetv2p_backbone,
+    build_hrnetv2p_with_body_backbone,
+)
 from .catalog import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in Detectron2's PathManager
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
-from .fpn import build_hrnet_fpn_backbone
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "UnknownZooName",
+    "ZooDownloadError",
     "ARCHITECTURES",
     "StageSpec",
     "HRNet",

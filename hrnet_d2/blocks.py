@@ -2,32 +2,54 @@
 
 Module names (conv1/bn1/.../downsample.0/downsample.1) are those of the official
 HRNet ImageNet checkpoints, so the weights load without any key mapping.  The norm
-comes from Detectron2's ``get_norm`` so FrozenBN/BN/SyncBN/GN all work.
+comes from ``layers.get_norm`` (Detectron2's plus BNEval) so FrozenBN/BN/SyncBN/GN/BNEval all work.
 """
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import get_norm
+from .layers import ConvNorm, FoldsConvNorms, conv3x3, get_norm
 
-__all__ = ["BasicBlock", "Bottleneck", "BLOCKS", "conv3x3"]
-
-
-def conv3x3(in_channels, out_channels, stride=1):
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+__all__ = ["BasicBlock", "Bottleneck", "BLOCKS"]
 
 
 def _downsample(in_channels, out_channels, stride, norm):
     """Projection shortcut, or ``None`` when the identity already fits."""
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-        get_norm(norm, out_channels),
-    )
+    return ConvNorm(in_channels, out_channels, 1, stride=stride, norm=norm)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(FoldsConvNorms, nn.Module):
+    """``conv{k} -> bn{k}`` pairs with ReLUs, the last one's ReLU after the shortcut sum."""
+
+    num_convs = 0
+
+    def conv_norm_pairs(self):
+        return [(getattr(self, f"conv{k}"), getattr(self, f"bn{k}")) for k in range(1, self.num_convs + 1)]
+
+    def forward_fused(self, x):
+        """Inference on folded weights; the block input is dead afterwards, so the residual
+        sum may overwrite it."""
+        convs = self.folded()
+        shortcut = x if self.downsample is None else self.downsample.forward_fused(x)
+        h = x
+        for conv in convs[:-1]:
+            h = conv(h, relu=True)
+        return convs[-1](h, relu=True, add_to=shortcut)
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convs (ResNet's basic block).
+
+    Args:
+        in_channels (int): input channels.
+        channels (int): width of the block (= output channels, ``expansion`` 1).
+        stride (int): stride of the first conv (and of the projection shortcut).
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval).
+    """
+
     expansion = 1
+    num_convs = 2
 
     def __init__(self, in_channels, channels, stride=1, norm="BN"):
         super().__init__()
@@ -45,8 +67,18 @@ class BasicBlock(nn.Module):
         return F.relu_(out.add_(shortcut))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
+    """1x1 -> 3x3 -> 1x1 convs (ResNet's bottleneck, stride on the 3x3).
+
+    Args:
+        in_channels (int): input channels.
+        channels (int): width of the 3x3 conv; the output has ``4 * channels``.
+        stride (int): stride of the 3x3 conv (and of the projection shortcut).
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval).
+    """
+
     expansion = 4
+    num_convs = 3
 
     def __init__(self, in_channels, channels, stride=1, norm="BN"):
         super().__init__()

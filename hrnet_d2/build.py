@@ -3,29 +3,37 @@
 ``MODEL.BACKBONE.NAME``:
   * ``build_hrnet_backbone``    — the HRNet body (hr2..hr5, optional hrv2)
   * ``build_hrnetv2p_backbone`` — body + HRNetV2p pyramid (p2..p6), what detectors use
-  * ``build_hrnet_fpn_backbone`` — body + Detectron2's FPN (in ``fpn.py``)
+  * ``build_hrnet_fpn_backbone`` — body + Detectron2's FPN, for comparison with HRNetV2p
 
-All config values are validated here, before any weights or data are touched, and
-every error names the config key, the bad value and what is allowed.  The builders
-check the backbone's own keys; ``validate_config`` (called by ``Trainer.build_model``)
-also checks that the heads and anchors fit what the backbone produces, which the
-builders cannot do: a backbone is also built alone, with Detectron2's default head keys.
+Config values are validated before any weights or data are touched, each key in one
+place, and every error names the config key, the bad value and what is allowed.  The
+builders check the backbone's own keys (``HRNet`` and ``HRNetV2p`` check the feature
+names they are given against what they produce); ``validate_config`` (called by
+``Trainer.build_model``) also checks that the heads and anchors fit the backbone's
+``output_shape()``, which the builders cannot do: a backbone is also built alone, with
+Detectron2's default head keys.
 """
 import math
 from collections.abc import Sequence
 
 import torch
 
-from detectron2.layers import ShapeSpec, get_norm
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
-from .hrnet import HRV2_NAME, HRNet, branch_name
-from .pyramid import AUTOCAST_DTYPES, POOLING_TYPES, HRNetV2p
+from .config import ConfigValueError, check_feature_names
+from .hrnet import HRNet
+from .layers import NORMS as HRNET_NORMS
+from .layers import get_norm
+from .pyramid import AUTOCAST_DTYPES, HRNetV2p
 
 __all__ = [
     "build_hrnet_backbone",
     "build_hrnetv2p_backbone",
+    "build_hrnetv2p_with_body_backbone",
+    "build_hrnet_fpn_backbone",
     "stage_specs_from_cfg",
     "validate_config",
     "validate_model",
@@ -34,27 +42,29 @@ __all__ = [
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
-def _fail(key, value, allowed):
-    raise ValueError(f"{key} = {value!r} is invalid: {allowed}")
-
-
 def _check_positive_int(key, value):
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        _fail(key, value, "must be a positive integer")
+        raise ConfigValueError(key, value, "must be a positive integer")
 
 
-def _check_norm(key, norm):
-    if norm == "":
+ALLOWED_NORMS = ("BN", "SyncBN", "FrozenBN", *HRNET_NORMS, "GN", "nnSyncBN", "naiveSyncBN", "LN")
+
+
+def _check_norm(key, norm, allow_none):
+    """A Detectron2 ``get_norm`` name; "" (no norm) only where ``allow_none``."""
+    allowed = ("''", *ALLOWED_NORMS) if allow_none else ALLOWED_NORMS
+    if norm == "" and allow_none:
         return
     try:
-        get_norm(norm, 64)
+        if get_norm(norm, 64) is None:
+            raise ValueError(norm)
     except (KeyError, ValueError, AssertionError):
-        _fail(key, norm, "allowed: '', BN, SyncBN, FrozenBN, GN, nnSyncBN, naiveSyncBN, LN")
+        raise ConfigValueError(key, norm, f"allowed: {', '.join(allowed)}") from None
 
 
 def _check_choice(key, value, allowed):
     if value not in allowed:
-        _fail(key, value, f"allowed: {list(allowed)}")
+        raise ConfigValueError(key, value, f"allowed: {list(allowed)}")
 
 
 def _stage_keys_used(h):
@@ -86,9 +96,9 @@ def stage_specs_from_cfg(cfg):
         _check_positive_int(f"{key}.NUM_MODULES", s.NUM_MODULES)
         _check_positive_int(f"{key}.NUM_BRANCHES", s.NUM_BRANCHES)
         if k == 1 and (s.NUM_BRANCHES != 1 or s.NUM_MODULES != 1):
-            _fail(f"{key}.NUM_BRANCHES/NUM_MODULES", (s.NUM_BRANCHES, s.NUM_MODULES), "stage 1 has exactly 1 branch and 1 module")
+            raise ConfigValueError(f"{key}.NUM_BRANCHES/NUM_MODULES", (s.NUM_BRANCHES, s.NUM_MODULES), "stage 1 has exactly 1 branch and 1 module")
         if s.NUM_BRANCHES < prev_branches:
-            _fail(
+            raise ConfigValueError(
                 f"{key}.NUM_BRANCHES",
                 s.NUM_BRANCHES,
                 f"must be >= MODEL.HRNET.STAGE{k - 1}.NUM_BRANCHES = {prev_branches} (stages only add branches)",
@@ -98,7 +108,7 @@ def stage_specs_from_cfg(cfg):
         for field in ("NUM_BLOCKS", "NUM_CHANNELS"):
             values = list(getattr(s, field))
             if len(values) != s.NUM_BRANCHES:
-                _fail(f"{key}.{field}", values, f"needs one entry per branch ({key}.NUM_BRANCHES = {s.NUM_BRANCHES})")
+                raise ConfigValueError(f"{key}.{field}", values, f"needs one entry per branch ({key}.NUM_BRANCHES = {s.NUM_BRANCHES})")
             for v in values:
                 _check_positive_int(f"{key}.{field}", v)
         specs.append(
@@ -114,71 +124,55 @@ def _num_freezable_stages(specs):
     return len(specs) + 1  # stem + each stage
 
 
-def _check_feature_names(key, names, available, what):
-    names = list(names)
-    if not names:
-        _fail(key, names, f"needs at least one of {sorted(available)} ({what})")
-    for name in names:
-        if name not in available:
-            _fail(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
-    if len(set(names)) != len(names):
-        _fail(key, names, "lists a feature twice")
-
-
-def _body_outputs(specs):
-    """Names and strides the body can produce (before MODEL.HRNET.OUT_FEATURES selects)."""
-    out = {branch_name(i): 4 * 2**i for i in range(specs[-1].num_branches)}
-    out[HRV2_NAME] = 4
-    return out
-
-
 def _check_pixel_stats(cfg):
     mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
     if len(mean) != 3:
-        _fail("MODEL.PIXEL_MEAN", mean, "HRNet takes 3-channel input: needs 3 values")
+        raise ConfigValueError("MODEL.PIXEL_MEAN", mean, "HRNet takes 3-channel input: needs 3 values")
     if len(std) != 3 or not all(v > 0 for v in std):
-        _fail("MODEL.PIXEL_STD", std, "needs 3 positive values (the input is divided by them)")
+        raise ConfigValueError("MODEL.PIXEL_STD", std, "needs 3 positive values (the input is divided by them)")
 
 
-def validate_backbone_config(cfg):
-    """Check MODEL.HRNET*, FREEZE_AT and the pixel statistics; return the stage specs."""
+def _check_body_keys(cfg):
+    """MODEL.HRNET* (but OUT_FEATURES, which HRNet checks against what it produces) and
+    MODEL.BACKBONE.FREEZE_AT; returns the stage specs."""
     h = cfg.MODEL.HRNET
     specs = stage_specs_from_cfg(cfg)
-    _check_norm("MODEL.HRNET.NORM", h.NORM)
+    _check_norm("MODEL.HRNET.NORM", h.NORM, allow_none=False)
     _check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_positive_int("MODEL.HRNET.STEM_CHANNELS", h.STEM_CHANNELS)
-    _check_feature_names("MODEL.HRNET.OUT_FEATURES", h.OUT_FEATURES, _body_outputs(specs), "the HRNet body")
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= _num_freezable_stages(specs):
-        _fail(
+        raise ConfigValueError(
             "MODEL.BACKBONE.FREEZE_AT",
             freeze_at,
             f"allowed: 0..{_num_freezable_stages(specs)} (0 none, 1 stem, 2 +stage1, 3 +stage2, 4 +stage3, 5 all)",
         )
-    _check_pixel_stats(cfg)
     return specs
 
 
-def validate_pyramid_config(cfg):
+def _check_pyramid_keys(cfg):
+    """MODEL.HRNET_PYRAMID* (but IN_FEATURES and POOLING, which HRNetV2p checks)."""
     p = cfg.MODEL.HRNET_PYRAMID
     _check_positive_int("MODEL.HRNET_PYRAMID.OUT_CHANNELS", p.OUT_CHANNELS)
     _check_positive_int("MODEL.HRNET_PYRAMID.NUM_LEVELS", p.NUM_LEVELS)
-    _check_choice("MODEL.HRNET_PYRAMID.POOLING", p.POOLING, sorted(POOLING_TYPES))
     _check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM)
+    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM, allow_none=True)
     _check_choice("MODEL.HRNET.INFERENCE_AUTOCAST", cfg.MODEL.HRNET.INFERENCE_AUTOCAST, ["", *AUTOCAST_DTYPES])
-    _check_feature_names(
-        "MODEL.HRNET_PYRAMID.IN_FEATURES", p.IN_FEATURES, list(cfg.MODEL.HRNET.OUT_FEATURES), "MODEL.HRNET.OUT_FEATURES"
-    )
 
 
 @BACKBONE_REGISTRY.register()
 def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
+    """The HRNet body (:class:`HRNet`) from MODEL.HRNET.* and MODEL.BACKBONE.FREEZE_AT.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config with :func:`add_hrnet_config`'s keys.
+        input_shape (ShapeSpec): the input; HRNet takes 3 channels.
+    """
     h = cfg.MODEL.HRNET
-    specs = validate_backbone_config(cfg)
+    specs = _check_body_keys(cfg)
     if input_shape.channels != 3:
-        _fail("MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), "HRNet takes 3-channel input")
+        raise ConfigValueError("MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), "HRNet takes 3-channel input: needs 3 values")
     return HRNet(
         specs,
         norm=h.NORM,
@@ -195,9 +189,17 @@ def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
 
 @BACKBONE_REGISTRY.register()
 def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False):
+    """The HRNet body + the HRNetV2p pyramid (:class:`HRNetV2p`, p2..p6 by default), what
+    the detectors use; MODEL.HRNET_PYRAMID.* on top of :func:`build_hrnet_backbone`'s keys.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config with :func:`add_hrnet_config`'s keys.
+        input_shape (ShapeSpec): the input; HRNet takes 3 channels.
+        keep_body_outputs (bool): also return the body's outputs (see
+            :func:`build_hrnetv2p_with_body_backbone`).
+    """
     p = cfg.MODEL.HRNET_PYRAMID
-    validate_backbone_config(cfg)
-    validate_pyramid_config(cfg)
+    _check_pyramid_keys(cfg)
     bottom_up = build_hrnet_backbone(cfg, input_shape)
     return HRNetV2p(
         bottom_up,
@@ -218,8 +220,27 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False
 def build_hrnetv2p_with_body_backbone(cfg, input_shape: ShapeSpec):
     """HRNetV2p (same keys, same checks) whose outputs also include the body's, so Panoptic
     FPN's semantic head can read the HRNetV2 representation (``hrv2``) while the R-CNN heads
-    read p2..p6."""
+    read p2..p6.  Args as :func:`build_hrnetv2p_backbone`."""
     return build_hrnetv2p_backbone(cfg, input_shape, keep_body_outputs=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """The HRNet body under Detectron2's own FPN (MODEL.FPN.*), for comparison with HRNetV2p.
+    Args as :func:`build_hrnet_backbone`."""
+    bottom_up = build_hrnet_backbone(cfg, input_shape)
+    # Detectron2's FPN only asserts; say what to set (its default [] fits no HRNet)
+    check_feature_names(
+        "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, bottom_up.output_shape(), "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+    )
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -232,23 +253,8 @@ _USES_SEM_SEG_HEAD = ("SemanticSegmentor", "PanopticFPN")
 
 
 def _backbone_output_shapes(cfg):
-    """The backbone's output names and strides: computed for our two base builders,
-    otherwise from a backbone built on the meta device (no memory, no weights)."""
-    name = cfg.MODEL.BACKBONE.NAME
-    if name in ("build_hrnet_backbone", "build_hrnetv2p_backbone", "build_hrnet_fpn_backbone"):
-        specs = validate_backbone_config(cfg)
-        body = {k: v for k, v in _body_outputs(specs).items() if k in cfg.MODEL.HRNET.OUT_FEATURES}
-        if name == "build_hrnet_backbone":
-            return {k: ShapeSpec(stride=v) for k, v in body.items()}
-        if name == "build_hrnetv2p_backbone":
-            validate_pyramid_config(cfg)
-            p = cfg.MODEL.HRNET_PYRAMID
-            base = min(body[f] for f in p.IN_FEATURES)
-            first = int(math.log2(base))
-            return {f"p{first + i}": ShapeSpec(channels=p.OUT_CHANNELS, stride=base * 2**i) for i in range(p.NUM_LEVELS)}
-        _check_feature_names(
-            "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, body, "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
-        )
+    """The backbone's ``output_shape()``, from a backbone built on the meta device (no memory,
+    no weights); building it runs the builder's own checks of the backbone keys."""
     with torch.device("meta"):
         return build_backbone(cfg).output_shape()
 
@@ -256,17 +262,17 @@ def _backbone_output_shapes(cfg):
 def _check_anchor_list(key, values, num_features, in_features_key):
     values = list(values)
     if not values:
-        _fail(key, values, "must not be empty")
+        raise ConfigValueError(key, values, "must not be empty")
     per_level = values if isinstance(values[0], Sequence) else [values]
     if len(per_level) not in (1, num_features):
-        _fail(
+        raise ConfigValueError(
             key,
             values,
             f"needs 1 entry (shared by all levels) or one per level of {in_features_key} ({num_features} levels)",
         )
     for entry in per_level:
         if not isinstance(entry, Sequence) or not entry or not all(isinstance(v, (int, float)) and v > 0 for v in entry):
-            _fail(key, values, "each level needs a non-empty list of positive numbers")
+            raise ConfigValueError(key, values, "each level needs a non-empty list of positive numbers")
 
 
 def _check_anchors(cfg, in_features_key, in_features):
@@ -280,9 +286,9 @@ def _check_consecutive_levels(key, names, shapes):
     strides = sorted(shapes[n].stride for n in names)
     for s in strides:
         if s <= 0 or not math.log2(s).is_integer():
-            _fail(key, list(names), f"feature strides {strides} must be powers of 2")
+            raise ConfigValueError(key, list(names), f"feature strides {strides} must be powers of 2")
     if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        _fail(key, list(names), f"pooled features must be consecutive levels; their strides are {strides}")
+        raise ConfigValueError(key, list(names), f"pooled features must be consecutive levels; their strides are {strides}")
 
 
 def validate_config(cfg):
@@ -296,16 +302,16 @@ def validate_config(cfg):
     what = f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
     meta = cfg.MODEL.META_ARCHITECTURE
     if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
-        _check_feature_names("MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES, shapes, what)
+        check_feature_names("MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES)
     if meta in _USES_ROI_HEADS:
-        _check_feature_names("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes, what)
+        check_feature_names("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes, what)
         _check_consecutive_levels("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes)
     if meta == "RetinaNet":
-        _check_feature_names("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, shapes, what)
+        check_feature_names("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)
     if meta in _USES_SEM_SEG_HEAD:
-        _check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
+        check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
     return shapes
 
 
@@ -321,18 +327,18 @@ def validate_model(model):
     if hasattr(model, "pixel_mean"):
         mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
         if len(mean) != 3:
-            _fail("model.pixel_mean", mean, "HRNet takes 3-channel input: needs 3 values")
+            raise ConfigValueError("model.pixel_mean", mean, "HRNet takes 3-channel input: needs 3 values")
         if len(std) != 3 or not all(v > 0 for v in std):
-            _fail("model.pixel_std", std, "needs 3 positive values (the input is divided by them)")
+            raise ConfigValueError("model.pixel_std", std, "needs 3 positive values (the input is divided by them)")
     shapes = model.backbone.output_shape()
     what = f"the backbone ({type(model.backbone).__name__})"
     heads = [(f"model.{n}", getattr(model, n, None)) for n in ("proposal_generator", "roi_heads")]
     rpn_key, rpn = heads[0]
     if rpn is not None and hasattr(rpn, "in_features") and hasattr(rpn, "anchor_generator"):
-        _check_feature_names(f"{rpn_key}.in_features", rpn.in_features, shapes, what)
+        check_feature_names(f"{rpn_key}.in_features", rpn.in_features, shapes, what)
         strides = [shapes[f].stride for f in rpn.in_features]
         if list(rpn.anchor_generator.strides) != strides:
-            _fail(f"{rpn_key}.anchor_generator.strides", list(rpn.anchor_generator.strides),
+            raise ConfigValueError(f"{rpn_key}.anchor_generator.strides", list(rpn.anchor_generator.strides),
                   f"must be the strides of {rpn_key}.in_features {list(rpn.in_features)}: {strides}")  # fmt: skip
     roi_key, roi = heads[1]
     for part in ("box", "mask", "keypoint"):
@@ -340,9 +346,9 @@ def validate_model(model):
         if names is None or pooler is None:
             continue
         key = f"{roi_key}.{part}_in_features"
-        _check_feature_names(key, names, shapes, what)
+        check_feature_names(key, names, shapes, what)
         _check_consecutive_levels(key, names, shapes)
         scales = [p.spatial_scale for p in pooler.level_poolers]
         wanted = [1 / shapes[n].stride for n in names]
         if sorted(scales, reverse=True) != sorted(wanted, reverse=True):
-            _fail(f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}")
+            raise ConfigValueError(f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}")

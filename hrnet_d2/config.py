@@ -3,7 +3,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR"]
+__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR", "ConfigValueError", "check_feature_names"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -25,7 +25,9 @@ def add_hrnet_config(cfg):
         stage.FUSE_METHOD = "SUM"
         setattr(_C.MODEL.HRNET, f"STAGE{k}", stage)
     _C.MODEL.HRNET.STEM_CHANNELS = 64
-    # FrozenBN, BN, SyncBN, GN, ... (anything detectron2.layers.get_norm accepts)
+    # FrozenBN, BN, SyncBN, GN, ... (anything detectron2.layers.get_norm accepts), or BNEval:
+    # BN with frozen statistics and trainable weight/bias (the published detectors' norm,
+    # mmdetection norm_eval=True; the COCO configs use it, with SOLVER.WEIGHT_DECAY_NORM).
     _C.MODEL.HRNET.NORM = "FrozenBN"
     # hr2..hr5 are the branches at stride 4..32 (hr2 alone = HRNetV1);
     # hrv2 is the HRNetV2 concatenation at stride 4.
@@ -38,11 +40,11 @@ def add_hrnet_config(cfg):
     # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
-    # the convs and add/ReLU fused (hrnet_d2/fold.py); training and state_dict are unaffected.
+    # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Run the body in channels_last (NHWC) memory format at inference (CPU and GPU) and in GPU
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower
-    # (W32 body + HRNetV2p, 384x640 fwd+bwd on 2 AVX2 cores: 5.71 s NHWC vs 4.16 s NCHW).
+    # (README "Performance").
     _C.MODEL.HRNET.CHANNELS_LAST = True
     # Inference precision of the HRNetV2p backbone (body + pyramid): "" = fp32; "bf16" (CPUs with
     # native bf16: amx_bf16 / avx512_bf16 in lscpu's flags; GPUs) or "fp16" (GPUs) run them under
@@ -61,6 +63,26 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+
+
+class ConfigValueError(ValueError):
+    """A bad config value, in one line: the key, the value and what is allowed."""
+
+    def __init__(self, key, value, allowed):
+        super().__init__(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def check_feature_names(key, names, available, what):
+    """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
+    distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
+    names = list(names)
+    if not names:
+        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
+    for name in names:
+        if name not in available:
+            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
+    if len(set(names)) != len(names):
+        raise ConfigValueError(key, names, "lists a feature twice")
 
 
 def get_config_file(name: str) -> str:

@@ -10,7 +10,6 @@ import torch
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
@@ -21,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
+from .predict import model_input, test_augmentations
 from .visualization import draw_predictions
 from .amp import build_train_step
 from .build import validate_config
@@ -369,19 +369,17 @@ def visualize_predictions(
     output_path = output_path or os.path.join(cfg.OUTPUT_DIR, "predictions.png")
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
     metadata = MetadataCatalog.get(dataset_name)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    augmentations = test_augmentations(cfg)
     was_training = model.training
     model.eval()
     panels = []
     for d in dicts:
         image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
         h, w = image.shape[:2]
-        resized = aug.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         scale = max(1.0, min_panel_size / min(h, w))
         h, w = round(h * scale), round(w * scale)
         # outputs are rescaled to the requested height/width (masks pasted at that size)
-        outputs = model([{"image": tensor, "height": h, "width": w}])[0]
+        outputs = model([model_input(image, augmentations, h, w)])[0]
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         if scale > 1:
             rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)

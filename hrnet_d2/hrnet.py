@@ -15,7 +15,6 @@ Everything ``forward`` runs is TorchScript-scriptable (``torch.jit.script``, Det
 ``scripting_with_instances``); the eager-only speed paths (folded inference, activation
 checkpointing) are ``@torch.jit.unused`` and scripting falls back to the plain graph.
 """
-import contextlib
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -23,12 +22,25 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
 from .arch import StageSpec
-from .blocks import BLOCKS, conv3x3
-from .fold import FoldedHRNet, can_fold, state_key
+from .blocks import BLOCKS
+from .config import check_feature_names
+from .layers import (
+    ConvNorm,
+    ConvNormChain,
+    FoldsConvNorms,
+    add_upsampled_,
+    all_norms_foldable,
+    checkpointing,
+    conv3x3,
+    exporting,
+    get_norm,
+    recompute_context,
+    upsample_to,
+)
 
 __all__ = ["HighResolutionModule", "HRNet", "HRStage", "Transition", "branch_name", "HRV2_NAME"]
 
@@ -39,66 +51,17 @@ def branch_name(index: int) -> str:
     return f"hr{index + 2}"
 
 
-def upsample_to(x: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
-    """Resize ``x`` to ``reference``'s spatial size.
-
-    Size-based (not scale-factor based) so odd input sizes work; for the exact 2**k
-    ratios of a padded input it equals the official ``nn.Upsample(scale_factor)``.
-    """
-    size = reference.shape[-2:]
-    if x.shape[-2:] == size:
-        return x
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
-
-
-def _conv_norm(in_channels, out_channels, norm, stride, relu):
-    layers = [conv3x3(in_channels, out_channels, stride), get_norm(norm, out_channels)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def _tracing() -> bool:
-    """Export / compilation record the plain module graph (oneDNN fused ops do not export)."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
-def _checkpointing(module) -> bool:
-    """MODEL.HRNET.ACTIVATION_CHECKPOINT applies now: on, training, and gradients wanted."""
-    return module.activation_checkpoint and module.training and torch.is_grad_enabled()
-
-
-def _recompute_context(module):
-    """``context_fn`` for torch.utils.checkpoint: the recomputation in backward must not
-    update BN running statistics a second time (momentum 0 and the batch counter
-    restored), so checkpointing changes neither outputs nor gradients nor buffers."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-
-    @contextlib.contextmanager
-    def keep_running_stats():
-        saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
-        for m in bns:
-            m.momentum = 0.0
-        try:
-            yield
-        finally:
-            for m, momentum, count in saved:
-                m.momentum = momentum
-                if count is not None:
-                    m.num_batches_tracked.copy_(count)
-
-    return lambda: (contextlib.nullcontext(), keep_running_stats())
-
-
 class HighResolutionModule(nn.Module):
-    """Parallel branches followed by an all-to-all multi-resolution fusion."""
+    """Parallel branches followed by an all-to-all multi-resolution fusion.
+
+    Args:
+        in_channels (Sequence[int]): channels of each input branch (highest resolution first).
+        spec (StageSpec): the stage this module belongs to (block type, blocks and
+            channels per branch).
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for every norm of the module.
+        upsample_mode (str): "nearest" or "bilinear", how lower-resolution branches are
+            upsampled in the fusion (MODEL.HRNET.FUSE_UPSAMPLE_MODE).
+    """
 
     def __init__(self, in_channels: Sequence[int], spec: StageSpec, norm, upsample_mode):
         super().__init__()
@@ -125,15 +88,15 @@ class HighResolutionModule(nn.Module):
             row = nn.ModuleList()
             for j, cj in enumerate(channels):
                 if j > i:
-                    row.append(nn.Sequential(nn.Conv2d(cj, ci, 1, bias=False), get_norm(norm, ci)))
+                    row.append(ConvNorm(cj, ci, 1, norm=norm))
                 elif j == i:
                     row.append(nn.Identity())
                 else:
                     steps = i - j
                     row.append(
-                        nn.Sequential(
+                        ConvNormChain(
                             *[
-                                _conv_norm(cj, ci if k == steps - 1 else cj, norm, 2, relu=k < steps - 1)
+                                ConvNorm(cj, ci if k == steps - 1 else cj, 3, 2, norm, relu=k < steps - 1)
                                 for k in range(steps)
                             ]
                         )
@@ -174,6 +137,31 @@ class HighResolutionModule(nn.Module):
             out.append(F.relu_(y))
         return out
 
+    def forward_fused(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """``forward`` at inference on folded weights, the sums accumulated in place."""
+        out = []
+        for branch, x in zip(self.branches, xs):
+            for block in branch:
+                x = block.forward_fused(x)
+            out.append(x)
+        xs = out
+        if self.fuse_layers is None:
+            return xs
+        n = len(xs)
+        # all 1x1 terms first: afterwards every branch output is only read by rows
+        # below it, so rows processed bottom-up may accumulate into their own branch
+        lateral = {(i, j): self.fuse_layers[i][j].forward_fused(xs[j]) for i in range(n) for j in range(i + 1, n)}
+        for i in reversed(range(n)):
+            acc = xs[i]
+            for j in range(i + 1, n):
+                add_upsampled_(acc, lateral.pop((i, j)), self.upsample_mode)
+            if i == 0:
+                acc.relu_()
+            for j in range(i):  # the last term's conv also applies the ReLU of the sum
+                acc = self.fuse_layers[i][j].forward_fused(xs[j], add_to=acc, relu=j == i - 1)
+            xs[i] = acc
+        return xs
+
 
 class Transition(nn.ModuleList):
     """transition{k}: entry ``i`` makes branch ``i`` of the next stage (``nn.Identity`` when
@@ -186,6 +174,13 @@ class Transition(nn.ModuleList):
             out.append(layer(xs[i] if i < n else xs[n - 1]))
         return out
 
+    def forward_fused(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        n = len(xs)
+        return [
+            layer(xs[i]) if isinstance(layer, nn.Identity) else layer.forward_fused(xs[i] if i < n else xs[n - 1])
+            for i, layer in enumerate(self)
+        ]
+
 
 class HRStage(nn.Sequential):
     """stage{k}: a chain of :class:`HighResolutionModule` (a Sequential over lists of branches)."""
@@ -195,9 +190,33 @@ class HRStage(nn.Sequential):
             xs = module(xs)
         return xs
 
+    def forward_fused(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        for module in self:
+            xs = module.forward_fused(xs)
+        return xs
 
-class HRNet(Backbone):
-    """HRNet body: a stride-4 stem, then 4 stages that add one lower-resolution branch each."""
+
+class HRNet(FoldsConvNorms, Backbone):
+    """HRNet body: a stride-4 stem, then 4 stages that add one lower-resolution branch each.
+
+    Args:
+        stages (Sequence[StageSpec]): the four stages, e.g. ``ARCHITECTURES["w32"]``.
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for every norm of the body (FrozenBN,
+            BN, SyncBN, GN, ...; MODEL.HRNET.NORM).
+        out_features (list[str] or None): outputs to return, from ``hr2``..``hr5``
+            (branches at strides 4..32) and ``hrv2`` (their HRNetV2 concatenation at
+            stride 4); None: all branches.
+        freeze_at (int): freeze the stem (1), + stage 1 (2), ... + stage 4 (5); 0 freezes
+            nothing (MODEL.BACKBONE.FREEZE_AT; see :meth:`freeze`).
+        upsample_mode (str): "nearest" or "bilinear", upsampling inside the fusions.
+        hrv2_upsample_mode (str): "nearest" or "bilinear", upsampling that builds ``hrv2``.
+        stem_channels (int): width of the first stem conv.
+        activation_checkpoint (bool): recompute the stem + stage 1 and each
+            HighResolutionModule in backward (training with gradients only).
+        inference_fuse (bool): in eval mode without gradients, run the folded fast path
+            (:meth:`uses_fused_path`); results equal the plain graph up to fp32 rounding.
+        channels_last (bool): NHWC at inference and in GPU training.
+    """
 
     def __init__(
         self,
@@ -254,12 +273,7 @@ class HRNet(Backbone):
         self._out_feature_channels[HRV2_NAME] = sum(channels)
         if out_features is None:
             out_features = [branch_name(i) for i in range(len(channels))]
-        for name in out_features:
-            if name not in self._out_feature_channels:
-                raise ValueError(
-                    f"MODEL.HRNET.OUT_FEATURES: {name!r} is not produced by this HRNet; "
-                    f"available: {sorted(self._out_feature_channels)}"
-                )
+        check_feature_names("MODEL.HRNET.OUT_FEATURES", out_features, self._out_feature_channels, "the HRNet body")
         self._out_features = list(out_features)
         self._branch_names = [branch_name(i) for i in range(len(channels))]
         self._hrv2 = HRV2_NAME in self._out_features
@@ -275,12 +289,12 @@ class HRNet(Backbone):
         for i, c in enumerate(cur_channels):
             if i < len(pre_channels):
                 cp = pre_channels[i]
-                layers.append(_conv_norm(cp, c, norm, 1, relu=True) if cp != c else nn.Identity())
+                layers.append(ConvNorm(cp, c, 3, 1, norm, relu=True) if cp != c else nn.Identity())
             else:
                 steps = i + 1 - len(pre_channels)
                 cp = pre_channels[-1]
                 layers.append(
-                    nn.Sequential(*[_conv_norm(cp, c if k == steps - 1 else cp, norm, 2, relu=True) for k in range(steps)])
+                    ConvNormChain(*[ConvNorm(cp, c if k == steps - 1 else cp, 3, 2, norm, relu=True) for k in range(steps)])
                 )
         return layers
 
@@ -310,7 +324,7 @@ class HRNet(Backbone):
         return self
 
     def forward_branches(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The reference (training) path; see ``fold.py`` for the inference path."""
+        """The reference (training) path; ``_forward_fused`` is the inference path."""
         xs = [self._stem_and_layer1(x)]
         xs = self.stage2(self.transition1(xs))
         xs = self.stage3(self.transition2(xs))
@@ -321,56 +335,56 @@ class HRNet(Backbone):
         """forward_branches, recomputing the stem + stage 1 and each HighResolutionModule in
         backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad)."""
         if self.checkpoint_stem:
-            xs = [checkpoint(self._stem_and_layer1, x, use_reentrant=False, context_fn=_recompute_context(self))]
+            xs = [checkpoint(self._stem_and_layer1, x, use_reentrant=False, context_fn=recompute_context(self))]
         else:
             xs = [self._stem_and_layer1(x)]
         for k in range(1, self.num_stages):
             xs = getattr(self, f"transition{k}")(xs)
             for module in getattr(self, f"stage{k + 1}"):
-                xs = checkpoint(module, xs, use_reentrant=False, context_fn=_recompute_context(module))
+                xs = checkpoint(module, xs, use_reentrant=False, context_fn=recompute_context(module))
         return xs
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if _checkpointing(self):
+        if checkpointing(self):
             return self._forward_checkpointed(x)
-        fast = self.folded(x)
-        return fast(x) if fast is not None else self.forward_branches(x)
+        if self.uses_fused_path(x):
+            return self._forward_fused(x)
+        return self.forward_branches(x)
 
     def _stem_and_layer1(self, x):
         x = F.relu_(self.bn1(self.conv1(x)))
         x = F.relu_(self.bn2(self.conv2(x)))
         return self.layer1(x)
 
-    def folded(self, x=None):
-        """The inference fast path (:class:`FoldedHRNet`) when it may be used now, else None:
-        eval mode, foldable norms, MODEL.HRNET.INFERENCE_FUSE on and no gradient needed.
-        Rebuilt whenever a parameter or buffer changed since the last call."""
-        if self.training or not self.inference_fuse or _tracing():
-            return None
+    def conv_norm_pairs(self):
+        """The stem's pairs (see ``FoldsConvNorms``); every other module folds its own."""
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def uses_fused_path(self, x: Optional[torch.Tensor] = None) -> bool:
+        """Whether ``forward`` runs the inference fast path now (norms folded into the convs,
+        add/ReLU fused): eval mode, every norm an affine map, MODEL.HRNET.INFERENCE_FUSE on,
+        no gradient needed, and not exporting."""
+        if self.training or not self.inference_fuse or exporting():
+            return False
         if torch.is_grad_enabled() and (
             (x is not None and x.requires_grad) or any(p.requires_grad for p in self.parameters())
         ):
-            return None
-        if not can_fold(self):
-            return None
-        key = (state_key(self), self.channels_last)
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
-            self.__dict__["_fold_cache"] = None  # free the old copy first
-            cache = (key, FoldedHRNet(self, channels_last=self.channels_last))
-            self.__dict__["_fold_cache"] = cache
-        return cache[1]
+            return False
+        return all_norms_foldable(self)
 
-    def train(self, mode=True):
-        if mode:
-            self.__dict__["_fold_cache"] = None
-        return super().train(mode)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_fold_cache", None)
-        return state
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``forward_branches`` on folded weights: each module runs its own ``forward_fused``."""
+        conv1, conv2 = self.folded()
+        x = conv2(conv1(x, relu=True), relu=True)
+        for block in self.layer1:
+            x = block.forward_fused(x)
+        xs = [x]
+        for k in range(1, self.num_stages):
+            xs = getattr(self, f"transition{k}").forward_fused(xs)
+            xs = getattr(self, f"stage{k + 1}").forward_fused(xs)
+        return xs
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:

@@ -16,10 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d
 from detectron2.modeling.backbone import Backbone
 
-from .hrnet import _checkpointing, _recompute_context, upsample_to
+from .config import ConfigValueError, check_feature_names
+from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES"]
 
@@ -29,6 +30,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class HRNetV2p(Backbone):
+    """HRNetV2p: the body's branches upsampled to the finest and concatenated, reduced by a
+    1x1 conv, pooled into one level per stride, each level through a 3x3 conv (p2, p3, ...)."""
+
     def __init__(
         self,
         bottom_up: Backbone,
@@ -43,24 +47,34 @@ class HRNetV2p(Backbone):
         activation_checkpoint=False,
         inference_autocast="",
     ):
-        """``keep_body_outputs``: also return the body's outputs (e.g. ``hrv2`` for the
-        semantic head of Panoptic FPN), computed once and shared with the pyramid.
-        ``activation_checkpoint`` (MODEL.HRNET.ACTIVATION_CHECKPOINT): in training, recompute the
-        upsample + concat + reduction in backward instead of keeping the stride-4 concatenation
-        (sum of all branch widths, the largest activation of the detector).
-        ``inference_autocast`` (MODEL.HRNET.INFERENCE_AUTOCAST): "bf16" or "fp16" runs body and
-        pyramid under ``torch.autocast`` in eval mode (the outputs are cast back to fp32, so the
-        heads run in fp32); "" (default) keeps fp32.  Training is never affected."""
+        """
+        Args:
+            bottom_up (Backbone): the HRNet body (or any backbone with strided outputs).
+            in_features (list[str]): body outputs to concatenate (MODEL.HRNET_PYRAMID.IN_FEATURES);
+                all are resized to the finest of them, whose stride becomes the first level's.
+            out_channels (int): channels of the reduction conv and of every level.
+            num_levels (int): levels p{k}..: the finest stride, then each pooled 2x further.
+            pooling (str): "AVG" or "MAX", the pooling that makes the coarser levels.
+            share_conv (bool): one 3x3 conv shared by all levels instead of one per level.
+            norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) for the pyramid's convs; "" for none
+                (then the convs have a bias).
+            upsample_mode (str): "nearest" or "bilinear", how inputs are resized to the finest.
+            keep_body_outputs (bool): also return the body's outputs (e.g. ``hrv2`` for the
+                semantic head of Panoptic FPN), computed once and shared with the pyramid.
+            activation_checkpoint (bool): in training, recompute the upsample + concat +
+                reduction in backward instead of keeping the stride-4 concatenation (sum of
+                all branch widths, the largest activation of the detector).
+            inference_autocast (str): MODEL.HRNET.INFERENCE_AUTOCAST: "bf16" or "fp16" runs body
+                and pyramid under ``torch.autocast`` in eval mode (the outputs are cast back to
+                fp32, so the heads run in fp32); "" keeps fp32.  Training is never affected.
+        """
         super().__init__()
         shapes = bottom_up.output_shape()
-        for name in in_features:
-            if name not in shapes:
-                raise ValueError(
-                    f"MODEL.HRNET_PYRAMID.IN_FEATURES: {name!r} is not produced by the HRNet body; "
-                    f"it produces {sorted(shapes)} (MODEL.HRNET.OUT_FEATURES)"
-                )
+        check_feature_names(
+            "MODEL.HRNET_PYRAMID.IN_FEATURES", in_features, shapes, "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+        )
         if pooling not in POOLING_TYPES:
-            raise ValueError(f"MODEL.HRNET_PYRAMID.POOLING: {pooling!r} is not one of {sorted(POOLING_TYPES)}")
+            raise ConfigValueError("MODEL.HRNET_PYRAMID.POOLING", pooling, f"allowed: {list(POOLING_TYPES)}")
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         self.upsample_mode = upsample_mode
@@ -101,9 +115,7 @@ class HRNetV2p(Backbone):
         self._size_divisibility = bottom_up.size_divisibility
         self.activation_checkpoint = activation_checkpoint
         if inference_autocast and inference_autocast not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"MODEL.HRNET.INFERENCE_AUTOCAST: {inference_autocast!r} is not one of {['', *AUTOCAST_DTYPES]}"
-            )
+            raise ConfigValueError("MODEL.HRNET.INFERENCE_AUTOCAST", inference_autocast, f"allowed: {['', *AUTOCAST_DTYPES]}")
         self.inference_autocast = inference_autocast
 
     @property
@@ -129,8 +141,8 @@ class HRNetV2p(Backbone):
     @torch.jit.unused
     def _reduce_eager(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """``_reduce``, recomputed in backward under MODEL.HRNET.ACTIVATION_CHECKPOINT."""
-        if _checkpointing(self):
-            return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=_recompute_context(self.reduction_conv))
+        if checkpointing(self):
+            return checkpoint(self._reduce, xs, use_reentrant=False, context_fn=recompute_context(self.reduction_conv))
         return self._reduce(xs)
 
     @torch.jit.unused

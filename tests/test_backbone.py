@@ -7,8 +7,8 @@ from detectron2.modeling import build_backbone
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.hrnet import branch_name
-from hrnet_d2.timm_peer import CLASSIFICATION_ONLY, TIMM_NAMES, timm_branches
-from hrnet_d2.timm_peer import body_state_dict as timm_body_state_dict
+from timm_peer import CLASSIFICATION_ONLY, TIMM_NAMES, timm_branches
+from timm_peer import body_state_dict as timm_body_state_dict
 
 from conftest import make_cfg
 

@@ -48,6 +48,7 @@ CASES = [
      "MODEL.HRNET.STAGE2.NUM_CHANNELS", "-32"),
     ("zero stem channels", QUICKSTART, ["MODEL.HRNET.STEM_CHANNELS", "0"], "MODEL.HRNET.STEM_CHANNELS", "0"),
     ("unknown norm", QUICKSTART, ["MODEL.HRNET.NORM", "BatchNorm"], "MODEL.HRNET.NORM", "'BatchNorm'"),
+    ("no norm in the body", QUICKSTART, ["MODEL.HRNET.NORM", ""], "MODEL.HRNET.NORM", "''"),
     ("unknown pyramid norm", QUICKSTART, ["MODEL.HRNET_PYRAMID.NORM", "IN"], "MODEL.HRNET_PYRAMID.NORM", "'IN'"),
     ("unknown upsample mode", QUICKSTART, ["MODEL.HRNET.FUSE_UPSAMPLE_MODE", "bicubic"],
      "MODEL.HRNET.FUSE_UPSAMPLE_MODE", "'bicubic'"),

@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from safetensors.torch import save_file
 
 from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main
-from hrnet_d2.timm_peer import timm_branches
+from timm_peer import timm_branches
 from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
 
 from conftest import REPO, make_cfg, run_train_net

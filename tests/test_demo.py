@@ -12,12 +12,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from hrnet_d2.data import register_all_shapes  # noqa: E402
+from hrnet_d2.data import register_all_shapes
 
 from conftest import CONFIGS, REPO, make_cfg
 
-sys.path.insert(0, str(REPO))
-import demo  # noqa: E402
+import demo
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 

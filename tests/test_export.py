@@ -1,16 +1,14 @@
 """tools/export_model.py: TorchScript (tracing) and ONNX exports of the backbone+pyramid
 and of whole Faster / Mask R-CNNs give PyTorch's outputs (onnxruntime on CPU)."""
 
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS
 
-sys.path.insert(0, str(REPO / "tools"))
-import export_model  # noqa: E402
+import export_model
 
 CONFIG = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")  # Faster R-CNN, w18_small_v1
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('shapes_tiny_val',)"]

@@ -1,15 +1,13 @@
 """The model-zoo table cannot drift from the code; the published-#Params explanation holds;
 tools/analyze_model.py reports consistent numbers."""
-import sys
 
+import analyze_model
+import model_zoo
 import pytest
 
+from hrnet_d2 import analysis
+
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-
-import analyze_model  # noqa: E402
-import model_zoo  # noqa: E402
 
 # FLOPs need a real forward at 800x1333 (about a minute on 2 cores): CI recomputes the
 # cheapest COCO config; params are recomputed for every config.
@@ -46,12 +44,12 @@ def test_published_numbers_name_existing_configs_and_a_source():
 def test_published_params_are_our_counts_in_units_of_2_pow_20():
     """The explanation in docs/model_zoo.md: same modules, count / 2^20 (not 10^6), no BN affine."""
     for name in model_zoo.FASTER:
-        _, model = analyze_model.load_model(model_zoo.CONFIG_DIR / name, device="meta")
-        total = analyze_model.count_parameters(model)
+        _, model = analysis.load_model(model_zoo.CONFIG_DIR / name, device="meta")
+        total = analysis.count_parameters(model, norms=False)
         published = model_zoo.PUBLISHED[name]["params"]
         assert round(total / 2**20, 1) == published, name
         assert round(total / 1e6, 1) != published, name
-        groups = analyze_model.parameter_groups(model)
+        groups = analysis.parameter_groups(model, norms=False)
         # head sizes fixed by the reference recipe (mmdetection v0.x HRFPN/RPNHead/SharedFCBBoxHead)
         assert groups["backbone.fpn_convs"] == 5 * (256 * 256 * 9 + 256)
         assert groups["proposal_generator.rpn_head"] == (256 * 256 * 9 + 256) + (256 * 3 + 3) + (256 * 12 + 12)
@@ -62,14 +60,14 @@ def test_analyze_model_cli(capsys):
     cfg_file = REPO / "configs" / "quickstart" / "mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
     assert analyze_model.main(["--config-file", str(cfg_file), "--input-size", "128", "160"]) == 0
     out = capsys.readouterr().out
-    cfg, model = analyze_model.load_model(cfg_file)
-    total = analyze_model.count_parameters(model)
+    cfg, model = analysis.load_model(cfg_file)
+    total = analysis.count_parameters(model)
     assert f"{total:,}" in out
-    flops = analyze_model.count_flops(cfg, model, 128, 160)
+    flops = analysis.count_flops(cfg, model, 128, 160)
     assert set(flops) == {"backbone", "proposal_generator.rpn_head", "roi_heads.box_head",
                           "roi_heads.box_predictor", "roi_heads.mask_head"}
     assert f"{sum(flops.values()) / 1e9:.2f}" in out
     # FLOPs scale with the image: 4x the pixels gives ~4x the backbone FLOPs
-    bigger = analyze_model.count_flops(cfg, model, 256, 320)
+    bigger = analysis.count_flops(cfg, model, 256, 320)
     assert 3.5 < bigger["backbone"] / flops["backbone"] < 4.5
     assert bigger["roi_heads.box_head"] == flops["roi_heads.box_head"]  # fixed ROI count

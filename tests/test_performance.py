@@ -1,7 +1,6 @@
 """Performance paths keep the numbers: folded/fused inference vs the timm oracle,
 activation checkpointing vs plain backprop, bf16 autocast, CPU AMP training, benchmark."""
 import json
-import sys
 
 import pytest
 import timm
@@ -13,10 +12,10 @@ from detectron2.utils.events import EventStorage
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.amp import CPUAMPTrainer, build_train_step
 
-from hrnet_d2.timm_peer import body_state_dict as timm_body_state_dict
-from hrnet_d2.timm_peer import calibrated_timm, timm_branches
+from timm_peer import body_state_dict as timm_body_state_dict
+from timm_peer import calibrated_timm, timm_branches
 
-from conftest import REPO, make_cfg
+from conftest import make_cfg
 
 
 def ours_from(timm_model, arch, **kwargs):
@@ -41,12 +40,24 @@ def test_fast_inference_path_matches_timm(arch, norm):
     theirs = calibrated_timm(arch, x)
     ours = ours_from(theirs, arch, norm=norm).eval()
     with torch.no_grad():
-        assert ours.folded(x) is not None, "eval + no_grad must take the folded path"
+        assert ours.uses_fused_path(x), "eval + no_grad must take the folded path"
         out = list(ours(x).values())
         ref = timm_branches(theirs, x)
     for a, b in zip(out, ref):
         assert a.shape == b.shape
         assert rel_err(a, b) < 1e-4
+
+
+def test_timm_peer_is_deterministic_and_leaves_the_global_rng_alone():
+    x = torch.randn(1, 3, 64, 64)
+    state = torch.get_rng_state()
+    a = calibrated_timm("w18_small_v1", x)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: the same peer
+    b = calibrated_timm("w18_small_v1", x)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    c = calibrated_timm("w18_small_v1", x, seed=1)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
 def test_folding_never_leaks_into_training_or_state_dict():
@@ -73,9 +84,9 @@ def test_folding_never_leaks_into_training_or_state_dict():
 
     # training mode, or eval with gradients wanted, runs the autograd-able reference path
     ours.train()
-    assert ours.folded(x) is None
+    assert not ours.uses_fused_path(x)
     ours.eval()
-    assert ours.folded(x) is None  # grad enabled and parameters require grad
+    assert not ours.uses_fused_path(x)  # grad enabled and parameters require grad
     out = ours(x)["hr2"]
     out.sum().backward()
     assert ours.conv1.weight.grad is not None and ours.conv1.weight.grad.abs().sum() > 0
@@ -85,9 +96,60 @@ def test_folding_never_leaks_into_training_or_state_dict():
     bn = ours_from(theirs, arch, norm="BN").eval()
     bn.layer1[0].bn2.train()
     with torch.no_grad():
-        assert bn.folded(x) is None
+        assert not bn.uses_fused_path(x)
         bn.layer1[0].bn2.eval()
-        assert bn.folded(x) is not None
+        assert bn.uses_fused_path(x)
+
+
+def test_fused_path_follows_in_place_weight_changes_and_copies_cleanly():
+    """An EMA swap or a manual ``copy_`` changes weights without load_state_dict: the folded
+    convs are refolded.  Scripting, deepcopy and pickling after a fused forward see no folded state."""
+    import copy
+    import io
+
+    arch = "w18_small_v1"
+    x = torch.randn(1, 3, 64, 64)
+    theirs = calibrated_timm(arch, x)
+    ours = ours_from(theirs, arch, norm="FrozenBN").eval()
+    with torch.no_grad():
+        ours(x)
+        other = calibrated_timm(arch, x * 2)
+        for k, v in ours.state_dict().items():  # as detectron2's EMA hook swaps weights in
+            v.copy_(other.state_dict()[k])
+        got, ref = ours(x), timm_branches(other, x)
+        for a, b in zip(got.values(), ref):
+            assert rel_err(a, b) < 1e-4
+        scripted = torch.jit.script(ours)
+        for a, b in zip(scripted(x).values(), ref):
+            assert rel_err(a, b) < 1e-4
+    clone = copy.deepcopy(ours)
+    assert "_folded" not in clone.__dict__ and "_folded" not in clone.layer1[0].__dict__
+    torch.save(ours, io.BytesIO())
+    with torch.no_grad():
+        for a, b in zip(clone(x).values(), ref):
+            assert rel_err(a, b) < 1e-4
+    ours.train()
+    assert not any("_folded" in m.__dict__ for m in ours.modules())  # training drops the folded copies
+
+
+def test_fused_parity_check_can_fail(monkeypatch):
+    """Negative control: a fused path that loses the ReLU after the fusion sums is caught
+    by the same timm comparison as test_fast_inference_path_matches_timm."""
+    from hrnet_d2.layers import ConvNorm
+
+    arch = "w18_small_v1"
+    x = torch.randn(1, 3, 64, 96)
+    theirs = calibrated_timm(arch, x)
+    ours = ours_from(theirs, arch, norm="FrozenBN").eval()
+    original = ConvNorm.forward_fused
+    monkeypatch.setattr(
+        ConvNorm, "forward_fused", lambda self, x, add_to=None, relu=None: original(self, x, add_to=add_to, relu=None)
+    )
+    with torch.no_grad():
+        assert ours.uses_fused_path(x)
+        out = list(ours(x).values())
+    ref = timm_branches(theirs, x)
+    assert max(rel_err(a, b) for a, b in zip(out, ref)) > 1e-2
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -99,7 +161,7 @@ def test_layout_and_fuse_switches_agree(channels_last):
     for fuse in (True, False):
         ours = ours_from(theirs, arch, norm="FrozenBN", channels_last=channels_last, inference_fuse=fuse).eval()
         with torch.no_grad():
-            assert (ours.folded(x) is not None) == fuse
+            assert (ours.uses_fused_path(x)) == fuse
             out = list(ours(x).values())
         assert all(rel_err(a, b) < 1e-4 for a, b in zip(out, ref))
         assert out[0].is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -216,9 +278,8 @@ def test_bf16_autocast_forward_as_accurate_as_timm():
         assert out[k].dtype == torch.bfloat16
         assert rel_l2(out[k], ref[k]) <= 1.1 * rel_l2(t_out, t_ref) + 1e-3, k
         assert rel_l2(out[k], ref[k]) < 0.15, k
-    with torch.no_grad():
-        fast = ours.folded(x)  # the folded convs cast their weights once per autocast dtype, then reuse them
-    assert all(torch.bfloat16 in c._low and c._low[torch.bfloat16][0].dtype == torch.bfloat16 for c in fast.stem)
+    stem = ours.folded()  # the folded convs cast their weights once per autocast dtype, then reuse them
+    assert all(c._cast[(torch.bfloat16, True)][0].dtype == torch.bfloat16 for c in stem)
     ours.train()  # training forward/backward under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x)
@@ -288,7 +349,6 @@ def test_bf16_detector_features_match_fp32():
 
 
 def test_benchmark_quick(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
 
     payload = benchmark.main(["--quick", "--output-dir", str(tmp_path)])
@@ -321,7 +381,6 @@ def test_benchmark_quick(tmp_path):
 
 def test_benchmark_flop_count_and_isa_flags():
     """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags against /proc/cpuinfo."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)

@@ -2,7 +2,6 @@
 reporting of training (ETA in the log, TensorBoard events)."""
 
 import logging
-import sys
 from pathlib import Path
 
 import cv2
@@ -10,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from hrnet_d2.data import register_all_shapes  # noqa: E402
+from hrnet_d2.data import register_all_shapes
 from hrnet_d2.engine import Trainer
 
-from conftest import CONFIGS, REPO, make_cfg
+from conftest import CONFIGS, make_cfg
 
-sys.path.insert(0, str(REPO / "tools"))
-import benchmark_d2  # noqa: E402
-import visualize_data  # noqa: E402
+import benchmark_d2
+import visualize_data
 
 TINY = [
     "INPUT.MIN_SIZE_TRAIN",

@@ -33,27 +33,60 @@ from pathlib import Path
 
 import torch
 
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import Backbone
+from detectron2.utils.events import EventStorage
+
+from hrnet_d2 import ARCHITECTURES, HRNet
+from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.pyramid import HRNetV2p
+from hrnet_d2.weights import IMAGENET_CHECKPOINTS
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.modeling.backbone import Backbone  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
 
-from hrnet_d2 import ARCHITECTURES, HRNet  # noqa: E402
-from hrnet_d2.config import get_config_file, get_hrnet_cfg  # noqa: E402
-from hrnet_d2.pyramid import HRNetV2p  # noqa: E402
-from hrnet_d2.timm_peer import CLASSIFICATION_ONLY, body_state_dict, calibrated_timm, timm_branches  # noqa: E402
+def timm_branches(timm_model, x):
+    """timm's stem + stages: the four branch outputs, as our hr2..hr5."""
+    t = timm_model
+    return t.stages(t.act2(t.bn2(t.conv2(t.act1(t.bn1(t.conv1(x)))))))
+
+
+def timm_baseline(arch, x, seed=0):
+    """timm's ``hrnet_*`` for ``arch``, the reference: random weights (a private generator:
+    the same for a seed) whose BN statistics are calibrated on ``x`` (a train-mode pass),
+    with non-trivial affine terms, so activations stay normalised as in a trained network.
+    (tests/timm_peer.py makes the tests' oracle the same way; tools do not import tests.)"""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(IMAGENET_CHECKPOINTS[arch][1], pretrained=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.4 - 0.2)
+        model.train()
+        timm_branches(model, x)
+    return model.eval()
+
+
+def load_timm_body(ours, timm_model):
+    """timm's weights into our body (the same official names; its classification head is left out)."""
+    result = ours.load_state_dict(timm_model.state_dict(), strict=False)
+    if result.missing_keys:
+        raise RuntimeError(f"keys of our body missing from timm's model: {result.missing_keys[:5]}")
+
 
 class TimmBody(Backbone):
     """timm's ``hrnet_*`` body (stem + stages) with our body's output names."""
 
     def __init__(self, model, shapes):
         super().__init__()
-        for name in CLASSIFICATION_ONLY:
-            if hasattr(model, name):
-                setattr(model, name, None)
         self.model = model
         self._shapes = shapes
 
@@ -247,8 +280,7 @@ def make_detector(args, device, timm_model, activation_checkpoint=False):
     cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT = activation_checkpoint
     torch.manual_seed(0)
     model = build_model(cfg)
-    body = model.backbone.bottom_up
-    body.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
+    load_timm_body(model.backbone.bottom_up, timm_model)
     return model
 
 
@@ -288,15 +320,14 @@ def run(args):
     ph, pw = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # what the detector's padding gives
     results = []
     torch.manual_seed(0)
-    timm_model = calibrated_timm(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
+    timm_model = timm_baseline(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
 
     # --- body + HRNetV2p forward -------------------------------------------------------------
     # weights are loaded after HRNetV2p is built: its init touches every conv below it
     ours = HRNetV2p(HRNet(ARCHITECTURES[args.arch], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"])
-    ours.bottom_up.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
+    load_timm_body(ours.bottom_up, timm_model)
     ours = ours.to(device).eval()
     theirs = HRNetV2p(TimmBody(copy.deepcopy(timm_model), ours.bottom_up.output_shape()), ["hr2", "hr3", "hr4", "hr5"])
-    theirs.bottom_up.model.load_state_dict(body_state_dict(timm_model, keep_num_batches_tracked=False), strict=False)
     theirs.reduction_conv.load_state_dict(ours.reduction_conv.state_dict())
     theirs.fpn_convs.load_state_dict(ours.fpn_convs.state_dict())
     theirs = theirs.to(device).eval()

@@ -19,7 +19,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -31,11 +30,10 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
-from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
-from hrnet_d2.engine import check_datasets  # noqa: E402
+from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.engine import check_datasets
 
 logger = logging.getLogger("hrnet_d2.benchmark")
 

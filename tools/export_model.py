@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,16 +31,15 @@ from torch import nn
 
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
-from hrnet_d2.data import register_all_shapes  # noqa: E402
+from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.data import register_all_shapes
+from hrnet_d2.predict import model_input, test_augmentations
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -74,9 +72,7 @@ def sample_image(cfg, path=None):
         image = image.astype(np.uint8)
     else:
         image = utils.read_image(path, format=cfg.INPUT.FORMAT)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    resized = aug.get_transform(image).apply_image(image)
-    return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+    return model_input(image, test_augmentations(cfg))["image"]
 
 
 def raw_inference(model, inputs):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the model-zoo tables (docs/model_zoo.md and the README blocks) from the code.
 
-Parameters and GFLOPs are computed from the code (tools/analyze_model.py), published
+Parameters and GFLOPs are computed from the code (hrnet_d2/analysis.py), published
 AP comes from the table below with its source, so the README cannot drift from the
 configs: tests/test_model_zoo.py regenerates the table and compares.  The README's
 "COCO model zoo" and ImageNet-weights tables are rendered from hrnet_d2.zoo, the table
@@ -21,9 +21,8 @@ from urllib.parse import urlsplit
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
-from analyze_model import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups  # noqa: E402
+from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
 
 from hrnet_d2 import zoo  # noqa: E402
 
@@ -40,7 +39,7 @@ SOURCES = {
     "faster": f"{HRNET_OD}#faster-r-cnn",
     "mask": f"{HRNET_OD}#mask-r-cnn",
 }
-# Published COCO val2017 results of the recipe each config reproduces: the
+# Published COCO val2017 results of the model each config targets: the
 # HRNet-Object-Detection README (mmdetection v0.x), rows "SyncBN N, MS train N"
 # (single-scale training with frozen BN statistics, as in our configs).
 # params / gflops are that README's own #Params / GFLOPs columns (Faster R-CNN only).
@@ -93,7 +92,7 @@ def collect(configs=None, flops_for=None, log=print) -> List[Row]:
     rows = []
     for name in configs:
         cfg, model = load_model(CONFIG_DIR / name, device="meta")
-        row = Row(name, cfg.MODEL.HRNET.ARCH, count_parameters(model))
+        row = Row(name, cfg.MODEL.HRNET.ARCH, count_parameters(model, norms=False))
         if name in flops_for:
             cfg, model = load_model(CONFIG_DIR / name)
             row.gflops = f"{sum(count_flops(cfg, model, *INPUT_SIZE).values()) / 1e9:.1f}"
@@ -131,11 +130,12 @@ def _legend():
         f"params and GFLOPs: computed by this project from the configs (`python tools/model_zoo.py`; fvcore, "
         f"1 multiply-add = 1 FLOP, G = 1e9, one {INPUT_SIZE[0]}x{INPUT_SIZE[1]} image, ROI heads on 1000 "
         "proposals / 100 detections; see docs/model_zoo.md). **published** columns: COCO val2017 numbers of the "
-        f"recipe each config reproduces, copied from [HRNet-Object-Detection]({HRNET_OD}) (mmdetection v0.x, rows "
+        f"model each config targets (with Detectron2's R-CNN recipe: differences in configs/Base-RCNN-HRNetV2p.yaml), copied from [HRNet-Object-Detection]({HRNET_OD}) (mmdetection v0.x, rows "
         "without SyncBN or multi-scale training); \"n/a\": no published number for the same recipe. "
         "**Measured by this project: nothing yet** — no COCO training has been run here, so there is no "
         "AP of ours to report. Published #Params count units of 2^20 and exclude BatchNorm affine terms; "
-        "our params are plain counts (see docs/model_zoo.md, \"Why the published #Params differ\").\n\n" + notes
+        "our params exclude them too (norm weight/bias: trained with the configs' BNEval norm) and count units "
+        "of 10^6 (see docs/model_zoo.md, \"Why the published #Params differ\").\n\n" + notes
     )
 
 
@@ -229,15 +229,17 @@ def parameter_difference() -> str:
     data = []
     for c in FASTER:
         cfg, model = load_model(CONFIG_DIR / c, device="meta")
-        data.append((parameter_groups(model), count_parameters(model), frozen_norm_affine(model), PUBLISHED[c]["params"]))
+        data.append(
+            (parameter_groups(model, norms=False), count_parameters(model, norms=False), norm_affine(model), PUBLISHED[c]["params"])
+        )
     for col in cols:
         lines.append(f"| `{col}` | " + " | ".join(f"{g[col]:,}" for g, *_ in data) + " |")
-    lines.append("| **total (Detectron2 count)** | " + " | ".join(f"**{t:,}**" for _, t, _, _ in data) + " |")
+    lines.append("| **total (norm weight/bias left out)** | " + " | ".join(f"**{t:,}**" for _, t, _, _ in data) + " |")
     lines.append("| total / 10^6 | " + " | ".join(f"{t / 1e6:.2f} M" for _, t, _, _ in data) + " |")
     lines.append("| total / 2^20 | " + " | ".join(f"**{t / 2**20:.2f}**" for _, t, _, _ in data) + " |")
     lines.append("| published #Params | " + " | ".join(f"**{p}M**" for *_, p in data) + " |")
     lines.append("| difference 10^6-count - published | " + " | ".join(f"{t / 1e6 - p:+.2f} M" for _, t, _, p in data) + " |")
-    lines.append("| BN weight+bias (FrozenBN buffers here) | " + " | ".join(f"{a:,}" for _, _, a, _ in data) + " |")
+    lines.append("| BN weight+bias (left out above) | " + " | ".join(f"{a:,}" for _, _, a, _ in data) + " |")
     lines.append("| (total + BN affine) / 2^20 | " + " | ".join(f"{(t + a) / 2**20:.2f}" for _, t, a, _ in data) + " |")
     lines.append(
         f"| (total + {MMDET_V0_BBOX_PRED_EXTRA:,}) / 2^20 | "
@@ -274,9 +276,9 @@ Every module matches the reference architecture (mmdetection v0.x `HighResolutio
 
 Two smaller differences exist, each under 0.1 M (104,858 at 2^20):
 
-- BatchNorm affine terms: mmdetection keeps BN weight/bias as `nn.Parameter`s; Detectron2's FrozenBN
-  stores them as buffers, so `model.parameters()` excludes them ({w18[2]:,} for W18). The published numbers
-  match only *without* them (row "(total + BN affine) / 2^20" gives {with_bn} instead of
+- BatchNorm affine terms: mmdetection keeps BN weight/bias as `nn.Parameter`s, as our configs' BNEval
+  norm does (FrozenBN would store them as buffers); our totals leave them out ({w18[2]:,} for W18). The
+  published numbers match only *without* them (row "(total + BN affine) / 2^20" gives {with_bn} instead of
   {published}), i.e. the published counter also left norm layers out;
 - box regression: mmdetection v0.x regresses class-specific boxes for 81 classes including background
   (`reg_class_agnostic=False`, 4 x 81 outputs), Detectron2 for 80: {MMDET_V0_BBOX_PRED_EXTRA:,} more parameters
@@ -302,8 +304,9 @@ and the README block match the code).
 
 ## How the numbers are computed
 
-- **params**: `sum(p.numel() for p in model.parameters())` of the Detectron2 model built from the config
-  (FrozenBN statistics and affine terms are buffers, so not counted).
+- **params**: `sum(p.numel() for p in model.parameters())` of the Detectron2 model built from the config,
+  norm layers left out (`count_parameters(model, norms=False)` in `hrnet_d2/analysis.py`): their weight/bias
+  (trainable with the configs' BNEval norm) are counted apart below, their statistics are buffers.
 - **GFLOPs**: fvcore (`fvcore.nn.FlopCountAnalysis`, one fused multiply-add = one FLOP, G = 10^9) on fixed shapes,
   so the number depends on the config only, not on what a randomly initialised model happens to propose:
   backbone (body + pyramid) on one {INPUT_SIZE[0]}x{INPUT_SIZE[1]} image padded to a multiple of 32 (800x1344),

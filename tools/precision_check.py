@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -26,11 +25,10 @@ from detectron2.structures import pairwise_iou
 from detectron2.utils.logger import setup_logger
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
-from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
-from hrnet_d2.engine import Trainer  # noqa: E402
+from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.engine import Trainer
 
 logger = logging.getLogger("hrnet_d2.precision_check")
 

@@ -25,10 +25,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hrnet_d2 import get_hrnet_cfg  # noqa: E402
-from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
-from hrnet_d2.engine import check_datasets  # noqa: E402
+from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.engine import check_datasets
 
 
 def get_parser():

@@ -13,9 +13,9 @@ model = get_config("common/models/mask_rcnn_fpn.py").model
 model.backbone = L(HRNetV2p)(
     bottom_up=L(HRNet)(
         stages=L(stage_specs)(arch="w32"),
-        norm="FrozenBN",
+        norm="BNEval",  # frozen BN statistics, trained weight/bias (as the YAMLs, see their base)
         out_features=["hr2", "hr3", "hr4", "hr5"],
-        freeze_at=0,  # nothing frozen, like the reference recipe; norms are FrozenBN
+        freeze_at=0,  # nothing frozen, like HRNet-Object-Detection
         upsample_mode="nearest",
         hrv2_upsample_mode="bilinear",
         stem_channels=64,

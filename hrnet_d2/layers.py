@@ -1,0 +1,323 @@
+"""Layer helpers shared by the HRNet body (``blocks.py``, ``hrnet.py``) and the pyramid.
+
+The inference fast path lives here too, as pieces each module uses on itself: at
+inference the norms of the body (FrozenBN, or BN/SyncBN in eval mode) are affine maps,
+so each ``conv -> norm`` pair is one conv with a bias.  A module whose children are
+such pairs (:class:`ConvNorm`, the residual blocks, the stem) mixes in
+:class:`FoldsConvNorms`: ``folded()`` gives a :class:`FoldedConv` per pair, held outside
+the module tree (state dict keys and checkpoint loading are untouched), and each module
+has a ``forward_fused`` that runs its own graph on them:
+
+* on CPU (fp32, channels_last input) every conv goes through oneDNN's fused kernels
+  (``torch.ops.mkldnn._convolution_pointwise``) with pre-packed weights, the ReLU and the
+  residual / fusion sums as post-ops, so blocks and fusions make no extra passes over memory;
+* elsewhere (CUDA, autocast, NCHW) it is ``F.conv2d`` with a bias plus in-place add/ReLU,
+  the weights cast to the autocast dtype and laid out as the input once and kept;
+* the fusion adds nearest-upsampled terms through broadcasting views instead of
+  materialising the upsampled tensors (:func:`add_upsampled_`).
+
+A pair is folded again whenever one of its tensors changed since it was folded: a new
+checkpoint, an optimizer step, an EMA swap (in-place copies) or ``.to()`` (new storage).
+Training mode drops the folded copies.
+"""
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import get_norm as d2_get_norm
+
+__all__ = [
+    "EvalBatchNorm2d",
+    "NORMS",
+    "get_norm",
+    "conv3x3",
+    "upsample_to",
+    "add_upsampled_",
+    "exporting",
+    "checkpointing",
+    "recompute_context",
+    "is_foldable_norm",
+    "all_norms_foldable",
+    "fold_conv_norm",
+    "FoldedConv",
+    "FoldsConvNorms",
+    "ConvNorm",
+    "ConvNormChain",
+]
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose statistics never move: it normalises with its running statistics in
+    training too, while ``weight`` and ``bias`` stay trainable parameters (so the optimizer,
+    with SOLVER.WEIGHT_DECAY_NORM, decays them like any norm parameter).  This is the norm of
+    the published HRNet detectors: mmdetection's ``norm_eval=True`` with ``requires_grad=True``.
+    MODEL.HRNET.NORM "BNEval"; the state dict is BatchNorm2d's."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+# MODEL.*.NORM names hrnet_d2 adds to Detectron2's ``get_norm``
+NORMS = {"BNEval": EvalBatchNorm2d}
+
+
+def get_norm(norm, out_channels):
+    """Detectron2's ``get_norm`` (BN, SyncBN, FrozenBN, GN, ...), plus the names in :data:`NORMS`."""
+    if isinstance(norm, str) and norm in NORMS:
+        norm = NORMS[norm]
+    return d2_get_norm(norm, out_channels)
+
+
+def conv3x3(in_channels, out_channels, stride=1):
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def upsample_to(x: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resize ``x`` to ``reference``'s spatial size.
+
+    Size-based (not scale-factor based) so odd input sizes work; for the exact 2**k
+    ratios of a padded input it equals the official ``nn.Upsample(scale_factor)``.
+    """
+    size = reference.shape[-2:]
+    if x.shape[-2:] == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def add_upsampled_(acc: torch.Tensor, z: torch.Tensor, mode: str) -> torch.Tensor:
+    """``acc += upsample_to(z, acc, mode)`` without materialising the upsampled tensor when
+    the nearest-neighbour factor is an exact integer (then identical to ``F.interpolate``)."""
+    (n, c, h, w), (hz, wz) = acc.shape, z.shape[-2:]
+    if mode == "nearest" and h % hz == 0 and w % wz == 0 and h // hz == w // wz:
+        s = h // hz
+        if acc.is_contiguous(memory_format=torch.channels_last):
+            a = acc.permute(0, 2, 3, 1).view(n, hz, s, wz, s, c)
+            a.add_(z.permute(0, 2, 3, 1)[:, :, None, :, None, :])
+            return acc
+        if acc.is_contiguous():
+            acc.view(n, c, hz, s, wz, s).add_(z[:, :, :, None, :, None])
+            return acc
+    return acc.add_(upsample_to(z, acc, mode))
+
+
+def exporting() -> bool:
+    """Export / compilation record the plain module graph (oneDNN fused ops do not export)."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def checkpointing(module) -> bool:
+    """MODEL.HRNET.ACTIVATION_CHECKPOINT applies now: on, training, and gradients wanted."""
+    return module.activation_checkpoint and module.training and torch.is_grad_enabled()
+
+
+def recompute_context(module):
+    """``context_fn`` for torch.utils.checkpoint: the recomputation in backward must not
+    update BN running statistics a second time (momentum 0 and the batch counter
+    restored), so checkpointing changes neither outputs nor gradients nor buffers."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    @contextlib.contextmanager
+    def keep_running_stats():
+        saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, momentum, count in saved:
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+
+    return lambda: (contextlib.nullcontext(), keep_running_stats())
+
+
+# ---------------------------------------------------------------------------------
+# Folding conv -> norm pairs for inference
+
+
+def is_foldable_norm(norm) -> bool:
+    """True when ``norm`` is an affine map right now (FrozenBN; BN/SyncBN in eval mode)."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        # eval-mode BN (and SyncBN, detectron2's NaiveSyncBN) normalises with its running stats
+        return not norm.training and norm.track_running_stats and norm.running_mean is not None
+    return False
+
+
+def all_norms_foldable(module) -> bool:
+    """True when every norm inside ``module`` is an affine map right now (GN/LN never are)."""
+    for m in module.modules():
+        if next(m.children(), None) is None and not isinstance(m, (nn.Conv2d, nn.ReLU, nn.Identity)):
+            if not is_foldable_norm(m):
+                return False
+    return True
+
+
+@torch.no_grad()
+def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module):
+    """(weight, bias) of the single conv equal to ``norm(conv(x))`` at inference."""
+    if not is_foldable_norm(norm):
+        raise ValueError(f"cannot fold {type(norm).__name__} into a conv (only FrozenBN / eval-mode BN)")
+    w = conv.weight
+    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    bias = norm.bias + (b - norm.running_mean) * scale
+    return w * scale.reshape(-1, 1, 1, 1), bias
+
+
+def _onednn_ok(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+class FoldedConv:
+    """One ``conv -> norm`` pair as a biased conv with optional fused add and ReLU (not an
+    ``nn.Module``: its tensors never appear in ``state_dict()``)."""
+
+    __slots__ = ("weight", "bias", "stride", "padding", "_packed", "_cast")
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module):
+        assert conv.groups == 1 and conv.dilation == (1, 1), conv
+        w, b = fold_conv_norm(conv, norm)
+        self.weight = w.contiguous()
+        self.bias = b.contiguous()
+        self.stride = list(conv.stride)
+        self.padding = list(conv.padding)
+        self._packed: Optional[torch.Tensor] = None
+        # (dtype, channels_last) -> (weight, bias), made once, not at every call
+        self._cast: Dict[Tuple[torch.dtype, bool], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights_for(self, x: torch.Tensor):
+        """(weight, bias) in ``x``'s dtype (autocast's when on) and memory format."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        key = (dtype, channels_last)
+        if key not in self._cast:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self._cast[key] = (self.weight.to(dtype).contiguous(memory_format=fmt), self.bias.to(dtype))
+        return self._cast[key]
+
+    def _onednn_weight(self, x):
+        if self._packed is None:
+            w = self.weights_for(x)[0]
+            try:
+                self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    w, self.padding, self.stride, [1, 1], 1, list(x.shape)
+                )
+            except RuntimeError:  # very old oneDNN: dense weights work too, just slower
+                self._packed = w
+        return self._packed
+
+    def __call__(self, x, relu=False, add_to=None):
+        """``relu(conv(x) + bias [+ add_to])``; the sum is written into ``add_to``."""
+        if _onednn_ok(x) and (add_to is None or add_to.dtype == torch.float32):
+            args = (self._onednn_weight(x), self.bias, self.padding, self.stride, [1, 1], 1)
+            if add_to is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+            if add_to.is_contiguous(memory_format=torch.channels_last):
+                return torch.ops.mkldnn._convolution_pointwise_(
+                    add_to, x, *args, "add", 1.0, "relu" if relu else None, [], None
+                )
+        weight, bias = self.weights_for(x)
+        y = F.conv2d(x, weight, bias, self.stride, self.padding)
+        if add_to is not None:
+            y = add_to.add_(y)
+        return y.relu_() if relu else y
+
+
+def _source_key(conv, norm):
+    """Changes whenever one of the pair's tensors is replaced, moved or modified in place
+    (``load_state_dict``, optimizer steps, EMA swaps and ``.to()`` bump ``_version`` or ``data_ptr``)."""
+    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+
+
+class FoldsConvNorms:
+    """Mixin for an ``nn.Module`` made of ``conv -> norm`` pairs (listed by ``conv_norm_pairs``):
+    ``folded()`` gives one :class:`FoldedConv` per pair, kept on the module outside its
+    state dict, folded again when a tensor of the pair changed, dropped in training mode."""
+
+    def conv_norm_pairs(self) -> List[Tuple[nn.Conv2d, nn.Module]]:
+        raise NotImplementedError
+
+    def folded(self) -> List[FoldedConv]:
+        pairs = self.conv_norm_pairs()
+        key = tuple(_source_key(conv, norm) for conv, norm in pairs)
+        cache = self.__dict__.get("_folded")
+        if cache is None or cache[0] != key:
+            self.__dict__["_folded"] = None  # free the old copy first
+            cache = (key, [FoldedConv(conv, norm) for conv, norm in pairs])
+            self.__dict__["_folded"] = cache
+        return cache[1]
+
+    def train(self, mode=True):
+        if mode:
+            self.__dict__.pop("_folded", None)
+        return super().train(mode)
+
+    def __getstate__(self):
+        # pickling / deepcopy: the folded copy (and its oneDNN-packed weights) is derived data
+        state = self.__dict__.copy()
+        state.pop("_folded", None)
+        return state
+
+
+class ConvNorm(FoldsConvNorms, nn.Sequential):
+    """``conv -> norm [-> ReLU]``, children ``0``, ``1`` [, ``2``] as in the official
+    HRNet (``fuse_layers``, ``transition*``, ``downsample``): the state dict keys are theirs.
+
+    Args:
+        in_channels (int): input channels.
+        out_channels (int): output channels.
+        kernel_size (int): 1 or 3 (padding keeps the size at stride 1).
+        stride (int): stride of the conv.
+        norm (str): a ``layers.get_norm`` name (Detectron2's names and BNEval) (FrozenBN, BN, SyncBN, GN, ...).
+        relu (bool): end with a ReLU.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, norm="BN", relu=False):
+        layers = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+            get_norm(norm, out_channels),
+        ]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+        self.relu = relu
+
+    def conv_norm_pairs(self):
+        return [(self[0], self[1])]
+
+    def forward_fused(self, x, add_to: Optional[torch.Tensor] = None, relu: Optional[bool] = None):
+        """The folded conv; ``add_to`` (written in place) is added before the ReLU, and
+        ``relu`` overrides the module's own (a ReLU after a sum)."""
+        return self.folded()[0](x, relu=self.relu if relu is None else relu, add_to=add_to)
+
+
+class ConvNormChain(nn.Sequential):
+    """A chain of :class:`ConvNorm` (stride-2 steps to a lower resolution), children ``0``, ``1``, ..."""
+
+    def forward_fused(self, x, add_to: Optional[torch.Tensor] = None, relu: Optional[bool] = None):
+        last = len(self) - 1
+        for k, step in enumerate(self):
+            x = step.forward_fused(x, add_to=add_to, relu=relu) if k == last else step.forward_fused(x)
+        return x
