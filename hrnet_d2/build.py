@@ -19,17 +19,46 @@ import torch
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
 
+from .errors import UserError
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
 
-__all__ = ["build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
+__all__ = ["ConfigError", "check_device", "build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
 def _fail(key, value, allowed):
-    raise ValueError(f"{key} = {value!r} is invalid: {allowed}")
+    raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def _available_devices():
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device, key="MODEL.DEVICE"):
+    """Stop (ConfigError naming ``key``) when ``device`` does not exist on this machine,
+    e.g. ``cuda`` where torch sees no CUDA device, before anything is built."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        _fail(key, device, f"not a torch device; available here: {_available_devices()}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(key, device, f"no CUDA device here (torch.cuda.is_available() is False); available: {_available_devices()}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(key, device, f"this machine has {torch.cuda.device_count()} CUDA device(s); available: {_available_devices()}")
+    elif dev.type != "cpu" and str(dev) not in _available_devices() and dev.type not in _available_devices():
+        _fail(key, device, f"not available here; available: {_available_devices()}")
 
 
 def _check_positive_int(key, value):
@@ -67,7 +96,7 @@ def stage_specs_from_cfg(cfg):
     if h.ARCH:
         _check_choice("MODEL.HRNET.ARCH", h.ARCH, sorted(ARCHITECTURES) + ["''  (explicit MODEL.HRNET.STAGE1..4)"])
         if _stage_keys_used(h):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.HRNET.ARCH = {h.ARCH!r} and explicit MODEL.HRNET.STAGE* keys are both set; "
                 "set MODEL.HRNET.ARCH '' to use the explicit stage specs"
             )
@@ -280,8 +309,9 @@ def _check_consecutive_levels(key, names, shapes):
 def validate_config(cfg):
     """Check every key hrnet_d2 models use, before anything is built or read.
 
-    Raises ValueError naming the key, the value and what is allowed.
+    Raises ConfigError (a ValueError) naming the key, the value and what is allowed.
     """
+    check_device(cfg.MODEL.DEVICE)
     _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
     _check_pixel_stats(cfg)
     shapes = _backbone_output_shapes(cfg)

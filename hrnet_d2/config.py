@@ -9,7 +9,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys to a Detectron2 config."""
+    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys (and DATALOADER.DROP_INVALID_BOXES) to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -55,6 +55,17 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+
+    # MODEL.WEIGHTS must fill the whole HRNet body: a checkpoint that leaves body tensors
+    # at their random init (another architecture, a partial file) stops loading with the
+    # missing keys named.  True accepts it (e.g. on purpose, a body trained from scratch
+    # in part).  Heads and the pyramid missing is normal for ImageNet weights: never stops.
+    _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
+
+    # Training annotations whose box has a non-positive width/height or lies entirely
+    # outside its image are an error (DataError naming the json and annotation id);
+    # True drops them with a warning that counts them (Detectron2 drops them silently).
+    _C.DATALOADER.DROP_INVALID_BOXES = False
 
 
 def get_config_file(name: str) -> str:

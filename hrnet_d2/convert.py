@@ -26,14 +26,18 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .arch import ARCHITECTURES, StageSpec
+from .errors import UserError
 
 __all__ = [
     "ConversionError",
     "Conversion",
     "load_state_dict",
+    "unwrap_state_dict",
     "detect_stage_specs",
     "arch_name",
+    "checkpoint_layout",
     "convert_state_dict",
+    "describe_specs",
     "convert_file",
     "main",
 ]
@@ -60,7 +64,7 @@ BODY_PREFIX = {
 PYRAMID_PREFIX = "backbone."
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message says why and names the file."""
 
 
@@ -99,10 +103,12 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as e:
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    return _unwrap(data, path)
+    return unwrap_state_dict(data, path)
 
 
-def _unwrap(data, source=""):
+def unwrap_state_dict(data, source=""):
+    """The flat state dict of tensors inside a loaded checkpoint (``state_dict`` / ``model``
+    containers unwrapped, ``module.`` prefixes removed); ConversionError if there is none."""
     if isinstance(data, dict):
         for key in ("state_dict", "model", "model_state", "state_dict_ema"):
             if key in data and isinstance(data[key], dict):
@@ -173,10 +179,25 @@ def arch_name(specs) -> Optional[str]:
     return None
 
 
-def _spec_text(specs):
+def describe_specs(specs):
+    """E.g. ``w18_small_v1 (branch widths 16/32/64/128)``."""
     name = arch_name(specs)
     widths = "/".join(str(c) for c in specs[-1].num_channels)
     return f"{name} (branch widths {widths})" if name else f"an HRNet not in the architecture table (branch widths {widths})"
+
+
+_MMDET_PARTS = ("neck.", "rpn_head.", "roi_head.", "bbox_head.", "mask_head.")
+
+
+def checkpoint_layout(state_dict) -> Optional[str]:
+    """Which convertible layout a state dict has, from its keys: ``"imagenet"`` (official
+    HRNet-Image-Classification or timm: the body at the top level), ``"mmdetection"``
+    (``backbone.`` body + ``neck.`` / ``*_head.``), or None (e.g. Detectron2's own names)."""
+    if "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+        return "imagenet"
+    if "backbone.layer1.0.conv1.weight" in state_dict and any(k.startswith(_MMDET_PARTS) for k in state_dict):
+        return "mmdetection"
+    return None
 
 
 class Conversion:
@@ -197,7 +218,7 @@ class Conversion:
         return arch_name(self.specs)
 
     def report(self) -> str:
-        lines = [f"Detected: {self.source_format}, HRNet {_spec_text(self.specs)}, stem width {self.stem_channels}"]
+        lines = [f"Detected: {self.source_format}, HRNet {describe_specs(self.specs)}, stem width {self.stem_channels}"]
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck}) -> {self.body_prefix}*")
@@ -272,8 +293,8 @@ def convert_state_dict(
     conv.specs, conv.stem_channels = specs, stem
     if expected_specs is not None and tuple(expected_specs) != specs:
         raise ConversionError(
-            f"{_describe(source)}width mismatch: found HRNet {_spec_text(specs)} in the checkpoint, "
-            f"expected {_spec_text(tuple(expected_specs))} from {expected_from or 'the target'}"
+            f"{_describe(source)}width mismatch: found HRNet {describe_specs(specs)} in the checkpoint, "
+            f"expected {describe_specs(tuple(expected_specs))} from {expected_from or 'the target'}"
         )
     if expected_stem_channels is not None and expected_stem_channels != stem:
         raise ConversionError(
@@ -291,7 +312,7 @@ def convert_state_dict(
                 continue
             if tuple(v.shape) != expected[k]:
                 raise ConversionError(
-                    f"{_describe(source)}{k} has shape {tuple(v.shape)}, expected {expected[k]} for HRNet {_spec_text(specs)}"
+                    f"{_describe(source)}{k} has shape {tuple(v.shape)}, expected {expected[k]} for HRNet {describe_specs(specs)}"
                 )
             dst = body_prefix + k
             conv.state_dict[dst] = v

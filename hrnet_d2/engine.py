@@ -1,7 +1,6 @@
 """Pieces of train_net.py that users of their own Detectron2 scripts may want too."""
 import logging
 import os
-import sys
 import weakref
 
 import cv2
@@ -18,10 +17,11 @@ from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
+from .errors import UserError
 from .amp import amp_trainer_for
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
-from .data.checks import load_dataset_dicts
+from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
 
@@ -47,7 +47,7 @@ class Trainer(DefaultTrainer):
         self._trainer = amp_trainer_for(cfg, self._trainer)
         # DefaultTrainer.__init__ makes a plain DetectionCheckpointer and gives it to the
         # PeriodicCheckpointer hook: replace it in both places.
-        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
@@ -65,7 +65,9 @@ class Trainer(DefaultTrainer):
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            invalid_boxes="drop" if cfg.DATALOADER.DROP_INVALID_BOXES else "error",
         )
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
         args = _train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
         sampler = ResumableSampler(args["sampler"]) if args["sampler"] is not None else None
         args["sampler"] = sampler
@@ -145,16 +147,8 @@ class Trainer(DefaultTrainer):
 _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json")
 
 
-class DatasetFilesMissing(SystemExit):
-    """Raised (exit status 2) when a dataset's files are not on disk.
-
-    Python prints a SystemExit's message only when its code is a string: print it here.
-    """
-
-    def __init__(self, message):
-        super().__init__(message)
-        self.code = 2
-        print(message, file=sys.stderr, flush=True)
+class DatasetFilesMissing(UserError, FileNotFoundError):
+    """A dataset's files are not on disk (or the dataset is not registered)."""
 
 
 def check_datasets(names):

@@ -9,7 +9,7 @@ alone and exits with status 2.  ``--debug`` or ``HRNET_D2_DEBUG=1`` shows the tr
 import os
 import sys
 
-__all__ = ["UserError", "debug_enabled", "exit_on_user_error"]
+__all__ = ["UserError", "add_debug_argument", "debug_enabled", "exit_on_user_error"]
 
 DEBUG_ENV = "HRNET_D2_DEBUG"
 
@@ -24,6 +24,14 @@ def debug_enabled(argv=None) -> bool:
     """True when tracebacks were asked for (``--debug`` on the command line or HRNET_D2_DEBUG=1)."""
     argv = sys.argv if argv is None else argv
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def add_debug_argument(parser):
+    """Add ``--debug`` (show the traceback of user-mistake errors) to an argparse parser."""
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback of errors (also: {DEBUG_ENV}=1)"
+    )
+    return parser
 
 
 def exit_on_user_error(fn, *args, **kwargs):

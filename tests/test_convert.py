@@ -203,7 +203,7 @@ def test_missing_weights_check(tmp_path):
     cfg.MODEL.WEIGHTS = str(tmp_path / converted_weights_path("w18"))
     with pytest.raises(PretrainedWeightsMissing) as e:
         check_pretrained_weights(cfg, config_file="my.yaml")
-    assert e.value.code == 2
+    assert e.value.exit_code == 2
     assert f"python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth {cfg.MODEL.WEIGHTS} --config-file my.yaml" in str(e.value)
     # resuming from a checkpoint in OUTPUT_DIR does not need the pretrained file
     cfg.OUTPUT_DIR = str(tmp_path)
