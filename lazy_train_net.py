@@ -10,9 +10,11 @@ generated "shapes" datasets and the dataset check of ``train_net.py``.  Same CLI
     python lazy_train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
 
 Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bottom_up.stages.arch=w18``).
+A mistake in what was given ends with one line ``error: ...`` and exit status 2;
+``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback.
 """
-
 import logging
+import os
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -28,10 +30,13 @@ from detectron2.engine import (
 )
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from torch.multiprocessing import ProcessExitedException
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.build import check_device
 from hrnet_d2.engine import check_datasets
+from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("detectron2")
 
@@ -93,6 +98,7 @@ def main(args):
     register_all_shapes()
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_device(cfg.train.device, key="train.device")  # before anything is generated or built
     default_setup(cfg, args)
     names = dataset_names(cfg, args.eval_only)
     if comm.is_main_process():
@@ -109,16 +115,28 @@ def main(args):
     do_train(args, cfg)
 
 
+def worker(args):
+    """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
+    return exit_on_user_error(main, args)
+
+
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args = add_debug_argument(default_argument_parser()).parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
+    try:
+        return launch(
+            worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
+        if e.exit_code == UserError.exit_code:
+            raise SystemExit(e.exit_code) from None
+        raise
 
 
 if __name__ == "__main__":

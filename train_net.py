@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from hrnet_d2 import get_hrnet_cfg
-from hrnet_d2.build import check_device
+from hrnet_d2.build import check_device, validate_config
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
@@ -73,6 +73,7 @@ def setup(args):
 def main(args):
     register_all_shapes()
     cfg = setup(args)
+    validate_config(cfg)  # config mistakes stop before any dataset is generated or read
     check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():

@@ -34,6 +34,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
 
 __all__ = ["load_model", "count_parameters", "parameter_groups", "frozen_norm_affine", "count_flops", "main"]
 
@@ -205,7 +206,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=["parameter", "flop"], default=["parameter", "flop"])
     parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
 
     cfg, model = load_model(args.config_file, args.opts, device="cpu" if "flop" in args.tasks else "meta")
@@ -232,4 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

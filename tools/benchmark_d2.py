@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
 from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import check_datasets  # noqa: E402
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.benchmark")
 
@@ -121,7 +122,7 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = add_debug_argument(get_parser()).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
@@ -136,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

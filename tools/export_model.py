@@ -42,6 +42,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
 from hrnet_d2.data import register_all_shapes  # noqa: E402
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -138,7 +139,7 @@ def export_scripting(model, what, output_dir):
         scripted = torch.jit.script(model.backbone)
     else:
         if not isinstance(model, GeneralizedRCNN):
-            raise SystemExit(f"--export-method scripting of a whole model supports R-CNNs, not {type(model).__name__}")
+            raise UserError(f"--export-method scripting of a whole model supports R-CNNs, not {type(model).__name__}")
         scripted = scripting_with_instances(model, instance_fields(model))
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{what}.ts")
@@ -224,13 +225,13 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = add_debug_argument(get_parser()).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     if args.export_method == "scripting" and args.format != "torchscript":
-        raise SystemExit("--export-method scripting only produces TorchScript (--format torchscript)")
+        raise UserError("--export-method scripting only produces TorchScript (--format torchscript)")
     model = load_model(cfg)
     image = sample_image(cfg, args.sample_image)
     if args.export_method == "scripting":
@@ -246,4 +247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

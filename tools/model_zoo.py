@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from analyze_model import count_flops, count_parameters, frozen_norm_affine, load_model, parameter_groups  # noqa: E402
 
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
+
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
 README = REPO / "README.md"
@@ -260,7 +262,7 @@ def write(rows: List[Row]):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     rows = collect()
     if args.check:
@@ -276,4 +278,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
 from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import Trainer  # noqa: E402
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.precision_check")
 
@@ -63,7 +64,7 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
@@ -71,7 +72,7 @@ def main(argv=None):
     ensure_all_generated(list(cfg.DATASETS.TEST))
     weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if not os.path.isfile(weights):
-        raise SystemExit(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
+        raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     model = Trainer.build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
     device = torch.device(cfg.MODEL.DEVICE).type
@@ -125,4 +126,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)
