@@ -156,8 +156,17 @@ def instance_tensors(rcnn, image):
     return [v.tensor if hasattr(v, "tensor") else v for _, v in sorted(fields.items())]
 
 
+def _rel_diff(a, b):
+    """max |a - b| / max |b| (b the PyTorch output): comparable across models and CPUs."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not b.size:
+        return 0.0
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float32).tiny))
+
+
 def scripting_diff(model, path, what, image):
-    """Largest |scripted - PyTorch| on ``image`` (inf when shapes differ)."""
+    """Largest |scripted - PyTorch| on ``image``, relative to each output's max |PyTorch|
+    (inf when shapes differ)."""
     scripted = torch.jit.load(path)
     if what == "backbone":
         _, (x,) = traceable(model, what, image)  # the normalised NCHW input the backbone sees
@@ -167,7 +176,7 @@ def scripting_diff(model, path, what, image):
         got, ref = instance_tensors(scripted, image), instance_tensors(model, image)
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
         return float("inf")
-    return max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))
+    return max(_rel_diff(a.numpy(), b.numpy()) for a, b in zip(got, ref))
 
 
 def run_exported(path, fmt, inputs):
@@ -183,15 +192,16 @@ def run_exported(path, fmt, inputs):
     return session.run(None, feeds)
 
 
-def max_abs_diff(module, path, fmt, inputs):
-    """Largest |exported - PyTorch| over all outputs (inf when shapes differ)."""
+def max_rel_diff(module, path, fmt, inputs):
+    """Largest |exported - PyTorch| over all outputs, relative to each output's max
+    |PyTorch| (inf when shapes differ)."""
     with torch.no_grad():
         reference = module(*inputs)
     reference = [r.numpy() for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
     exported = run_exported(path, fmt, inputs)
     if len(exported) != len(reference) or any(a.shape != b.shape for a, b in zip(exported, reference)):
         return float("inf")
-    return max((float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0) for a, b in zip(exported, reference))
+    return max(_rel_diff(a, b) for a, b in zip(exported, reference))
 
 
 def disable_fast_paths(model):
@@ -237,12 +247,12 @@ def main(argv=None):
     if args.export_method == "scripting":
         path = export_scripting(model, args.what, args.output)
         diff = scripting_diff(model, path, args.what, image)
-        logger.info("Scripted vs PyTorch on the sample: max |difference| = %.3g", diff)
+        logger.info("Scripted vs PyTorch on the sample: max |difference| / max |output| = %.3g", diff)
         return path, diff
     logger.info("Tracing with an input of shape %s", tuple(image.shape))
     path, module, inputs = export_tracing(model, args.what, image, args.format, args.output)
-    diff = max_abs_diff(module, path, args.format, inputs)
-    logger.info("Exported vs PyTorch on the sample: max |difference| = %.3g", diff)
+    diff = max_rel_diff(module, path, args.format, inputs)
+    logger.info("Exported vs PyTorch on the sample: max |difference| / max |output| = %.3g", diff)
     return path, diff
 
 
