@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .arch import ARCHITECTURES, StageSpec
-from .errors import UserError
+from .errors import UserError, add_debug_argument, debug_enabled
 
 __all__ = [
     "ConversionError",
@@ -406,7 +406,7 @@ def _parser():
         help="target MODEL.BACKBONE.NAME (default: from --config-file, else build_hrnetv2p_backbone)",
     )
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for --config-file")
-    return p
+    return add_debug_argument(p)
 
 
 def main(argv=None):
@@ -418,9 +418,11 @@ def main(argv=None):
         conv = convert_file(
             args.src, args.dst, config_file=args.config_file, opts=args.opts, arch=args.arch, backbone=args.backbone
         )
-    except ConversionError as e:
+    except UserError as e:  # ConversionError, or a config error of --config-file
+        if args.debug or debug_enabled([]):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(conv.report())
     print(f"Wrote {args.dst}; use it with MODEL.WEIGHTS {args.dst}")
     return 0
