@@ -56,10 +56,11 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
 
-    # MODEL.WEIGHTS must fill the whole HRNet body: a checkpoint that leaves body tensors
-    # at their random init (another architecture, a partial file) stops loading with the
-    # missing keys named.  True accepts it (e.g. on purpose, a body trained from scratch
-    # in part).  Heads and the pyramid missing is normal for ImageNet weights: never stops.
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
+    # that leaves body tensors at their random init (a partial file, another backbone's weights)
+    # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
+    # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
+    # a missing pyramid (ImageNet weights), are normal: they never stop.
     _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
 
     # Training annotations whose box has a non-positive width/height or lies entirely
