@@ -36,7 +36,7 @@ import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.build import check_device
 from hrnet_d2.engine import check_datasets
-from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 
 logger = logging.getLogger("detectron2")
 
@@ -117,7 +117,7 @@ def main(args):
 
 def worker(args):
     """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
-    return exit_on_user_error(main, args)
+    return exit_on_user_error_in_worker(main, args)
 
 
 def cli(argv=None):

@@ -32,7 +32,7 @@ from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
 from hrnet_d2.engine import Trainer, check_datasets, visualize_predictions
-from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 from hrnet_d2.weights import check_pretrained_weights
 
 logger = logging.getLogger("hrnet_d2")
@@ -100,7 +100,7 @@ def main(args):
 
 def worker(args):
     """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
-    return exit_on_user_error(main, args)
+    return exit_on_user_error_in_worker(main, args)
 
 
 def get_parser():
