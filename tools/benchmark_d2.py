@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetFromList, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.modeling import build_model
@@ -34,6 +33,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
 from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import check_datasets  # noqa: E402
 from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
@@ -67,7 +67,7 @@ def benchmark_train(cfg, iters):
     model = build_model(cfg)
     model.train()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     optimizer = build_optimizer(cfg, model)
     loader = build_detection_train_loader(cfg)
     batches = DatasetFromList(list(itertools.islice(loader, min(iters, NUM_PRELOADED))), copy=False, serialize=False)
@@ -93,7 +93,7 @@ def benchmark_eval(cfg, iters, warmup=3):
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
     batches = list(itertools.islice(loader, NUM_PRELOADED))
     data = _repeat(batches)

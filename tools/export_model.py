@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -41,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
 from hrnet_d2.data import register_all_shapes  # noqa: E402
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error  # noqa: E402
 
@@ -216,7 +216,7 @@ def disable_fast_paths(model):
 def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg).resume_or_load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     return disable_fast_paths(model.eval())

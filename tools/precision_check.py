@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.evaluation import print_csv_format
 from detectron2.structures import pairwise_iou
 from detectron2.utils.logger import setup_logger
@@ -29,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
+from hrnet_d2.checkpoint import AtomicCheckpointer  # noqa: E402
 from hrnet_d2.data import ensure_all_generated, register_all_shapes  # noqa: E402
 from hrnet_d2.engine import Trainer  # noqa: E402
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error  # noqa: E402
@@ -74,7 +74,7 @@ def main(argv=None):
     if not os.path.isfile(weights):
         raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     model = Trainer.build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    AtomicCheckpointer(model, cfg=cfg).load(weights)
     device = torch.device(cfg.MODEL.DEVICE).type
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
