@@ -121,7 +121,7 @@ class Predictor:
         if config_file.endswith(".py"):
             DetectionCheckpointer(self.model).load(weights)
         else:  # foreign HRNet layouts converted, misfits stopped (hrnet_d2/checkpoint.py)
-            AtomicCheckpointer(self.model, cfg=cfg).load(weights)
+            AtomicCheckpointer(self.model, cfg=cfg, complete=True).load(weights)
         self.model.eval()
         self.metadata = MetadataCatalog.get(dataset)
         logger.info("Loaded %s with weights %s", config_file, weights)

@@ -120,12 +120,46 @@ class AtomicCheckpointer(DetectionCheckpointer):
         cfg: the model's config; with an HRNet backbone, foreign HRNet checkpoints are
             converted on load and checkpoints that do not fill the backbone stop (see the
             module docstring).  None: Detectron2's behaviour.
+        complete: for inference (evaluation, demo, export): every tensor of the model must
+            come from the checkpoint, heads included; a missing or other-shaped one stops
+            (``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True``: a warning).
     """
 
-    def __init__(self, model, save_dir="", *, cfg=None, **kwargs):
+    def __init__(self, model, save_dir="", *, cfg=None, complete=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self._cfg = cfg
+        self._complete = complete
         self._loading = None
+
+    def _allow_partial(self):
+        return self._cfg is not None and self._cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS
+
+    def _check_complete(self, incompatible):
+        """Stop (for inference) when tensors of the model are not in the checkpoint."""
+        missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+        wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+        wrong_keys = {k for k, _, _ in wrong}
+        missing = [k for k in missing if k not in wrong_keys]
+        if not missing and not wrong:
+            return
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors of the model are not in it, e.g. {_listed(missing)}")
+        if wrong:
+            problems.append(
+                f"{len(wrong)} have other shapes, e.g. " + _listed(f"{k}: found {a}, expected {b}" for k, a, b in wrong)
+            )
+        message = (
+            f"MODEL.WEIGHTS {self._loading} does not hold the whole model, which inference needs (those tensors "
+            f"would be random): " + "; ".join(problems)
+        )
+        if self._allow_partial():
+            self.logger.warning("%s. Loading it anyway (MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True).", message)
+            return
+        raise CheckpointError(
+            f"{message}. Use the checkpoint of a model trained with this config (e.g. OUTPUT_DIR/model_final.pth), "
+            "or set MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True if this is intended."
+        )
 
     def _hrnet_target(self):
         """(backbone name, stage specs, stem width, where the specs come from) or None."""
@@ -172,7 +206,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """Stop when the loaded checkpoint does not fit or fill the HRNet backbone."""
         name, specs, _, where = target
         body = BODY_PREFIX[name]
-        allow_partial = self._cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS
+        allow_partial = self._allow_partial()
         source = f"MODEL.WEIGHTS {self._loading}"
         wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith("backbone.")]
         extra = [k for k in incompatible.unexpected_keys if k.startswith("backbone.") and not k.endswith(_NORM_STATISTICS)]
@@ -224,13 +258,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         target = self._hrnet_target()
-        if target is None:
-            return super()._load_model(checkpoint)
-        self._convert_foreign(checkpoint, target)
+        if target is not None:
+            self._convert_foreign(checkpoint, target)
         # fvcore pops "model" and deletes the tensors of other shapes from it: keep a view
         given = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
         incompatible = super()._load_model(checkpoint)
-        self._check_fit(incompatible, given, target)
+        if target is not None:
+            self._check_fit(incompatible, given, target)
+        if self._complete:
+            self._check_complete(incompatible)
         return incompatible
 
     def save(self, name, **kwargs):

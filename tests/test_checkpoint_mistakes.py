@@ -149,3 +149,17 @@ def test_own_checkpoints_and_other_heads_load_unchanged(small_model, tmp_path):
     other = make_cfg(FASTER, *SMALL, "MODEL.ROI_HEADS.NUM_CLASSES", "3")
     tuned = _load(other, path)
     assert torch.equal(tuned.backbone.reduction_conv.weight, model.backbone.reduction_conv.weight)
+
+
+def test_inference_needs_the_whole_model(small_model, tmp_path, official_pth):
+    """Evaluation / demo / export (complete=True): heads missing or of another class count stop."""
+    cfg, model = small_model
+    path = tmp_path / "own.pth"
+    torch.save({"model": model.state_dict()}, path)
+    AtomicCheckpointer(build_model(cfg), cfg=cfg, complete=True).load(str(path))  # a trained model: fine
+    other = make_cfg(FASTER, *SMALL, "MODEL.ROI_HEADS.NUM_CLASSES", "3")
+    with pytest.raises(CheckpointError, match=r"does not hold the whole model.*roi_heads.box_predictor.cls_score.weight: "
+                                              r"found \(81, 1024\), expected \(4, 1024\)"):  # fmt: skip
+        AtomicCheckpointer(build_model(other), cfg=other, complete=True).load(str(path))
+    with pytest.raises(CheckpointError, match=r"26 tensors of the model are not in it, e.g. backbone.reduction_conv.weight"):
+        AtomicCheckpointer(build_model(cfg), cfg=cfg, complete=True).load(str(official_pth))  # ImageNet weights

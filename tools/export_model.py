@@ -216,7 +216,7 @@ def disable_fast_paths(model):
 def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model, cfg=cfg).resume_or_load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg, complete=True).resume_or_load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     return disable_fast_paths(model.eval())

@@ -74,7 +74,7 @@ def main(argv=None):
     if not os.path.isfile(weights):
         raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     model = Trainer.build_model(cfg).eval()
-    AtomicCheckpointer(model, cfg=cfg).load(weights)
+    AtomicCheckpointer(model, cfg=cfg, complete=True).load(weights)
     device = torch.device(cfg.MODEL.DEVICE).type
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
