@@ -33,8 +33,8 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from torch.multiprocessing import ProcessExitedException
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.build import check_device
+from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import check_datasets
 from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 

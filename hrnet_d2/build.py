@@ -19,12 +19,19 @@ import torch
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
 
-from .errors import UserError
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
+from .errors import UserError
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
 
-__all__ = ["ConfigError", "check_device", "build_hrnet_backbone", "build_hrnetv2p_backbone", "stage_specs_from_cfg", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "check_device",
+    "stage_specs_from_cfg",
+    "validate_config",
+]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -52,13 +59,14 @@ def check_device(device, key="MODEL.DEVICE"):
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         _fail(key, device, f"not a torch device; available here: {_available_devices()}")
+    available = _available_devices()
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            _fail(key, device, f"no CUDA device here (torch.cuda.is_available() is False); available: {_available_devices()}")
+            _fail(key, device, f"no CUDA device here (torch.cuda.is_available() is False); available: {available}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            _fail(key, device, f"this machine has {torch.cuda.device_count()} CUDA device(s); available: {_available_devices()}")
-    elif dev.type != "cpu" and str(dev) not in _available_devices() and dev.type not in _available_devices():
-        _fail(key, device, f"not available here; available: {_available_devices()}")
+            _fail(key, device, f"this machine has {torch.cuda.device_count()} CUDA device(s); available: {available}")
+    elif dev.type != "cpu" and str(dev) not in available and dev.type not in available:
+        _fail(key, device, f"not available here; available: {available}")
 
 
 def _check_positive_int(key, value):

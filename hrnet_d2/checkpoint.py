@@ -109,7 +109,8 @@ _MAX_LISTED = 3
 
 def _listed(items):
     items = list(items)
-    return ", ".join(map(str, items[:_MAX_LISTED])) + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(map(str, items[:_MAX_LISTED])) + more
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -208,11 +209,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         body = BODY_PREFIX[name]
         allow_partial = self._allow_partial()
         source = f"MODEL.WEIGHTS {self._loading}"
-        wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith("backbone.")]
-        extra = [k for k in incompatible.unexpected_keys if k.startswith("backbone.") and not k.endswith(_NORM_STATISTICS)]
-        missing = [k for k in incompatible.missing_keys if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+        ours = "backbone."
+        wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith(ours)]
+        extra = [k for k in incompatible.unexpected_keys if k.startswith(ours) and not k.endswith(_NORM_STATISTICS)]
+        missing = [k for k in incompatible.missing_keys if k.startswith(ours) and not k.endswith("num_batches_tracked")]
         wrong_keys = {k for k, _, _ in wrong}
-        model_keys = [k for k in self.model.state_dict() if k.startswith("backbone.")]
+        model_keys = [k for k in self.model.state_dict() if k.startswith(ours)]
         loaded_pyramid = [k for k in model_keys if not k.startswith(body) and k in given and k not in wrong_keys]
         missing_body = [k for k in missing if k.startswith(body)]  # wrong shapes included: not loaded
         # the pyramid may be absent (ImageNet weights), but not half there
@@ -238,7 +240,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if extra:
                 problems.append(f"{len(extra)} backbone tensors are not in the model ({name}), e.g. {_listed(extra)}")
             if missing_pyramid:
-                problems.append(f"{len(missing_pyramid)} pyramid tensors of the model are not in it, e.g. {_listed(missing_pyramid)}")
+                problems.append(
+                    f"{len(missing_pyramid)} pyramid tensors of the model are not in it, e.g. {_listed(missing_pyramid)}"
+                )
         if missing_body:
             n = len([k for k in model_keys if k.startswith(body) and not k.endswith("num_batches_tracked")])
             problems.append(
@@ -247,7 +251,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
             )
         if not problems:
             return
-        message = f"{source} does not fit the backbone of the config (MODEL.BACKBONE.NAME = {name!r}, {where}): " + "; ".join(problems)
+        message = (
+            f"{source} does not fit the backbone of the config (MODEL.BACKBONE.NAME = {name!r}, {where}): "
+            + "; ".join(problems)
+        )
         if allow_partial:
             self.logger.warning("%s. Loading it anyway (MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True).", message)
             return

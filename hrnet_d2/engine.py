@@ -17,10 +17,10 @@ from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from .visualization import draw_predictions
-from .errors import UserError
 from .amp import amp_trainer_for
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
+from .errors import UserError
 from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
