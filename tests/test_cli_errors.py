@@ -2,6 +2,7 @@
 lazy_train_net.py, demo.py and the tools with ``error: <message>`` and exit status 2,
 without a traceback; ``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback."""
 import json
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def _run(script, args, tmp_path, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
         cwd=tmp_path,
-        env=dict(__import__("os").environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV, **(env or {})),
+        env=dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV, **(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
