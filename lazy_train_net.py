@@ -35,16 +35,17 @@ from torch.multiprocessing import ProcessExitedException
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.build import check_device
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data.checks import check_num_classes
 from hrnet_d2.engine import check_datasets
 from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 
 logger = logging.getLogger("detectron2")
 
 
-def dataset_names(cfg, eval_only=False):
-    """Names of the datasets the config reads (train unless eval_only, and test)."""
+def dataset_names(cfg, eval_only=False, splits=None):
+    """Names of the datasets the config reads (train unless eval_only, and test; or ``splits``)."""
     names = []
-    for split in ("test",) if eval_only else ("train", "test"):
+    for split in splits or (("test",) if eval_only else ("train", "test")):
         loader = cfg.dataloader.get(split)
         if loader is None or "dataset" not in loader or "names" not in loader.dataset:
             continue
@@ -69,6 +70,8 @@ def do_train(args, cfg):
     optim = instantiate(cfg.optimizer)
 
     train_loader = instantiate(cfg.dataloader.train)
+    train_names = dataset_names(cfg, splits=("train",))
+    check_num_classes(cfg, train_names)  # after loading: the json gives thing_classes
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)

@@ -329,6 +329,23 @@ def test_retinanet_num_classes_is_checked(tmp_path):
         Trainer.build_train_loader(cfg)
 
 
+def test_lazy_config_num_classes_is_checked(tmp_path):
+    from detectron2.config import LazyConfig
+
+    from hrnet_d2 import get_config_file
+    from hrnet_d2.data.checks import check_num_classes
+
+    name, json_path, _ = make_dataset(tmp_path, n=2)
+    load_dataset_dicts([name])  # the json gives thing_classes
+    cfg = LazyConfig.load(get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py"))
+    with pytest.raises(DataError) as e:
+        check_num_classes(cfg, [name])
+    message = str(e.value)
+    assert f"model.roi_heads.num_classes = 4, but dataset {name!r} (annotation file {json_path})" in message, message
+    assert message.endswith("Set model.roi_heads.num_classes=1")
+    check_num_classes(LazyConfig.apply_overrides(cfg, ["model.roi_heads.num_classes=1"]), [name])
+
+
 def teardown_module():
     for name in [n for n in DatasetCatalog.list() if n.startswith("bad_data_")]:
         DatasetCatalog.remove(name)

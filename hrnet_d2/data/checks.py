@@ -255,25 +255,44 @@ def _classes_keys(cfg):
     return keys
 
 
+def _lazy_classes_keys(cfg):
+    """As _classes_keys, for a LazyConfig (``model.roi_heads.num_classes``, ...)."""
+    from omegaconf import OmegaConf
+
+    keys = []
+    for key, field in (
+        ("model.roi_heads.num_classes", "thing_classes"),
+        ("model.roi_heads.keypoint_head.num_keypoints", "keypoint_names"),
+        ("model.num_classes", "thing_classes"),  # RetinaNet
+        ("model.sem_seg_head.num_classes", "stuff_classes"),
+    ):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int):
+            keys.append((key, value, field))
+    return keys
+
+
 def check_num_classes(cfg, names):
     """Stop when the model's class count differs from a dataset's categories.
 
     ``NUM_CLASSES`` smaller than the dataset's categories makes the extra classes
     background (trains without complaint, evaluates near 0 AP on them); larger wastes
     outputs that are never trained.  Call after the datasets are loaded (load_coco_json
-    sets ``thing_classes``).
+    sets ``thing_classes``).  ``cfg``: a YAML config (CfgNode) or a LazyConfig.
     """
+    lazy = not hasattr(cfg, "MODEL")
     for name in names:
         meta = MetadataCatalog.get(name)
-        for key, value, field in _classes_keys(cfg):
+        for key, value, field in _lazy_classes_keys(cfg) if lazy else _classes_keys(cfg):
             classes = getattr(meta, field, None) if hasattr(meta, field) else None
             if classes is None or len(classes) == value:
                 continue
             json_file = getattr(meta, "json_file", None) if hasattr(meta, "json_file") else None
             source = f" (annotation file {json_file})" if json_file else ""
+            setting = f"{key}={len(classes)}" if lazy else f"{key} {len(classes)}"
             raise DataError(
                 f"{key} = {value}, but dataset {name!r}{source} has {len(classes)} {field}: "
-                f"{_example_list(classes)}. Set {key} {len(classes)}"
+                f"{_example_list(classes)}. Set {setting}"
             )
 
 
