@@ -20,6 +20,7 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
+from .blocks import BLOCKS
 from .errors import UserError
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
@@ -74,13 +75,29 @@ def _check_positive_int(key, value):
         _fail(key, value, "must be a positive integer")
 
 
-def _check_norm(key, norm):
+def _check_norm(key, norm, widths=(64,), what=""):
+    """``norm`` must be a Detectron2 norm that can normalise every one of ``widths`` channels
+    (GN: 32 groups, so multiples of 32)."""
     if norm == "":
         return
     try:
         get_norm(norm, 64)
     except (KeyError, ValueError, AssertionError):
         _fail(key, norm, "allowed: '', BN, SyncBN, FrozenBN, GN, nnSyncBN, naiveSyncBN, LN")
+    for width in sorted(set(widths)):
+        try:
+            get_norm(norm, width)
+        except (ValueError, AssertionError) as e:
+            _fail(key, norm, f"cannot normalise the {width} channels of {what} ({e}); widths: {sorted(set(widths))}")
+
+
+def _body_widths(specs, stem_channels):
+    """Every channel count the HRNet body normalises."""
+    widths = {stem_channels, 64}
+    for s in specs:
+        for c in s.num_channels:
+            widths |= {c, c * BLOCKS[s.block].expansion}
+    return widths
 
 
 def _check_choice(key, value, allowed):
@@ -175,10 +192,10 @@ def validate_backbone_config(cfg):
     """Check MODEL.HRNET*, FREEZE_AT and the pixel statistics; return the stage specs."""
     h = cfg.MODEL.HRNET
     specs = stage_specs_from_cfg(cfg)
-    _check_norm("MODEL.HRNET.NORM", h.NORM)
+    _check_positive_int("MODEL.HRNET.STEM_CHANNELS", h.STEM_CHANNELS)
+    _check_norm("MODEL.HRNET.NORM", h.NORM, _body_widths(specs, h.STEM_CHANNELS), f"HRNet {h.ARCH or 'STAGE1..4'}")
     _check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_positive_int("MODEL.HRNET.STEM_CHANNELS", h.STEM_CHANNELS)
     _check_feature_names("MODEL.HRNET.OUT_FEATURES", h.OUT_FEATURES, _body_outputs(specs), "the HRNet body")
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= _num_freezable_stages(specs):
@@ -197,7 +214,7 @@ def validate_pyramid_config(cfg):
     _check_positive_int("MODEL.HRNET_PYRAMID.NUM_LEVELS", p.NUM_LEVELS)
     _check_choice("MODEL.HRNET_PYRAMID.POOLING", p.POOLING, sorted(POOLING_TYPES))
     _check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM)
+    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM, (p.OUT_CHANNELS,), "MODEL.HRNET_PYRAMID.OUT_CHANNELS")
     _check_feature_names(
         "MODEL.HRNET_PYRAMID.IN_FEATURES", p.IN_FEATURES, list(cfg.MODEL.HRNET.OUT_FEATURES), "MODEL.HRNET.OUT_FEATURES"
     )
