@@ -81,8 +81,6 @@ class Predictor:
     """DefaultPredictor for YAML and LazyConfig configs: resize, run, outputs at input size."""
 
     def __init__(self, config_file, opts, threshold):
-        from detectron2.checkpoint import DetectionCheckpointer
-
         if config_file.endswith(".py"):
             from detectron2.config import LazyConfig, instantiate
 
@@ -118,10 +116,8 @@ class Predictor:
                 "(train.init_checkpoint=path.pth for a .py config), or train the quickstart model first: "
                 "bash scripts/quickstart.sh"
             )
-        if config_file.endswith(".py"):
-            DetectionCheckpointer(self.model).load(weights)
-        else:  # foreign HRNet layouts converted, misfits stopped (hrnet_d2/checkpoint.py)
-            AtomicCheckpointer(self.model, cfg=cfg, complete=True).load(weights)
+        # foreign HRNet layouts converted, misfits and incomplete checkpoints stopped (hrnet_d2/checkpoint.py)
+        AtomicCheckpointer(self.model, cfg=cfg, complete=True).load(weights)
         self.model.eval()
         self.metadata = MetadataCatalog.get(dataset)
         logger.info("Loaded %s with weights %s", config_file, weights)

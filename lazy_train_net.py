@@ -17,7 +17,6 @@ import logging
 import os
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -34,6 +33,7 @@ from torch.multiprocessing import ProcessExitedException
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.build import check_device
+from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.checks import check_num_classes
 from hrnet_d2.engine import check_datasets
@@ -75,7 +75,8 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # atomic saves; foreign HRNet layouts converted, misfits stopped (train.allow_partial_weights=True)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, cfg=cfg, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -113,7 +114,7 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        AtomicCheckpointer(model, cfg=cfg, complete=True).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 

@@ -118,22 +118,32 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     Args:
         model, save_dir, checkpointables: as DetectionCheckpointer.
-        cfg: the model's config; with an HRNet backbone, foreign HRNet checkpoints are
-            converted on load and checkpoints that do not fill the backbone stop (see the
-            module docstring).  None: Detectron2's behaviour.
+        cfg: the model's config (YAML CfgNode, or LazyConfig); with an HRNet backbone,
+            foreign HRNet checkpoints are converted on load and checkpoints that do not fit
+            or fill the backbone stop (see the module docstring).  None: Detectron2's behaviour.
         complete: for inference (evaluation, demo, export): every tensor of the model must
-            come from the checkpoint, heads included; a missing or other-shaped one stops
-            (``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True``: a warning).
+            come from the checkpoint, heads included; a missing or other-shaped one stops.
+        The switch that accepts a partial checkpoint (with a warning) is
+        ``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True`` (``train.allow_partial_weights=True`` in a LazyConfig).
     """
 
     def __init__(self, model, save_dir="", *, cfg=None, complete=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self._cfg = cfg
+        self._lazy = cfg is not None and not hasattr(cfg, "MODEL")
+        self._weights_key = "train.init_checkpoint" if self._lazy else "MODEL.WEIGHTS"
+        self._allow_key = "train.allow_partial_weights=True" if self._lazy else "MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True"
         self._complete = complete
         self._loading = None
 
     def _allow_partial(self):
-        return self._cfg is not None and self._cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS
+        if self._cfg is None:
+            return False
+        if self._lazy:
+            from omegaconf import OmegaConf
+
+            return bool(OmegaConf.select(self._cfg, "train.allow_partial_weights", default=False))
+        return self._cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS
 
     def _check_complete(self, incompatible):
         """Stop (for inference) when tensors of the model are not in the checkpoint."""
@@ -151,27 +161,50 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"{len(wrong)} have other shapes, e.g. " + _listed(f"{k}: found {a}, expected {b}" for k, a, b in wrong)
             )
         message = (
-            f"MODEL.WEIGHTS {self._loading} does not hold the whole model, which inference needs (those tensors "
-            f"would be random): " + "; ".join(problems)
+            f"{self._weights_key} {self._loading} does not hold the whole model, which inference needs (those "
+            f"tensors would be random): " + "; ".join(problems)
         )
         if self._allow_partial():
-            self.logger.warning("%s. Loading it anyway (MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True).", message)
+            self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
             return
         raise CheckpointError(
             f"{message}. Use the checkpoint of a model trained with this config (e.g. OUTPUT_DIR/model_final.pth), "
-            "or set MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True if this is intended."
+            f"or set {self._allow_key} if this is intended."
         )
 
     def _hrnet_target(self):
         """(backbone name, stage specs, stem width, where the specs come from) or None."""
         cfg = self._cfg
-        if cfg is None or cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
+        if cfg is None:
+            return None
+        if self._lazy:
+            return self._hrnet_target_from_model()
+        if cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
             return None
         from .build import stage_specs_from_cfg
 
         h = cfg.MODEL.HRNET
         where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
         return cfg.MODEL.BACKBONE.NAME, stage_specs_from_cfg(cfg), h.STEM_CHANNELS, where
+
+    def _hrnet_target_from_model(self):
+        """As _hrnet_target, read from the model (LazyConfig models have no MODEL.* keys)."""
+        from .hrnet import HRNet
+        from .pyramid import HRNetV2p
+
+        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HRNet)]
+        if len(found) != 1:
+            return None
+        prefix = found[0][0] + "."
+        if prefix == "backbone.":
+            name = "build_hrnet_backbone"
+        elif prefix == "backbone.bottom_up.":
+            name = "build_hrnetv2p_backbone" if isinstance(self.model.backbone, HRNetV2p) else "build_hrnet_fpn_backbone"
+        else:
+            return None
+        body = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        specs, stem = detect_stage_specs(body)
+        return name, specs, stem, "the model of the config"
 
     def _convert_foreign(self, checkpoint, target):
         """Official / timm / mmdetection layouts -> our names, in place (Detectron2 does the
@@ -182,7 +215,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if checkpoint_layout({k[len("module."):] if k.startswith("module.") else k: None for k in sd}) is None:
             return
         name, specs, stem, where = target
-        source = f"MODEL.WEIGHTS {self._loading}"
+        source = f"{self._weights_key} {self._loading}"
         try:
             conv = convert_state_dict(
                 unwrap_state_dict(sd, source),
@@ -208,7 +241,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         name, specs, _, where = target
         body = BODY_PREFIX[name]
         allow_partial = self._allow_partial()
-        source = f"MODEL.WEIGHTS {self._loading}"
+        source = f"{self._weights_key} {self._loading}"
         ours = "backbone."
         wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith(ours)]
         extra = [k for k in incompatible.unexpected_keys if k.startswith(ours) and not k.endswith(_NORM_STATISTICS)]
@@ -252,15 +285,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if not problems:
             return
         message = (
-            f"{source} does not fit the backbone of the config (MODEL.BACKBONE.NAME = {name!r}, {where}): "
+            f"{source} does not fit the backbone of "
+            + (f"{where}: " if self._lazy else f"the config (MODEL.BACKBONE.NAME = {name!r}, {where}): ")
             + "; ".join(problems)
         )
         if allow_partial:
-            self.logger.warning("%s. Loading it anyway (MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True).", message)
+            self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
             return
         raise CheckpointError(
             f"{message}. Use a checkpoint of this architecture (or convert one: python -m hrnet_d2.convert), "
-            "or set MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True if this is intended."
+            f"or set {self._allow_key} if this is intended."
         )
 
     def _load_model(self, checkpoint):

@@ -163,3 +163,24 @@ def test_inference_needs_the_whole_model(small_model, tmp_path, official_pth):
         AtomicCheckpointer(build_model(other), cfg=other, complete=True).load(str(path))
     with pytest.raises(CheckpointError, match=r"26 tensors of the model are not in it, e.g. backbone.reduction_conv.weight"):
         AtomicCheckpointer(build_model(cfg), cfg=cfg, complete=True).load(str(official_pth))  # ImageNet weights
+
+
+def test_lazy_config_models_get_the_same_checks(timm_small, official_pth, tmp_path):
+    """LazyConfig (lazy_train_net.py, demo.py): the HRNet is found in the model itself."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from hrnet_d2 import get_config_file
+
+    cfg = LazyConfig.load(get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py"))
+    model = instantiate(cfg.model)
+    AtomicCheckpointer(model, cfg=cfg).load(str(official_pth))
+    assert torch.equal(model.backbone.bottom_up.conv1.weight, timm_small.state_dict()["conv1.weight"])
+    other = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.stages.arch=w18_small_v2"])
+    with pytest.raises(CheckpointError, match=r"train.init_checkpoint .*found HRNet w18_small_v1 .*expected w18_small_v2"):
+        AtomicCheckpointer(instantiate(other.model), cfg=other).load(str(official_pth))
+    path = tmp_path / "partial.pth"
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if ".stage4." not in k}}, path)
+    with pytest.raises(CheckpointError, match=r"would keep their random init.*train.allow_partial_weights=True"):
+        AtomicCheckpointer(model, cfg=cfg).load(str(path))
+    allowed = LazyConfig.apply_overrides(cfg, ["train.allow_partial_weights=True"])
+    AtomicCheckpointer(model, cfg=allowed).load(str(path))
