@@ -11,7 +11,9 @@
         --output out/ --opts train.init_checkpoint=output/lazy/mask_rcnn_shapes/model_final.pth
 
 Weights: MODEL.WEIGHTS, else ``OUTPUT_DIR/model_final.pth`` (what train_net.py writes).
-Class names come from the config's first test dataset.
+Class names come from the config's first test dataset.  A mistake (no images, no weights,
+a config or device error) ends with one line ``error: ...`` and exit status 2; ``--debug``
+shows the traceback.
 """
 
 import argparse
@@ -30,14 +32,21 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
+from hrnet_d2.build import check_device
+from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
 from hrnet_d2.predict import model_input, test_augmentations
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
 from hrnet_d2.visualization import draw_predictions
 
 DEFAULT_CONFIG = "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 logger = logging.getLogger("hrnet_d2.demo")
+
+
+class DemoInputError(UserError, FileNotFoundError):
+    """--input names no image, or the model weights are not there."""
 
 
 def get_parser():
@@ -47,6 +56,7 @@ def get_parser():
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="folder for the PNGs (or a .png path for one input)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    add_debug_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE / key=value")
     return parser
 
@@ -61,10 +71,10 @@ def expand_inputs(patterns):
         else:
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
-                raise FileNotFoundError(f"--input {pattern!r}: no such file, folder or matching image")
+                raise DemoInputError(f"--input {pattern!r}: no such file, folder or matching image")
             files += matches
     if not files:
-        raise FileNotFoundError(f"--input {patterns}: no images found (extensions {IMAGE_EXTENSIONS})")
+        raise DemoInputError(f"--input {patterns}: no images found (extensions {IMAGE_EXTENSIONS})")
     return files
 
 
@@ -72,12 +82,11 @@ class Predictor:
     """DefaultPredictor for YAML and LazyConfig configs: resize, run, outputs at input size."""
 
     def __init__(self, config_file, opts, threshold):
-        from hrnet_d2.checkpoint import AtomicCheckpointer
-
         if config_file.endswith(".py"):
             from detectron2.config import LazyConfig, instantiate
 
             cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+            check_device(cfg.train.device, key="train.device")
             self.model = instantiate(cfg.model)
             self.model.to(cfg.train.device)
             weights = cfg.train.init_checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
@@ -94,18 +103,20 @@ class Predictor:
             cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = threshold
             from detectron2.modeling import build_model
 
+            check_device(cfg.MODEL.DEVICE)
             self.model = build_model(cfg)
             weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
             self.augmentation = test_augmentations(cfg)
             self.input_format = cfg.INPUT.FORMAT
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
         if not weights or not os.path.isfile(weights):
-            raise SystemExit(
+            raise DemoInputError(
                 f"Model weights {weights!r} not found. Pass them with --opts MODEL.WEIGHTS path.pth "
                 "(train.init_checkpoint=path.pth for a .py config), or train the quickstart model first: "
                 "bash scripts/quickstart.sh"
             )
-        AtomicCheckpointer(self.model).load(weights)
+        # foreign HRNet layouts converted, misfits and incomplete checkpoints stopped (hrnet_d2/checkpoint.py)
+        AtomicCheckpointer(self.model, cfg=cfg, complete=True).load(weights)
         self.model.eval()
         self.metadata = MetadataCatalog.get(dataset)
         logger.info("Loaded %s with weights %s", config_file, weights)
@@ -141,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

@@ -12,9 +12,11 @@ and RNG states of every rank, ``--num-gpus N`` on CPU (gloo).  Same CLI:
     python lazy_train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
 
 Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bottom_up.stages.arch=w18``).
+A mistake in what was given ends with one line ``error: ...`` and exit status 2;
+``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback.
 """
-
 import logging
+import os
 
 from omegaconf import OmegaConf
 
@@ -22,22 +24,26 @@ import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from torch.multiprocessing import ProcessExitedException
+
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.amp import build_train_step
-from hrnet_d2.build import validate_model
+from hrnet_d2.build import check_device, validate_model
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data.checks import check_num_classes
 from hrnet_d2.engine import ResumeState, check_datasets, create_ddp_model, set_cpu_threads, use_checked_data
+from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 
 logger = logging.getLogger("detectron2")
 
 
-def dataset_names(cfg, eval_only=False):
-    """Names of the datasets the config reads (train unless eval_only, and test)."""
+def dataset_names(cfg, eval_only=False, splits=None):
+    """Names of the datasets the config reads (train unless eval_only, and test; or ``splits``)."""
     names = []
-    for split in ("test",) if eval_only else ("train", "test"):
+    for split in splits or (("test",) if eval_only else ("train", "test")):
         loader = cfg.dataloader.get(split)
         if loader is None or "dataset" not in loader or "names" not in loader.dataset:
             continue
@@ -67,10 +73,13 @@ def do_train(args, cfg):
     optim = instantiate(cfg.optimizer)
 
     train_loader = instantiate(cfg.dataloader.train)
+    train_names = dataset_names(cfg, splits=("train",))
+    check_num_classes(cfg, train_names)  # after loading: the json gives thing_classes
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = build_train_step(model, train_loader, optim, amp=cfg.train.amp.enabled)
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # atomic saves; foreign HRNet layouts converted, misfits stopped (train.allow_partial_weights=True)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, cfg=cfg, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -101,6 +110,7 @@ def main(args):
     register_all_shapes()
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_device(cfg.train.device, key="train.device")  # before anything is generated or built
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
@@ -114,21 +124,33 @@ def main(args):
 
     if args.eval_only:
         model = create_ddp_model(build_model(cfg))
-        AtomicCheckpointer(model).load(cfg.train.init_checkpoint)
+        AtomicCheckpointer(model, cfg=cfg, complete=True).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 
 
+def worker(args):
+    """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
+    return exit_on_user_error_in_worker(main, args)
+
+
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args = add_debug_argument(default_argument_parser()).parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
+    try:
+        return launch(
+            worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
+        if e.exit_code == UserError.exit_code:
+            raise SystemExit(e.exit_code) from None
+        raise
 
 
 if __name__ == "__main__":

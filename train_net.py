@@ -11,8 +11,16 @@ predictions after evaluation.  Same CLI as Detectron2:
 
 ``--num-gpus N`` starts N processes (Detectron2's ``launch``): on GPUs with NCCL, on a
 CPU-only machine with gloo, the cores shared between them.
+
+    # your own COCO-format data (README "Your own data"): register, then select by name
+    python train_net.py --config-file ... --dataset mine_train=ann/train.json:images/train \
+        --dataset mine_val=ann/val.json:images/val DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)'
+
+A mistake in what was given (config, weights, data, device) ends with one line
+``error: ...`` and exit status 2; ``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback.
 """
 import logging
+import os
 
 from torch.nn.parallel import DistributedDataParallel
 
@@ -20,12 +28,15 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from hrnet_d2 import get_hrnet_cfg
+from hrnet_d2.build import check_device, validate_config
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
 from hrnet_d2.engine import Trainer, check_datasets, set_cpu_threads, visualize_predictions
-from hrnet_d2.errors import exit_on_user_error
+from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
 from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV
 from hrnet_d2.weights import check_pretrained_weights
 
@@ -35,10 +46,14 @@ logger = logging.getLogger("hrnet_d2")
 def setup(args):
     allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
     cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
+    note = apply_user_datasets(cfg, args.dataset)  # --dataset: registered here, i.e. in every worker
+    check_device(cfg.MODEL.DEVICE)  # before anything is generated or built
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
+    if note:
+        logger.info(note)
     set_cpu_threads(cfg.MODEL.DEVICE, cfg.DATALOADER.NUM_WORKERS)
     return cfg
 
@@ -46,6 +61,7 @@ def setup(args):
 def main(args):
     register_all_shapes()
     cfg = setup(args)
+    validate_config(cfg)  # config mistakes stop before any dataset is generated or read
     check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():
@@ -55,7 +71,8 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg, complete=True)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -71,25 +88,40 @@ def main(args):
     return res
 
 
-def cli(argv=None):
-    parser = default_argument_parser()
+def worker(args):
+    """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
+    return exit_on_user_error_in_worker(main, args)
+
+
+def get_parser():
+    parser = add_dataset_argument(add_debug_argument(default_argument_parser()))
     parser.add_argument(
         "--allow-unsafe-yaml",
         action="store_true",
         help=f"read a config with python tags using yaml.unsafe_load (runs code: trusted files only; "
         f"same as {ALLOW_UNSAFE_YAML_ENV}=1)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
     print("Command Line Args:", args)
-    return exit_on_user_error(
-        launch,
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        return launch(
+            worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
+        if e.exit_code == UserError.exit_code:
+            raise SystemExit(e.exit_code) from None
+        raise
 
 
 if __name__ == "__main__":

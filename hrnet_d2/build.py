@@ -23,7 +23,8 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
-from .config import ConfigValueError, check_feature_names
+from .blocks import BLOCKS
+from .config import ConfigError, ConfigValueError, check_feature_names
 from .hrnet import HRNet
 from .layers import NORMS as HRNET_NORMS
 from .layers import get_norm
@@ -34,12 +35,42 @@ __all__ = [
     "build_hrnetv2p_backbone",
     "build_hrnetv2p_with_body_backbone",
     "build_hrnet_fpn_backbone",
+    "check_device",
     "stage_specs_from_cfg",
     "validate_config",
     "validate_model",
 ]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def _fail(key, value, allowed):
+    raise ConfigValueError(key, value, allowed)
+
+
+def _available_devices():
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device, key="MODEL.DEVICE"):
+    """Stop (ConfigError naming ``key``) when ``device`` does not exist on this machine,
+    e.g. ``cuda`` where torch sees no CUDA device, before anything is built."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        _fail(key, device, f"not a torch device; available here: {_available_devices()}")
+    available = _available_devices()
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(key, device, f"no CUDA device here (torch.cuda.is_available() is False); available: {available}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(key, device, f"this machine has {torch.cuda.device_count()} CUDA device(s); available: {available}")
+    elif dev.type != "cpu" and str(dev) not in available and dev.type not in available:
+        _fail(key, device, f"not available here; available: {available}")
 
 
 def _check_positive_int(key, value):
@@ -50,8 +81,9 @@ def _check_positive_int(key, value):
 ALLOWED_NORMS = ("BN", "SyncBN", "FrozenBN", *HRNET_NORMS, "GN", "nnSyncBN", "naiveSyncBN", "LN")
 
 
-def _check_norm(key, norm, allow_none):
-    """A Detectron2 ``get_norm`` name; "" (no norm) only where ``allow_none``."""
+def _check_norm(key, norm, allow_none, widths=(64,), what=""):
+    """A Detectron2 ``get_norm`` name (or ours, :data:`layers.NORMS`) that can normalise every one
+    of ``widths`` channels (GN: 32 groups, so multiples of 32); "" (no norm) only where ``allow_none``."""
     allowed = ("''", *ALLOWED_NORMS) if allow_none else ALLOWED_NORMS
     if norm == "" and allow_none:
         return
@@ -60,6 +92,20 @@ def _check_norm(key, norm, allow_none):
             raise ValueError(norm)
     except (KeyError, ValueError, AssertionError):
         raise ConfigValueError(key, norm, f"allowed: {', '.join(allowed)}") from None
+    for width in sorted(set(widths)):
+        try:
+            get_norm(norm, width)
+        except (ValueError, AssertionError) as e:
+            _fail(key, norm, f"cannot normalise the {width} channels of {what} ({e}); widths: {sorted(set(widths))}")
+
+
+def _body_widths(specs, stem_channels):
+    """Every channel count the HRNet body normalises."""
+    widths = {stem_channels, 64}
+    for s in specs:
+        for c in s.num_channels:
+            widths |= {c, c * BLOCKS[s.block].expansion}
+    return widths
 
 
 def _check_choice(key, value, allowed):
@@ -83,7 +129,7 @@ def stage_specs_from_cfg(cfg):
     if h.ARCH:
         _check_choice("MODEL.HRNET.ARCH", h.ARCH, sorted(ARCHITECTURES) + ["''  (explicit MODEL.HRNET.STAGE1..4)"])
         if _stage_keys_used(h):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.HRNET.ARCH = {h.ARCH!r} and explicit MODEL.HRNET.STAGE* keys are both set; "
                 "set MODEL.HRNET.ARCH '' to use the explicit stage specs"
             )
@@ -137,10 +183,12 @@ def _check_body_keys(cfg):
     MODEL.BACKBONE.FREEZE_AT; returns the stage specs."""
     h = cfg.MODEL.HRNET
     specs = stage_specs_from_cfg(cfg)
-    _check_norm("MODEL.HRNET.NORM", h.NORM, allow_none=False)
+    _check_positive_int("MODEL.HRNET.STEM_CHANNELS", h.STEM_CHANNELS)
+    _check_norm(
+        "MODEL.HRNET.NORM", h.NORM, False, _body_widths(specs, h.STEM_CHANNELS), f"HRNet {h.ARCH or 'STAGE1..4'}"
+    )
     _check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_positive_int("MODEL.HRNET.STEM_CHANNELS", h.STEM_CHANNELS)
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= _num_freezable_stages(specs):
         raise ConfigValueError(
@@ -157,7 +205,7 @@ def _check_pyramid_keys(cfg):
     _check_positive_int("MODEL.HRNET_PYRAMID.OUT_CHANNELS", p.OUT_CHANNELS)
     _check_positive_int("MODEL.HRNET_PYRAMID.NUM_LEVELS", p.NUM_LEVELS)
     _check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM, allow_none=True)
+    _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM, True, (p.OUT_CHANNELS,), "MODEL.HRNET_PYRAMID.OUT_CHANNELS")
     _check_choice("MODEL.HRNET.INFERENCE_AUTOCAST", cfg.MODEL.HRNET.INFERENCE_AUTOCAST, ["", *AUTOCAST_DTYPES])
 
 
@@ -294,8 +342,9 @@ def _check_consecutive_levels(key, names, shapes):
 def validate_config(cfg):
     """Check every key hrnet_d2 models use, before anything is built or read.
 
-    Raises ValueError naming the key, the value and what is allowed.
+    Raises ConfigError (a ValueError) naming the key, the value and what is allowed.
     """
+    check_device(cfg.MODEL.DEVICE)
     _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
     _check_pixel_stats(cfg)
     shapes = _backbone_output_shapes(cfg)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from detectron2.utils.file_io import PathHandler, PathManager
 
+from .errors import UserError
 from .zoo import ZOO, ZooEntry
 
 __all__ = ["PREFIX", "ZooHandler", "UnknownZooName", "ZooDownloadError", "cache_dir", "converted_path", "download_path", "resolve"]
@@ -36,11 +37,11 @@ PREFIX = "hrnet_d2://"
 logger = logging.getLogger(__name__)
 
 
-class UnknownZooName(ValueError):
+class UnknownZooName(UserError, ValueError):
     """``hrnet_d2://<name>`` with a name that is not in the table."""
 
 
-class ZooDownloadError(RuntimeError):
+class ZooDownloadError(UserError, RuntimeError):
     """A published checkpoint could not be downloaded, or what came is not the published file."""
 
 

@@ -11,6 +11,17 @@ Files are read without running code in them (``hrnet_d2.safe_load``): ``.pth`` /
 with ``torch.load(weights_only=True)``, Detectron2 / Caffe2 ``.pkl`` files with a restricted
 unpickler; a file that references anything else raises ``UnsafeFileError`` naming the
 file and the refused global.
+
+Given the config (``cfg=``), it also checks what MODEL.WEIGHTS gives the HRNet backbone,
+where Detectron2 only logs skipped keys and trains on from random weights:
+  * official / timm ImageNet and mmdetection HRNet checkpoints are recognised by their
+    key layout and converted on the fly (``hrnet_d2.convert``), as Detectron2 does for
+    Caffe2 ``.pkl`` files; a log line says so;
+  * a checkpoint whose backbone does not fit the config (another width or architecture,
+    another pyramid layout) stops with what was found and what was expected;
+  * one that leaves HRNet body tensors at their random init stops too, unless
+    ``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS`` says it is intended.  Missing heads and (for
+    ImageNet weights) a missing pyramid are normal and pass.
 """
 import logging
 import os
@@ -23,13 +34,36 @@ from detectron2.utils.file_io import PathManager
 
 from .safe_load import UnsafeFileError, load_pickle, torch_load
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "capture_rng_state", "restore_rng_state"]
+from .convert import (
+    BODY_PREFIX,
+    ConversionError,
+    checkpoint_layout,
+    convert_state_dict,
+    describe_specs,
+    detect_stage_specs,
+    unwrap_state_dict,
+)
+from .errors import UserError
+
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "atomic_write",
+    "capture_rng_state",
+    "is_local_path",
+    "restore_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used: unreadable, or not fitting the model; the message names it."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A local checkpoint path that does not exist."""
 
 
 def _fsync_dir(path):
@@ -71,18 +105,224 @@ def atomic_write(path, write_fn, mode="wb"):
     _fsync_dir(folder)
 
 
-def _is_local(path):
-    return "://" not in path
+def is_local_path(path):
+    """True for a (non-empty) local file system path, False for "" and URLs (``detectron2://``, ``https://``...)."""
+    return bool(path) and "://" not in str(path)
+
+
+# BatchNorm statistics a checkpoint may hold for a model whose norm has none (GN, FrozenBN): harmless
+_NORM_STATISTICS = ("num_batches_tracked", "running_mean", "running_var")
+_MAX_LISTED = 3
+
+
+def _listed(items):
+    items = list(items)
+    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(map(str, items[:_MAX_LISTED])) + more
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose saves are atomic, whose loads run no code from the file
-    (``hrnet_d2.safe_load``) and whose load errors name the file."""
+    (``hrnet_d2.safe_load``) and whose load errors name the file.
+
+    Args:
+        model, save_dir, checkpointables: as DetectionCheckpointer.
+        cfg: the model's config (YAML CfgNode, or LazyConfig); with an HRNet backbone,
+            foreign HRNet checkpoints are converted on load and checkpoints that do not fit
+            or fill the backbone stop (see the module docstring).  None: Detectron2's behaviour.
+        complete: for inference (evaluation, demo, export): every tensor of the model must
+            come from the checkpoint, heads included; a missing or other-shaped one stops.
+        The switch that accepts a partial checkpoint (with a warning) is
+        ``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True`` (``train.allow_partial_weights=True`` in a LazyConfig).
+    """
+
+    def __init__(self, model, save_dir="", *, cfg=None, complete=False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self._cfg = cfg
+        self._lazy = cfg is not None and not hasattr(cfg, "MODEL")
+        self._weights_key = "train.init_checkpoint" if self._lazy else "MODEL.WEIGHTS"
+        self._allow_key = "train.allow_partial_weights=True" if self._lazy else "MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True"
+        self._complete = complete
+        self._loading = None
+
+    def _allow_partial(self):
+        if self._cfg is None:
+            return False
+        if self._lazy:
+            from omegaconf import OmegaConf
+
+            return bool(OmegaConf.select(self._cfg, "train.allow_partial_weights", default=False))
+        return self._cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS
+
+    def _check_complete(self, incompatible):
+        """Stop (for inference) when tensors of the model are not in the checkpoint."""
+        missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+        wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+        wrong_keys = {k for k, _, _ in wrong}
+        missing = [k for k in missing if k not in wrong_keys]
+        if not missing and not wrong:
+            return
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors of the model are not in it, e.g. {_listed(missing)}")
+        if wrong:
+            problems.append(
+                f"{len(wrong)} have other shapes, e.g. " + _listed(f"{k}: found {a}, expected {b}" for k, a, b in wrong)
+            )
+        message = (
+            f"{self._weights_key} {self._loading} does not hold the whole model, which inference needs (those "
+            f"tensors would be random): " + "; ".join(problems)
+        )
+        if self._allow_partial():
+            self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
+            return
+        raise CheckpointError(
+            f"{message}. Use the checkpoint of a model trained with this config (e.g. OUTPUT_DIR/model_final.pth), "
+            f"or set {self._allow_key} if this is intended."
+        )
+
+    def _hrnet_target(self):
+        """(backbone name, stage specs, stem width, where the specs come from) or None."""
+        cfg = self._cfg
+        if cfg is None:
+            return None
+        if self._lazy:
+            return self._hrnet_target_from_model()
+        if cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
+            return None
+        from .build import stage_specs_from_cfg
+
+        h = cfg.MODEL.HRNET
+        where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
+        return cfg.MODEL.BACKBONE.NAME, stage_specs_from_cfg(cfg), h.STEM_CHANNELS, where
+
+    def _hrnet_target_from_model(self):
+        """As _hrnet_target, read from the model (LazyConfig models have no MODEL.* keys)."""
+        from .hrnet import HRNet
+        from .pyramid import HRNetV2p
+
+        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HRNet)]
+        if len(found) != 1:
+            return None
+        prefix = found[0][0] + "."
+        if prefix == "backbone.":
+            name = "build_hrnet_backbone"
+        elif prefix == "backbone.bottom_up.":
+            name = "build_hrnetv2p_backbone" if isinstance(self.model.backbone, HRNetV2p) else "build_hrnet_fpn_backbone"
+        else:
+            return None
+        body = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        specs, stem = detect_stage_specs(body)
+        return name, specs, stem, "the model of the config"
+
+    def _convert_foreign(self, checkpoint, target):
+        """Official / timm / mmdetection layouts -> our names, in place (Detectron2 does the
+        same for Caffe2 checkpoints in DetectionCheckpointer._load_model)."""
+        sd = checkpoint["model"]
+        if isinstance(sd.get("state_dict"), dict):  # a whole mmdetection / mmcv file
+            sd = sd["state_dict"]
+        if checkpoint_layout({k[len("module."):] if k.startswith("module.") else k: None for k in sd}) is None:
+            return
+        name, specs, stem, where = target
+        source = f"{self._weights_key} {self._loading}"
+        try:
+            conv = convert_state_dict(
+                unwrap_state_dict(sd, source),
+                backbone=name,
+                expected_specs=specs,
+                expected_stem_channels=stem,
+                expected_from=where,
+                source=source,
+            )
+        except ConversionError as e:
+            raise CheckpointError(f"{e}. The checkpoint does not fit the config.") from e
+        checkpoint["model"] = dict(conv.state_dict)
+        checkpoint["matching_heuristics"] = False
+        self.logger.info(
+            "%s is an %s: converted on the fly (as python -m hrnet_d2.convert does): HRNet %s, %d tensors mapped, "
+            "%d dropped (classification / detector heads, BatchNorm counters), %d left out",
+            source, conv.source_format, describe_specs(conv.specs), len(conv.mapped), len(conv.dropped),
+            len(conv.unexpected),
+        )
+
+    def _check_fit(self, incompatible, given, target):
+        """Stop when the loaded checkpoint does not fit or fill the HRNet backbone."""
+        name, specs, _, where = target
+        body = BODY_PREFIX[name]
+        allow_partial = self._allow_partial()
+        source = f"{self._weights_key} {self._loading}"
+        ours = "backbone."
+        wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith(ours)]
+        extra = [k for k in incompatible.unexpected_keys if k.startswith(ours) and not k.endswith(_NORM_STATISTICS)]
+        missing = [k for k in incompatible.missing_keys if k.startswith(ours) and not k.endswith("num_batches_tracked")]
+        wrong_keys = {k for k, _, _ in wrong}
+        model_keys = [k for k in self.model.state_dict() if k.startswith(ours)]
+        loaded_pyramid = [k for k in model_keys if not k.startswith(body) and k in given and k not in wrong_keys]
+        missing_body = [k for k in missing if k.startswith(body)]  # wrong shapes included: not loaded
+        # the pyramid may be absent (ImageNet weights), but not half there
+        missing_pyramid = [k for k in missing if not k.startswith(body) and k not in wrong_keys] if loaded_pyramid else []
+        problems = []
+        if wrong or extra or missing_pyramid:
+            found = None
+            try:
+                found = detect_stage_specs({k[len(body):]: v for k, v in given.items() if k.startswith(body)})[0]
+            except ConversionError:
+                pass
+            if found is not None and tuple(found) != tuple(specs):
+                # the architecture says it all; the tensor lists would only repeat it
+                wrong, extra, missing_pyramid, missing_body = [], [], [], []
+                problems.append(
+                    f"found HRNet {describe_specs(found)} in the checkpoint, expected {describe_specs(specs)} from {where}"
+                )
+            if wrong:
+                problems.append(
+                    f"{len(wrong)} backbone tensors have other shapes, e.g. "
+                    + _listed(f"{k}: found {a}, expected {b}" for k, a, b in wrong)
+                )
+            if extra:
+                problems.append(f"{len(extra)} backbone tensors are not in the model ({name}), e.g. {_listed(extra)}")
+            if missing_pyramid:
+                problems.append(
+                    f"{len(missing_pyramid)} pyramid tensors of the model are not in it, e.g. {_listed(missing_pyramid)}"
+                )
+        if missing_body:
+            n = len([k for k in model_keys if k.startswith(body) and not k.endswith("num_batches_tracked")])
+            problems.append(
+                f"it fills {n - len(missing_body)} of the {n} HRNet body tensors ({body}*): {len(missing_body)} "
+                f"would keep their random init, e.g. {_listed(missing_body)}"
+            )
+        if not problems:
+            return
+        message = (
+            f"{source} does not fit the backbone of "
+            + (f"{where}: " if self._lazy else f"the config (MODEL.BACKBONE.NAME = {name!r}, {where}): ")
+            + "; ".join(problems)
+        )
+        if allow_partial:
+            self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
+            return
+        raise CheckpointError(
+            f"{message}. Use a checkpoint of this architecture (or convert one: python -m hrnet_d2.convert), "
+            f"or set {self._allow_key} if this is intended."
+        )
+
+    def _load_model(self, checkpoint):
+        target = self._hrnet_target()
+        if target is not None:
+            self._convert_foreign(checkpoint, target)
+        # fvcore pops "model" and deletes the tensors of other shapes from it: keep a view
+        given = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+        incompatible = super()._load_model(checkpoint)
+        if target is not None:
+            self._check_fit(incompatible, given, target)
+        if self._complete:
+            self._check_complete(incompatible)
+        return incompatible
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
-        if not _is_local(self.save_dir):  # remote storage: PathManager's own semantics
+        if not is_local_path(self.save_dir):  # remote storage: PathManager's own semantics
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
@@ -96,18 +336,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
-        if not _is_local(self.save_dir):
+        if not is_local_path(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         save_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
 
     def load(self, path, *args, **kwargs):
-        if path and _is_local(path) and "?" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(self._describe(path, "does not exist"))
+        if is_local_path(path) and "?" not in path and not os.path.isfile(path):
+            raise CheckpointNotFound(self._describe(path, "does not exist"))
+        self._loading = path
         try:
             return super().load(path, *args, **kwargs)
         finally:
             self._parsed_url_during_load = None  # DetectionCheckpointer leaves it set when loading fails
+            self._loading = None
 
     def _load_file(self, filename):
         try:

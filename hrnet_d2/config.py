@@ -3,13 +3,15 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR", "ConfigValueError", "check_feature_names"]
+from .errors import UserError
+
+__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR", "ConfigError", "ConfigValueError", "check_feature_names"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys to a Detectron2 config."""
+    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys (and DATALOADER.DROP_INVALID_BOXES) to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -64,8 +66,24 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
 
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
+    # that leaves body tensors at their random init (a partial file, another backbone's weights)
+    # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
+    # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
+    # a missing pyramid (ImageNet weights), are normal: they never stop.
+    _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
 
-class ConfigValueError(ValueError):
+    # Training annotations whose box has a non-positive width/height or lies entirely
+    # outside its image are an error (DataError naming the json and annotation id);
+    # True drops them with a warning that counts them (Detectron2 drops them silently).
+    _C.DATALOADER.DROP_INVALID_BOXES = False
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot work; the message says which key and why (one line at the CLI)."""
+
+
+class ConfigValueError(ConfigError):
     """A bad config value, in one line: the key, the value and what is allowed."""
 
     def __init__(self, key, value, allowed):

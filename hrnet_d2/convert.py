@@ -27,15 +27,19 @@ import numpy as np
 import torch
 
 from .arch import ARCHITECTURES, StageSpec
+from .errors import UserError, add_debug_argument, debug_enabled
 from .safe_load import UnsafeFileError, load_pickle
 
 __all__ = [
     "ConversionError",
     "Conversion",
     "load_state_dict",
+    "unwrap_state_dict",
     "detect_stage_specs",
     "arch_name",
+    "checkpoint_layout",
     "convert_state_dict",
+    "describe_specs",
     "convert_file",
     "main",
 ]
@@ -62,7 +66,7 @@ BODY_PREFIX = {
 PYRAMID_PREFIX = "backbone."
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message says why and names the file."""
 
 
@@ -109,7 +113,7 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as e:
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    return _unwrap(data, path)
+    return unwrap_state_dict(data, path)
 
 
 def _arrays_to_tensors(data):
@@ -118,7 +122,9 @@ def _arrays_to_tensors(data):
     return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
 
 
-def _unwrap(data, source=""):
+def unwrap_state_dict(data, source=""):
+    """The flat state dict of tensors inside a loaded checkpoint (``state_dict`` / ``model``
+    containers unwrapped, ``module.`` prefixes removed); ConversionError if there is none."""
     if isinstance(data, dict):
         for key in ("state_dict", "model", "model_state", "state_dict_ema"):
             if key in data and isinstance(data[key], dict):
@@ -189,10 +195,25 @@ def arch_name(specs) -> Optional[str]:
     return None
 
 
-def _spec_text(specs):
+def describe_specs(specs):
+    """E.g. ``w18_small_v1 (branch widths 16/32/64/128)``."""
     name = arch_name(specs)
     widths = "/".join(str(c) for c in specs[-1].num_channels)
     return f"{name} (branch widths {widths})" if name else f"an HRNet not in the architecture table (branch widths {widths})"
+
+
+_MMDET_PARTS = ("neck.", "rpn_head.", "roi_head.", "bbox_head.", "mask_head.")
+
+
+def checkpoint_layout(state_dict) -> Optional[str]:
+    """Which convertible layout a state dict has, from its keys: ``"imagenet"`` (official
+    HRNet-Image-Classification or timm: the body at the top level), ``"mmdetection"``
+    (``backbone.`` body + ``neck.`` / ``*_head.``), or None (e.g. Detectron2's own names)."""
+    if "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+        return "imagenet"
+    if "backbone.layer1.0.conv1.weight" in state_dict and any(k.startswith(_MMDET_PARTS) for k in state_dict):
+        return "mmdetection"
+    return None
 
 
 class Conversion:
@@ -213,7 +234,7 @@ class Conversion:
         return arch_name(self.specs)
 
     def report(self) -> str:
-        lines = [f"Detected: {self.source_format}, HRNet {_spec_text(self.specs)}, stem width {self.stem_channels}"]
+        lines = [f"Detected: {self.source_format}, HRNet {describe_specs(self.specs)}, stem width {self.stem_channels}"]
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck}) -> {self.body_prefix}*")
@@ -288,8 +309,8 @@ def convert_state_dict(
     conv.specs, conv.stem_channels = specs, stem
     if expected_specs is not None and tuple(expected_specs) != specs:
         raise ConversionError(
-            f"{_describe(source)}width mismatch: found HRNet {_spec_text(specs)} in the checkpoint, "
-            f"expected {_spec_text(tuple(expected_specs))} from {expected_from or 'the target'}"
+            f"{_describe(source)}width mismatch: found HRNet {describe_specs(specs)} in the checkpoint, "
+            f"expected {describe_specs(tuple(expected_specs))} from {expected_from or 'the target'}"
         )
     if expected_stem_channels is not None and expected_stem_channels != stem:
         raise ConversionError(
@@ -307,7 +328,7 @@ def convert_state_dict(
                 continue
             if tuple(v.shape) != expected[k]:
                 raise ConversionError(
-                    f"{_describe(source)}{k} has shape {tuple(v.shape)}, expected {expected[k]} for HRNet {_spec_text(specs)}"
+                    f"{_describe(source)}{k} has shape {tuple(v.shape)}, expected {expected[k]} for HRNet {describe_specs(specs)}"
                 )
             dst = body_prefix + k
             conv.state_dict[dst] = v
@@ -401,7 +422,7 @@ def _parser():
         help="target MODEL.BACKBONE.NAME (default: from --config-file, else build_hrnetv2p_backbone)",
     )
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for --config-file")
-    return p
+    return add_debug_argument(p)
 
 
 def main(argv=None):
@@ -413,9 +434,11 @@ def main(argv=None):
         conv = convert_file(
             args.src, args.dst, config_file=args.config_file, opts=args.opts, arch=args.arch, backbone=args.backbone
         )
-    except ConversionError as e:
+    except UserError as e:  # ConversionError, or a config error of --config-file
+        if args.debug or debug_enabled([]):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(conv.report())
     print(f"Wrote {args.dst}; use it with MODEL.WEIGHTS {args.dst}")
     return 0

@@ -1,7 +1,6 @@
 """Pieces of train_net.py that users of their own Detectron2 scripts may want too."""
 import logging
 import os
-import sys
 import weakref
 
 import cv2
@@ -25,7 +24,8 @@ from .visualization import draw_predictions
 from .amp import build_train_step
 from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
-from .data.checks import load_dataset_dicts
+from .errors import UserError
+from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
 
@@ -220,7 +220,7 @@ class Trainer(DefaultTrainer):
         # SOLVER.AMP.ENABLED on a CPU model: bf16 autocast (detectron2's AMPTrainer needs CUDA)
         self._trainer = build_train_step(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -267,7 +267,9 @@ class Trainer(DefaultTrainer):
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            invalid_boxes="drop" if cfg.DATALOADER.DROP_INVALID_BOXES else "error",
         )
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return build_resumable_train_loader(
             **_train_loader_from_config(cfg, CheckedDatasetMapper(cfg, True), dataset=dataset)
         )
@@ -315,16 +317,8 @@ class Trainer(DefaultTrainer):
 _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json")
 
 
-class DatasetFilesMissing(SystemExit):
-    """Raised (exit status 2) when a dataset's files are not on disk.
-
-    Python prints a SystemExit's message only when its code is a string: print it here.
-    """
-
-    def __init__(self, message):
-        super().__init__(message)
-        self.code = 2
-        print(message, file=sys.stderr, flush=True)
+class DatasetFilesMissing(UserError, FileNotFoundError):
+    """A dataset's files are not on disk (or the dataset is not registered)."""
 
 
 def check_datasets(names):

@@ -8,8 +8,9 @@ alone and exits with status 2.  ``--debug`` or ``HRNET_D2_DEBUG=1`` shows the tr
 """
 import os
 import sys
+import time
 
-__all__ = ["UserError", "debug_enabled", "exit_on_user_error"]
+__all__ = ["UserError", "add_debug_argument", "debug_enabled", "exit_on_user_error", "exit_on_user_error_in_worker"]
 
 DEBUG_ENV = "HRNET_D2_DEBUG"
 
@@ -26,6 +27,14 @@ def debug_enabled(argv=None) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def add_debug_argument(parser):
+    """Add ``--debug`` (show the traceback of user-mistake errors) to an argparse parser."""
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback of errors (also: {DEBUG_ENV}=1)"
+    )
+    return parser
+
+
 def exit_on_user_error(fn, *args, **kwargs):
     """Call ``fn``; on a :class:`UserError` print ``error: <message>`` to stderr and exit 2."""
     try:
@@ -35,3 +44,29 @@ def exit_on_user_error(fn, *args, **kwargs):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+
+
+# How long ranks other than 0 hold their message back (see exit_on_user_error_in_worker).
+WORKER_MESSAGE_DELAY_S = 3.0
+
+
+def exit_on_user_error_in_worker(fn, *args, **kwargs):
+    """:func:`exit_on_user_error` for the function Detectron2's ``launch`` runs in each process.
+
+    Every rank usually meets the same mistake (same config, same files): rank 0 prints it and
+    exits 2 at once; the others hold their message back a moment, during which ``launch``'s
+    parent ends them, so the message is printed once.  A mistake only one other rank meets is
+    printed by that rank after the delay.  The parent then exits 2 (see ``train_net.cli``).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        import torch.distributed as dist
+
+        if not debug_enabled() and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            time.sleep(WORKER_MESSAGE_DELAY_S)
+        return exit_on_user_error(_reraise, e)
+
+
+def _reraise(error):
+    raise error

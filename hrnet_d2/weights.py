@@ -2,12 +2,13 @@
 at once (before any model or data is built) when that file is missing.  Where the weights
 come from is in the model-zoo table (``hrnet_d2.zoo``)."""
 import os
-import sys
 
 from .arch import ARCHITECTURES
 from .catalog import PREFIX
 from .zoo import HRNET_CLASSIFICATION_REPO as OFFICIAL_REPO
 from .zoo import imagenet_bodies
+from .checkpoint import is_local_path
+from .errors import UserError
 
 __all__ = ["IMAGENET_CHECKPOINTS", "PretrainedWeightsMissing", "converted_weights_path", "check_pretrained_weights"]
 
@@ -22,21 +23,8 @@ def converted_weights_path(arch: str) -> str:
     return f"pretrained/{stem}_d2.pth"
 
 
-class PretrainedWeightsMissing(SystemExit):
-    """Raised (exit status 2) when MODEL.WEIGHTS names a local file that does not exist.
-
-    Python prints a SystemExit's message only when its code is a string, so the message
-    goes to stderr here and ``str(e)`` still holds it for callers that catch it.
-    """
-
-    def __init__(self, message):
-        super().__init__(message)
-        self.code = 2
-        print(message, file=sys.stderr, flush=True)
-
-
-def _is_local(path):
-    return bool(path) and "://" not in path
+class PretrainedWeightsMissing(UserError, FileNotFoundError):
+    """MODEL.WEIGHTS names a local file that does not exist; the message says how to make it."""
 
 
 def check_pretrained_weights(cfg, config_file=None, resume=False):
@@ -46,7 +34,7 @@ def check_pretrained_weights(cfg, config_file=None, resume=False):
     so is a run that resumes from a checkpoint already in OUTPUT_DIR.
     """
     path = cfg.MODEL.WEIGHTS
-    if not _is_local(path) or os.path.exists(path):
+    if not is_local_path(path) or os.path.exists(path):
         return
     if resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return

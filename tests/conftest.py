@@ -54,3 +54,24 @@ def run_train_net(args, cwd=None, env=None, timeout=900):
         text=True,
         timeout=timeout,
     )
+
+
+def max_rel_err(actual, expected):
+    """max |actual - expected| / max |expected|, in float64 (0 for empty tensors)."""
+    a, b = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
+def assert_close_to_scale(actual, expected, rtol, msg=""):
+    """Same shape and max |actual - expected| <= rtol * max |expected|.
+
+    The tolerance follows the tensors' scale, not an absolute number: float32 rounding
+    differs between CPUs (AVX2, AVX-512, AMX accumulate in other orders), in proportion
+    to the magnitudes involved.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = max_rel_err(actual, expected)
+    assert err <= rtol, f"{msg} max|a-b|/max|b| = {err:.3g} > {rtol:g}"

@@ -229,11 +229,121 @@ def test_trainer_loaders_stop_on_a_corrupt_image_naming_it(tmp_path):
     name, _, paths = make_dataset(tmp_path, n=2)
     paths[1].write_bytes(b"corrupt")
     cfg = make_cfg(QUICKSTART, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)",
-                   "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0")  # fmt: skip
+                   "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.NUM_CLASSES", "1")  # fmt: skip
     with pytest.raises(DataError, match=str(paths[1])):
         next(iter(Trainer.build_train_loader(cfg)))
     with pytest.raises(DataError, match=str(paths[1])):
         list(Trainer.build_test_loader(cfg, name))
+
+
+# --- boxes training would drop silently, and the class count ----------------------
+
+
+def _set_box(index, box):
+    def edit(data):
+        data["annotations"][index]["bbox"] = list(box)
+        data["annotations"][index]["id"] = 70 + index
+
+    return edit
+
+
+def _train_cfg(name, *opts):
+    return make_cfg(QUICKSTART, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
+                    "DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.NUM_CLASSES", "1", *opts)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "box, problem",
+    [((4, 6, 0, 16), "non-positive width/height"), ((4, 6, 20, -3), "non-positive width/height"),
+     ((50, 2, 10, 10), "entirely outside the 48x40 image"), ((-30, 5, 20, 10), "entirely outside the 48x40 image")],
+    ids=["zero width", "negative height", "right of the image", "left of the image"],
+)  # fmt: skip
+def test_invalid_training_box_stops_naming_json_and_annotation_id(tmp_path, box, problem):
+    name, json_path, _ = make_dataset(tmp_path, n=3, edit=_set_box(1, box))
+    cfg = _train_cfg(name)
+    with pytest.raises(DataError) as e:
+        Trainer.build_train_loader(cfg)
+    message = str(e.value)
+    assert str(json_path) in message and "annotation id=71" in message and problem in message, message
+    assert "DATALOADER.DROP_INVALID_BOXES True" in message
+    # negative control: a box that overlaps the image partly is fine
+    ok_name, _, _ = make_dataset(tmp_path / "ok", n=3, edit=_set_box(1, (40, 30, 20, 20)))
+    Trainer.build_train_loader(_train_cfg(ok_name))
+
+
+def test_invalid_boxes_are_dropped_with_a_count_when_asked(tmp_path, caplog):
+    def edit(data):
+        _set_box(0, (4, 6, 0, 16))(data)
+        _set_box(2, (60, 50, 5, 5))(data)
+
+    name, _, _ = make_dataset(tmp_path, n=4, edit=edit)
+    with caplog.at_level(logging.WARNING):
+        dicts = load_dataset_dicts([name], invalid_boxes="drop")
+    assert [len(d["annotations"]) for d in dicts] == [0, 1, 0, 1]
+    assert "Dropped 2 of 4 annotations" in caplog.text
+    assert "1 entirely outside" in caplog.text and "1 non-positive width/height" in caplog.text
+    # through the config switch: the images left without boxes are then filtered (and said so)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer.build_train_loader(_train_cfg(name, "DATALOADER.DROP_INVALID_BOXES", "True"))
+    assert "Dropped 2 of 4 annotations" in caplog.text and "2 of 4 images" in caplog.text
+
+
+def test_crowd_boxes_and_test_sets_are_not_judged(tmp_path):
+    def edit(data):
+        _set_box(0, (4, 6, 0, 16))(data)
+        data["annotations"][0]["iscrowd"] = 1
+
+    name, _, _ = make_dataset(tmp_path, n=2, edit=edit)
+    Trainer.build_train_loader(_train_cfg(name))
+    bad, _, _ = make_dataset(tmp_path / "bad", n=2, edit=_set_box(0, (4, 6, 0, 16)))
+    assert len(load_dataset_dicts([bad])) == 2  # evaluation reads the json itself
+
+
+@pytest.mark.parametrize("num_classes", ["3", "1"])
+def test_num_classes_must_match_the_training_datasets(tmp_path, num_classes):
+    """Smaller: the extra classes would become background; larger: never-trained outputs."""
+
+    def two_categories(data):
+        data["categories"] = [{"id": 1, "name": "thing"}, {"id": 2, "name": "stuff"}]
+
+    first, json1, _ = make_dataset(tmp_path / "a", n=2, edit=two_categories)
+    second, _, _ = make_dataset(tmp_path / "b", n=2, edit=two_categories)
+    cfg = _train_cfg(first, "DATASETS.TRAIN", f"('{first}', '{second}')", "MODEL.ROI_HEADS.NUM_CLASSES", num_classes)
+    with pytest.raises(DataError) as e:
+        Trainer.build_train_loader(cfg)
+    message = str(e.value)
+    assert f"MODEL.ROI_HEADS.NUM_CLASSES = {num_classes}, but dataset {first!r}" in message, message
+    assert f"(annotation file {json1})" in message and "has 2 thing_classes: thing, stuff" in message
+    assert "Set MODEL.ROI_HEADS.NUM_CLASSES 2" in message
+    # negative control: the matching count trains
+    Trainer.build_train_loader(_train_cfg(first, "DATASETS.TRAIN", f"('{first}', '{second}')",
+                                          "MODEL.ROI_HEADS.NUM_CLASSES", "2"))  # fmt: skip
+
+
+def test_retinanet_num_classes_is_checked(tmp_path):
+    name, _, _ = make_dataset(tmp_path, n=2)
+    cfg = make_cfg("shapes/retinanet_hrnetv2p_w18_small_shapes.yaml", "DATASETS.TRAIN", f"('{name}',)",
+                   "DATALOADER.NUM_WORKERS", "0")  # fmt: skip
+    with pytest.raises(DataError, match=rf"MODEL.RETINANET.NUM_CLASSES = 4, but dataset '{name}'.* has 1 thing_classes"):
+        Trainer.build_train_loader(cfg)
+
+
+def test_lazy_config_num_classes_is_checked(tmp_path):
+    from detectron2.config import LazyConfig
+
+    from hrnet_d2 import get_config_file
+    from hrnet_d2.data.checks import check_num_classes
+
+    name, json_path, _ = make_dataset(tmp_path, n=2)
+    load_dataset_dicts([name])  # the json gives thing_classes
+    cfg = LazyConfig.load(get_config_file("lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py"))
+    with pytest.raises(DataError) as e:
+        check_num_classes(cfg, [name])
+    message = str(e.value)
+    assert f"model.roi_heads.num_classes = 4, but dataset {name!r} (annotation file {json_path})" in message, message
+    assert message.endswith("Set model.roi_heads.num_classes=1")
+    check_num_classes(LazyConfig.apply_overrides(cfg, ["model.roi_heads.num_classes=1"]), [name])
 
 
 def teardown_module():

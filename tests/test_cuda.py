@@ -11,6 +11,7 @@ from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.pyramid import HRNetV2p
 from timm_peer import body_state_dict, calibrated_timm, timm_branches
 
+from conftest import assert_close_to_scale
 from test_performance import _batch, _tiny_rcnn_cfg, rel_err, rel_l2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -79,9 +80,9 @@ def test_activation_checkpoint_gradients_on_cuda():
         net.train()
         sum((y.float() ** 2).mean() for y in net(x).values()).backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+        assert_close_to_scale(q.grad, p.grad, rtol=1e-4, msg=name)
     for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+        assert_close_to_scale(b, a, rtol=1e-5, msg=name)
 
 
 def test_amp_trainer_trains_on_cuda():

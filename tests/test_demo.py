@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from hrnet_d2.data import register_all_shapes
+from hrnet_d2.errors import UserError
 
 from conftest import CONFIGS, REPO, make_cfg
 
@@ -93,7 +94,7 @@ def test_demo_semantic_single_file(images, tmp_path):
 
 
 def test_demo_missing_weights_message(images, tmp_path):
-    with pytest.raises(SystemExit, match="quickstart"):
+    with pytest.raises(UserError, match="quickstart"):
         demo.main(["--input", str(images), "--output", str(tmp_path), "--opts", "OUTPUT_DIR", str(tmp_path)])
 
 

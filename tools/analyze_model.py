@@ -13,6 +13,7 @@ import sys
 import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error
 
 
 def _format_table(rows, headers):
@@ -27,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=["parameter", "flop"], default=["parameter", "flop"])
     parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
 
     cfg, model = load_model(args.config_file, args.opts, device="cpu" if "flop" in args.tasks else "meta")
@@ -54,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

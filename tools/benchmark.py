@@ -41,6 +41,7 @@ from detectron2.utils.events import EventStorage
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
 from hrnet_d2.pyramid import HRNetV2p
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
 from hrnet_d2.weights import IMAGENET_CHECKPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +314,7 @@ def detector_inputs(batch, h, w, device, with_gt):
 def run(args):
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = args.size
@@ -540,7 +541,7 @@ def main(argv=None):
     parser.add_argument("--skip-detector", action="store_true", help="only the body + HRNetV2p forward")
     parser.add_argument("--quick", action="store_true", help="smoke test: w18_small_v1, 64x96, batch 1, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs"))
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     if args.quick:
         args.arch, args.size, args.batch, args.reps, args.warmup = "w18_small_v1", (64, 96), (1,), 1, 1
     args.amp_dtype = args.amp_dtype or DEFAULT_AMP_DTYPE[args.device]
@@ -559,4 +560,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

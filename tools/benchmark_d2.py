@@ -34,6 +34,7 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import check_datasets
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("hrnet_d2.benchmark")
 
@@ -64,7 +65,7 @@ def benchmark_train(cfg, iters):
     model = build_model(cfg)
     model.train()
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     optimizer = build_optimizer(cfg, model)
     loader = build_detection_train_loader(cfg)
     batches = DatasetFromList(list(itertools.islice(loader, min(iters, NUM_PRELOADED))), copy=False, serialize=False)
@@ -90,7 +91,7 @@ def benchmark_eval(cfg, iters, warmup=3):
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
     batches = list(itertools.islice(loader, NUM_PRELOADED))
     data = _repeat(batches)
@@ -119,7 +120,7 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = add_debug_argument(get_parser()).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
@@ -134,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

@@ -40,6 +40,7 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
 from hrnet_d2.predict import model_input, test_augmentations
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -134,7 +135,7 @@ def export_scripting(model, what, output_dir):
         scripted = torch.jit.script(model.backbone)
     else:
         if not isinstance(model, GeneralizedRCNN):
-            raise SystemExit(f"--export-method scripting of a whole model supports R-CNNs, not {type(model).__name__}")
+            raise UserError(f"--export-method scripting of a whole model supports R-CNNs, not {type(model).__name__}")
         scripted = scripting_with_instances(model, instance_fields(model))
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{what}.ts")
@@ -151,8 +152,17 @@ def instance_tensors(rcnn, image):
     return [v.tensor if hasattr(v, "tensor") else v for _, v in sorted(fields.items())]
 
 
+def _rel_diff(a, b):
+    """max |a - b| / max |b| (b the PyTorch output): comparable across models and CPUs."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not b.size:
+        return 0.0
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float32).tiny))
+
+
 def scripting_diff(model, path, what, image):
-    """Largest |scripted - PyTorch| on ``image`` (inf when shapes differ)."""
+    """Largest |scripted - PyTorch| on ``image``, relative to each output's max |PyTorch|
+    (inf when shapes differ)."""
     scripted = torch.jit.load(path)
     if what == "backbone":
         _, (x,) = traceable(model, what, image)  # the normalised NCHW input the backbone sees
@@ -162,7 +172,7 @@ def scripting_diff(model, path, what, image):
         got, ref = instance_tensors(scripted, image), instance_tensors(model, image)
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
         return float("inf")
-    return max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0) for a, b in zip(got, ref))
+    return max(_rel_diff(a.numpy(), b.numpy()) for a, b in zip(got, ref))
 
 
 def run_exported(path, fmt, inputs):
@@ -178,15 +188,16 @@ def run_exported(path, fmt, inputs):
     return session.run(None, feeds)
 
 
-def max_abs_diff(module, path, fmt, inputs):
-    """Largest |exported - PyTorch| over all outputs (inf when shapes differ)."""
+def max_rel_diff(module, path, fmt, inputs):
+    """Largest |exported - PyTorch| over all outputs, relative to each output's max
+    |PyTorch| (inf when shapes differ)."""
     with torch.no_grad():
         reference = module(*inputs)
     reference = [r.numpy() for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
     exported = run_exported(path, fmt, inputs)
     if len(exported) != len(reference) or any(a.shape != b.shape for a, b in zip(exported, reference)):
         return float("inf")
-    return max((float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0) for a, b in zip(exported, reference))
+    return max(_rel_diff(a, b) for a, b in zip(exported, reference))
 
 
 def disable_fast_paths(model):
@@ -201,7 +212,7 @@ def disable_fast_paths(model):
 def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, cfg=cfg, complete=True).resume_or_load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     return disable_fast_paths(model.eval())
@@ -220,26 +231,26 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = add_debug_argument(get_parser()).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     if args.export_method == "scripting" and args.format != "torchscript":
-        raise SystemExit("--export-method scripting only produces TorchScript (--format torchscript)")
+        raise UserError("--export-method scripting only produces TorchScript (--format torchscript)")
     model = load_model(cfg)
     image = sample_image(cfg, args.sample_image)
     if args.export_method == "scripting":
         path = export_scripting(model, args.what, args.output)
         diff = scripting_diff(model, path, args.what, image)
-        logger.info("Scripted vs PyTorch on the sample: max |difference| = %.3g", diff)
+        logger.info("Scripted vs PyTorch on the sample: max |difference| / max |output| = %.3g", diff)
         return path, diff
     logger.info("Tracing with an input of shape %s", tuple(image.shape))
     path, module, inputs = export_tracing(model, args.what, image, args.format, args.output)
-    diff = max_abs_diff(module, path, args.format, inputs)
-    logger.info("Exported vs PyTorch on the sample: max |difference| = %.3g", diff)
+    diff = max_rel_diff(module, path, args.format, inputs)
+    logger.info("Exported vs PyTorch on the sample: max |difference| / max |output| = %.3g", diff)
     return path, diff
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

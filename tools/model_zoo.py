@@ -26,6 +26,8 @@ from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_af
 
 from hrnet_d2 import zoo  # noqa: E402
 
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
+
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
 README = REPO / "README.md"
@@ -340,7 +342,7 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
     parser.add_argument("--zoo-only", action="store_true",
                         help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     zoo_blocks = [coco_zoo_block(), imagenet_block()]
     if args.zoo_only:
         if args.check:
@@ -367,4 +369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

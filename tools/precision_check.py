@@ -29,6 +29,7 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer
+from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("hrnet_d2.precision_check")
 
@@ -61,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args(argv)
+    args = add_debug_argument(parser).parse_args(argv)
     setup_logger(name="hrnet_d2")
     setup_logger(name="detectron2")
     register_all_shapes()
@@ -69,9 +70,9 @@ def main(argv=None):
     ensure_all_generated(list(cfg.DATASETS.TEST))
     weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if not os.path.isfile(weights):
-        raise SystemExit(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
+        raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     model = Trainer.build_model(cfg).eval()
-    AtomicCheckpointer(model).load(weights)
+    AtomicCheckpointer(model, cfg=cfg, complete=True).load(weights)
     device = torch.device(cfg.MODEL.DEVICE).type
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
@@ -123,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -28,6 +28,7 @@ from detectron2.utils.visualizer import Visualizer
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import check_datasets
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error
 
 
 def get_parser():
@@ -64,7 +65,7 @@ def _draw_loaded(per_image, cfg, metadata, scale):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = add_debug_argument(get_parser()).parse_args(argv)
     setup_logger(name="hrnet_d2")
     register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
@@ -98,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

@@ -3,28 +3,40 @@
 Without these checks a broken annotation json surfaces as a bare ``KeyError`` or
 ``JSONDecodeError`` from inside pycocotools, a missing image as an error thousands of
 iterations into training, and images without annotations are dropped with an INFO
-line.  Here the dataset dicts are loaded once, checked up front (fields, image files),
-and every problem is a ``DataError`` naming the dataset and the file.
+line.  Here the dataset dicts are loaded once, checked up front (fields, image files,
+training boxes), and every problem is a ``DataError`` naming the dataset and the file.
+The model's class count is checked against each training dataset's categories.
 """
 import json
 import logging
 import os
+from collections import Counter
 
 import torch
 
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 from ..safe_load import UnsafeFileError, load_pickle
 
-__all__ = ["DataError", "check_coco_json", "find_coco_json_problem", "check_dataset_dicts", "load_dataset_dicts"]
+from ..errors import UserError
+
+__all__ = [
+    "DataError",
+    "check_coco_json",
+    "check_dataset_dicts",
+    "check_num_classes",
+    "find_coco_json_problem",
+    "load_dataset_dicts",
+]
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 5
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The dataset (annotation json, image file, ...) is unusable; the message names the file."""
 
 
@@ -148,8 +160,152 @@ def _filter_empty(dicts, names):
     return kept
 
 
-def load_dataset_dicts(names, *, filter_empty=False, min_keypoints=0, proposal_files=None):
-    """``get_detection_dataset_dicts`` with clear errors and an explicit warning for what is dropped."""
+def _box_problem(ann, width, height):
+    """Why a (non-crowd) annotation's box cannot be trained on, or None."""
+    if ann.get("iscrowd", 0):
+        return None  # crowd regions are ignored by training anyway
+    mode, box = ann["bbox_mode"], ann["bbox"]
+    try:
+        if mode == BoxMode.XYWH_ABS:
+            x0, y0, w, h = (float(v) for v in box)
+            x1, y1 = x0 + w, y0 + h
+        else:
+            x0, y0, x1, y1 = (float(v) for v in BoxMode.convert(list(box), mode, BoxMode.XYXY_ABS))
+    except (NotImplementedError, AssertionError, TypeError, ValueError):
+        return None  # relative boxes: not ours to judge
+    if not (x1 > x0 and y1 > y0):  # also NaN
+        return "non-positive width/height"
+    if width and height and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
+        return f"entirely outside the {width}x{height} image"
+    return None
+
+
+def _annotation_id(names, record, ann):
+    """(annotation id, json file) of a dataset-dict annotation, read back from the COCO json
+    (Detectron2's load_coco_json does not keep the id)."""
+    for name in names:
+        json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+        if not json_file or not str(json_file).endswith(".json"):
+            continue
+        try:
+            with open(json_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        root = getattr(MetadataCatalog.get(name), "image_root", "")
+        images = [im for im in data.get("images", ()) if im.get("id") == record.get("image_id")]
+        if not any(os.path.join(root, im["file_name"]) == record["file_name"] for im in images):
+            continue
+        for a in data.get("annotations", ()):
+            if a.get("image_id") == record.get("image_id") and a.get("bbox") == list(ann["bbox"]):
+                return a.get("id", "?"), json_file
+        return "?", json_file
+    return "?", None
+
+
+def _check_boxes(dicts, names, drop):
+    """Stop on (or, with ``drop``, remove with a warning) boxes that training would drop
+    silently: non-positive width/height, or entirely outside the image."""
+    bad = []  # (record index, annotation index, problem)
+    for i, d in enumerate(dicts):
+        for j, ann in enumerate(d.get("annotations", ())):
+            problem = _box_problem(ann, d.get("width"), d.get("height"))
+            if problem:
+                bad.append((i, j, problem))
+    if not bad:
+        return dicts
+    if not drop:
+        i, j, problem = bad[0]
+        d, ann = dicts[i], dicts[i]["annotations"][j]
+        ann_id, json_file = _annotation_id(names, d, ann)
+        where = f"annotation file {json_file}" if json_file else f"dataset(s) {list(names)}"
+        more = f" ({len(bad) - 1} more invalid boxes)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{where}: annotation id={ann_id} (image {d['file_name']}) has bbox {list(ann['bbox'])} "
+            f"({BoxMode(ann['bbox_mode']).name}): {problem}{more}. Fix the annotations, or set "
+            "DATALOADER.DROP_INVALID_BOXES True to drop such boxes with a warning"
+        )
+    drop_at = {}
+    for i, j, problem in bad:
+        drop_at.setdefault(i, set()).add(j)
+    out = list(dicts)
+    for i, js in drop_at.items():
+        out[i] = dict(dicts[i], annotations=[a for j, a in enumerate(dicts[i]["annotations"]) if j not in js])
+    kinds = Counter(problem.split(" the ")[0] for _, _, problem in bad)
+    logger.warning(
+        "Dropped %d of %d annotations of %s with invalid boxes (%s) from %d images (DATALOADER.DROP_INVALID_BOXES True)",
+        len(bad),
+        sum(len(d.get("annotations", ())) for d in dicts),
+        list(names),
+        ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+        len(drop_at),
+    )
+    return out
+
+
+def _classes_keys(cfg):
+    """(config key, value, metadata field) of the class counts the meta-architecture uses."""
+    meta = cfg.MODEL.META_ARCHITECTURE
+    keys = []
+    if meta in ("GeneralizedRCNN", "PanopticFPN"):
+        keys.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+        if cfg.MODEL.KEYPOINT_ON:
+            keys.append(("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS, "keypoint_names"))
+    if meta == "RetinaNet":
+        keys.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
+    if meta in ("SemanticSegmentor", "PanopticFPN"):
+        keys.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes"))
+    return keys
+
+
+def _lazy_classes_keys(cfg):
+    """As _classes_keys, for a LazyConfig (``model.roi_heads.num_classes``, ...)."""
+    from omegaconf import OmegaConf
+
+    keys = []
+    for key, field in (
+        ("model.roi_heads.num_classes", "thing_classes"),
+        ("model.roi_heads.keypoint_head.num_keypoints", "keypoint_names"),
+        ("model.num_classes", "thing_classes"),  # RetinaNet
+        ("model.sem_seg_head.num_classes", "stuff_classes"),
+    ):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int):
+            keys.append((key, value, field))
+    return keys
+
+
+def check_num_classes(cfg, names):
+    """Stop when the model's class count differs from a dataset's categories.
+
+    ``NUM_CLASSES`` smaller than the dataset's categories makes the extra classes
+    background (trains without complaint, evaluates near 0 AP on them); larger wastes
+    outputs that are never trained.  Call after the datasets are loaded (load_coco_json
+    sets ``thing_classes``).  ``cfg``: a YAML config (CfgNode) or a LazyConfig.
+    """
+    lazy = not hasattr(cfg, "MODEL")
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        for key, value, field in _lazy_classes_keys(cfg) if lazy else _classes_keys(cfg):
+            classes = getattr(meta, field, None) if hasattr(meta, field) else None
+            if classes is None or len(classes) == value:
+                continue
+            json_file = getattr(meta, "json_file", None) if hasattr(meta, "json_file") else None
+            source = f" (annotation file {json_file})" if json_file else ""
+            setting = f"{key}={len(classes)}" if lazy else f"{key} {len(classes)}"
+            raise DataError(
+                f"{key} = {value}, but dataset {name!r}{source} has {len(classes)} {field}: "
+                f"{_example_list(classes)}. Set {setting}"
+            )
+
+
+def load_dataset_dicts(names, *, filter_empty=False, min_keypoints=0, proposal_files=None, invalid_boxes=None):
+    """``get_detection_dataset_dicts`` with clear errors and an explicit warning for what is dropped.
+
+    ``invalid_boxes`` (training sets): "error" stops on a box with non-positive size or
+    entirely outside its image, naming the json and the annotation id; "drop" removes
+    them with a warning that counts them; None leaves boxes unchecked.
+    """
     names = [names] if isinstance(names, str) else list(names)
     try:
         for path in proposal_files or ():
@@ -167,6 +323,10 @@ def load_dataset_dicts(names, *, filter_empty=False, min_keypoints=0, proposal_f
     if isinstance(dicts, torch.utils.data.Dataset):
         return dicts
     check_dataset_dicts(dicts, names)
+    if invalid_boxes is not None:
+        if invalid_boxes not in ("error", "drop"):
+            raise ValueError(f"invalid_boxes={invalid_boxes!r}: allowed 'error', 'drop', None")
+        dicts = _check_boxes(dicts, names, drop=invalid_boxes == "drop")
     if filter_empty and dicts and "annotations" in dicts[0]:
         dicts = _filter_empty(dicts, names)
     return dicts
