@@ -85,9 +85,8 @@ class Predictor:
             names = cfg.dataloader.test.dataset.names
             dataset = names if isinstance(names, str) else names[0]
         else:
-            from detectron2.data import transforms as T
-
             from hrnet_d2 import get_hrnet_cfg
+            from hrnet_d2.data.resize import resize_augmentation
 
             cfg = get_hrnet_cfg(config_file, opts)
             for head in ("RETINANET", "ROI_HEADS"):
@@ -97,7 +96,7 @@ class Predictor:
 
             self.model = build_model(cfg)
             weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-            self.augmentation = [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
+            self.augmentation = [resize_augmentation(cfg)]
             self.input_format = cfg.INPUT.FORMAT
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
         if not weights or not os.path.isfile(weights):

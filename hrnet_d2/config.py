@@ -9,7 +9,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID and INPUT.RESIZE_BACKEND keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -44,6 +44,10 @@ def add_hrnet_config(cfg):
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower
     # (W32 body + HRNetV2p, 384x640 fwd+bwd on 2 AVX2 cores: 5.71 s NHWC vs 4.16 s NCHW).
     _C.MODEL.HRNET.CHANNELS_LAST = True
+
+    # Image resize (train and test): "PIL" = Detectron2's ResizeShortestEdge; "cv2" = mmdetection's
+    # Resize (cv2.INTER_LINEAR, mmcv's size rounding), for models converted from mmdetection.
+    _C.INPUT.RESIZE_BACKEND = "PIL"
 
     # HRNetV2p pyramid (build_hrnetv2p_backbone)
     _C.MODEL.HRNET_PYRAMID = CN()

@@ -10,7 +10,6 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, hooks
@@ -23,6 +22,7 @@ from .build import validate_config
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
 from .data.checks import load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
+from .data.resize import resize_augmentation
 from .data.sampler import ResumableSampler
 
 __all__ = ["Trainer", "check_datasets", "visualize_predictions", "DatasetFilesMissing"]
@@ -199,7 +199,7 @@ def visualize_predictions(
     output_path = output_path or os.path.join(cfg.OUTPUT_DIR, "predictions.png")
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
     metadata = MetadataCatalog.get(dataset_name)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    aug = resize_augmentation(cfg)
     was_training = model.training
     model.eval()
     panels = []

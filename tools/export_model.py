@@ -33,7 +33,6 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes
@@ -42,6 +41,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hrnet_d2 import get_hrnet_cfg  # noqa: E402
 from hrnet_d2.data import register_all_shapes  # noqa: E402
+from hrnet_d2.data.resize import resize_augmentation  # noqa: E402
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -74,7 +74,7 @@ def sample_image(cfg, path=None):
         image = image.astype(np.uint8)
     else:
         image = utils.read_image(path, format=cfg.INPUT.FORMAT)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    aug = resize_augmentation(cfg)
     resized = aug.get_transform(image).apply_image(image)
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
 

@@ -74,7 +74,8 @@ class Row:
 
 
 def coco_configs() -> List[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml"))
+    """The training recipes (``*_mmdet.yaml`` are inference configs of converted mmdetection models)."""
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml") if not p.stem.endswith("_mmdet"))
 
 
 def collect(configs=None, flops_for=None, log=print) -> List[Row]:
