@@ -20,6 +20,7 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, build_backbone
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
+from .data.resize import RESIZE_BACKENDS
 from .hrnet import HRV2_NAME, HRNet, branch_name
 from .pyramid import POOLING_TYPES, HRNetV2p
 
@@ -283,11 +284,12 @@ def validate_config(cfg):
     Raises ValueError naming the key, the value and what is allowed.
     """
     _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
+    _check_choice("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, RESIZE_BACKENDS)
     _check_pixel_stats(cfg)
     shapes = _backbone_output_shapes(cfg)
     what = f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
     meta = cfg.MODEL.META_ARCHITECTURE
-    if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
+    if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN", "MMDetRPN"):
         _check_feature_names("MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES)
     if meta in _USES_ROI_HEADS:
