@@ -279,6 +279,8 @@ class Conversion:
         if self.detector and self.detector.background_first:
             lines.append("  class order: background moved from first to last (cls_score); its box regression "
                          "and mask channels dropped")
+            lines.append("Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) have no "
+                         "exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives the closest settings")
         lines.append(f"Dropped {len(self.dropped)} tensors:")
         for (group, reason), n in sorted(Counter((_group(k), r) for k, r in self.dropped).items()):
             lines.append(f"  {group} ({n}): {reason}")
