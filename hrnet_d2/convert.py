@@ -69,12 +69,8 @@ PYRAMID_PREFIX = "backbone."
 _HEAD_ROOTS = ("rpn_head", "roi_head", "bbox_head", "mask_head", "bbox_roi_extractor", "mask_roi_extractor")
 
 
-def _stage(prefix):
-    """'3.' -> '3.' and None -> '' for an optional cascade stage group."""
-    return prefix or ""
-
-
-# mmdetection head names (without "roi_head.") -> Detectron2 GeneralizedRCNN names.  mmdetection's
+# mmdetection head names (without "roi_head.") -> Detectron2 GeneralizedRCNN names; group 1 is the
+# cascade stage ("2.") or None.  mmdetection's
 # RPNHead / Shared2FCBBoxHead / FCNMaskHead are Detectron2's StandardRPNHead / FastRCNNConvFCHead
 # (NUM_FC 2) + FastRCNNOutputLayers / MaskRCNNConvUpsampleHead (NUM_CONV 4) layer for layer.
 _HEAD_RULES = [
@@ -82,9 +78,9 @@ _HEAD_RULES = [
     (re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}"),
     (re.compile(r"^rpn_head\.rpn_reg\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.anchor_deltas.{m[1]}"),
     (re.compile(r"^bbox_head\.(\d+\.)?shared_fcs\.([01])\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_head.{_stage(m[1])}fc{int(m[2]) + 1}.{m[3]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{_stage(m[1])}cls_score.{m[2]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{_stage(m[1])}bbox_pred.{m[2]}"),
+     lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}.{m[3]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}"),
     # one mask head per cascade stage -> MMDetCascadeROIHeads' StageMaskHeads (mask_head.heads.<stage>)
     (re.compile(r"^mask_head\.(\d+\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
      lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}mask_fcn{int(m[2]) + 1}.{m[3]}"),
@@ -559,7 +555,7 @@ def _detector_check(cfg, config_file, source):
             fail("mask head", f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
                  "one mask head", f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage")
         if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
-            fail("number of classes", f"{det.num_classes} classes", f"{m.ROI_HEADS.NUM_CLASSES}",
+            fail("number of classes", f"{det.num_classes} classes", f"{m.ROI_HEADS.NUM_CLASSES} classes",
                  f"MODEL.ROI_HEADS.NUM_CLASSES = {m.ROI_HEADS.NUM_CLASSES}")
         if det.class_agnostic != m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
             fail("box regression", "class-agnostic" if det.class_agnostic else "class-specific",

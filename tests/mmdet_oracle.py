@@ -93,6 +93,23 @@ def mmdet_config(name, num_classes=80, test_scale=None):
     return cfg
 
 
+def with_v1_conventions(cfg):
+    """mmdetection's own emulation of v1.x inference (its configs/legacy_1.x): legacy anchors and +1 box
+    coder, RoIAlign without the half-pixel shift, 2x2 sampling (v1's +1 NMS areas and mask paste are not
+    emulated by mmdetection either)."""
+    m = cfg.model
+    m.rpn_head.anchor_generator.type = "LegacyAnchorGenerator"
+    m.rpn_head.anchor_generator.center_offset = 0.5
+    m.rpn_head.bbox_coder.type = "LegacyDeltaXYWHBBoxCoder"
+    heads = m.roi_head.bbox_head
+    for h in heads if isinstance(heads, list) else [heads]:
+        h.bbox_coder.type = "LegacyDeltaXYWHBBoxCoder"
+    for extractor in ("bbox_roi_extractor", "mask_roi_extractor"):
+        if extractor in m.roi_head:
+            m.roi_head[extractor].roi_layer.update(sampling_ratio=2, aligned=False)
+    return cfg
+
+
 @torch.no_grad()
 def randomly_initialised_detector(cfg, calibration_image, seed=0):
     """mmdetection's detector with random weights that still detects things.
@@ -274,3 +291,30 @@ def match_proposals(ref, ours, iou_thr=0.99):
     """Fraction of ``ref`` proposals with a proposal in ``ours`` at box IoU >= iou_thr (and the converse)."""
     ious = torchvision.ops.box_iou(ref, ours)
     return float((ious.max(1).values >= iou_thr).float().mean()), float((ious.max(0).values >= iou_thr).float().mean())
+
+
+def closeness(ref, ours):
+    """How far ``ours`` is from ``ref`` when they do not agree: per ``ref`` detection, the box IoU of the
+    best same-class detection of ``ours``, its score difference and mask IoU (lists, to be pooled)."""
+    out = {"ious": [], "score_diffs": [], "mask_ious": []}
+    ious = torchvision.ops.box_iou(ref["boxes"], ours["boxes"])
+    for i in range(len(ref["boxes"])):
+        cand = torch.where(ours["classes"] == ref["classes"][i], ious[i], torch.full_like(ious[i], -1.0))
+        j = int(cand.argmax()) if cand.numel() else -1
+        if j < 0 or cand[j] <= 0:
+            out["ious"].append(0.0)
+            continue
+        out["ious"].append(float(cand[j]))
+        out["score_diffs"].append(float((ref["scores"][i] - ours["scores"][j]).abs()))
+        if "masks" in ref:
+            out["mask_ious"].append(_mask_iou(ref["masks"][i], ours["masks"][j])[0])
+    return out
+
+
+def summarize_closeness(pooled):
+    a, s = np.array(pooled["ious"]), np.array(pooled["score_diffs"])
+    r = {"detections": len(a), "median_box_iou": float(np.median(a)), "frac_box_iou_ge_0.9": float((a >= 0.9).mean()),
+         "frac_box_iou_ge_0.5": float((a >= 0.5).mean()), "median_score_diff": float(np.median(s))}
+    if pooled["mask_ious"]:
+        r["median_mask_iou"] = float(np.median(pooled["mask_ious"]))
+    return r
