@@ -75,12 +75,15 @@ _HEAD_ROOTS = ("rpn_head", "roi_head", "bbox_head", "mask_head", "bbox_roi_extra
 # (NUM_FC 2) + FastRCNNOutputLayers / MaskRCNNConvUpsampleHead (NUM_CONV 4) layer for layer.
 _HEAD_RULES = [
     (re.compile(r"^rpn_head\.rpn_conv\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.conv.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}"),
+    (re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"),
+     lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}"),
     (re.compile(r"^rpn_head\.rpn_reg\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.anchor_deltas.{m[1]}"),
     (re.compile(r"^bbox_head\.(\d+\.)?shared_fcs\.([01])\.(weight|bias)$"),
      lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}.{m[3]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"), lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"),
+     lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"),
+     lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}"),
     # one mask head per cascade stage -> MMDetCascadeROIHeads' StageMaskHeads (mask_head.heads.<stage>)
     (re.compile(r"^mask_head\.(\d+\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
      lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}mask_fcn{int(m[2]) + 1}.{m[3]}"),
@@ -262,7 +265,9 @@ class Conversion:
         if self.detector:
             lines.append(f"Detector: {self.detector.describe()}")
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
-        heads = Counter(dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads.")))
+        heads = Counter(
+            dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads."))
+        )
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck - sum(heads.values())}) -> {self.body_prefix}*")
         if neck:
@@ -275,8 +280,9 @@ class Conversion:
         if self.detector and self.detector.background_first:
             lines.append("  class order: background moved from first to last (cls_score); its box regression "
                          "and mask channels dropped")
-            lines.append("Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) have no "
-                         "exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives the closest settings")
+            lines.append("Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) "
+                         "have no exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives "
+                         "the closest settings")
         lines.append(f"Dropped {len(self.dropped)} tensors:")
         for (group, reason), n in sorted(Counter((_group(k), r) for k, r in self.dropped).items()):
             lines.append(f"  {group} ({n}): {reason}")
@@ -301,7 +307,8 @@ def _head_tensors(heads, source):
     v1 = any(k.startswith(("bbox_head.", "mask_head.")) for k in heads)
     if v1 and v2:
         raise ConversionError(
-            f"{_describe(source)}mixes mmdetection 2.x/3.x head names (roi_head.*) with v1.x ones (bbox_head.* at the top)"
+            f"{_describe(source)}mixes mmdetection 2.x/3.x head names (roi_head.*) with v1.x ones "
+            "(bbox_head.* at the top)"
         )
     out = OrderedDict((k[len("roi_head."):] if k.startswith("roi_head.") else k, v) for k, v in heads.items())
     return out, v1
@@ -310,7 +317,8 @@ def _head_tensors(heads, source):
 def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, source="") -> Detector:
     """Kind, stages and number of classes of mmdetection heads (names without ``roi_head.``)."""
     keys = set(heads)
-    missing_rpn = [k for k in ("rpn_head.rpn_conv.weight", "rpn_head.rpn_cls.weight", "rpn_head.rpn_reg.weight") if k not in keys]
+    rpn = ("rpn_head.rpn_conv.weight", "rpn_head.rpn_cls.weight", "rpn_head.rpn_reg.weight")
+    missing_rpn = [k for k in rpn if k not in keys]
     if missing_rpn:
         raise ConversionError(f"{_describe(source)}incomplete RPN head: no {missing_rpn[0]!r} (an mmdetection RPNHead has "
                               "rpn_conv, rpn_cls and rpn_reg)")

@@ -129,7 +129,7 @@ class MMDetCascadeROIHeads(CascadeROIHeads):
             return super()._forward_box(features, proposals, targets)
         features = [features[f] for f in self.box_in_features]
         image_sizes = [x.image_size for x in proposals]
-        logits, predictions, boxes = [], None, None
+        logits, boxes = [], None
         for k in range(self.num_cascade_stages):
             if k > 0:
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
@@ -141,6 +141,11 @@ class MMDetCascadeROIHeads(CascadeROIHeads):
         scores = scores.split([len(p) for p in proposals])
         predictor = self.box_predictor[-1]
         instances, _ = fast_rcnn_inference(
-            boxes, scores, image_sizes, predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image
+            boxes,
+            scores,
+            image_sizes,
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
         )
         return instances

@@ -89,7 +89,8 @@ def mmdet_config(name, num_classes=80, test_scale=None):
         for step in cfg.test_dataloader.dataset.pipeline:
             if step.type == "Resize":
                 step.scale = tuple(test_scale)
-    cfg.test_dataloader.dataset.pipeline = [s for s in cfg.test_dataloader.dataset.pipeline if s.type != "LoadAnnotations"]
+    pipeline = cfg.test_dataloader.dataset.pipeline
+    cfg.test_dataloader.dataset.pipeline = [s for s in pipeline if s.type != "LoadAnnotations"]
     return cfg
 
 

@@ -134,7 +134,7 @@ def write_figures():
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_converted_detector_matches_mmdetection(kind, pairs, images, one_torch_thread):
+def test_converted_detector_matches_mmdetection(kind, pairs, images):
     pair = pairs(kind)
     # both test images (enlarged and shrunk) for Faster / Mask R-CNN; the cascades share their resize path
     figures = pair.compare(images[1] if kind in ("faster", "mask") else images[1][1:])
@@ -144,7 +144,7 @@ def test_converted_detector_matches_mmdetection(kind, pairs, images, one_torch_t
     assert figures["worst_iou"] >= 0.99 and figures["worst_score"] <= 1e-3, figures
 
 
-def test_negative_control_one_head_tensor_perturbed(pairs, images, one_torch_thread):
+def test_negative_control_one_head_tensor_perturbed(pairs, images):
     """The comparison can fail: the class-score layer of the converted model, perturbed by 2% of its std."""
     pair = pairs("faster")
     model = pair.build(pair.d2_ckpt)
@@ -156,7 +156,7 @@ def test_negative_control_one_head_tensor_perturbed(pairs, images, one_torch_thr
     assert not figures["agree"], figures
 
 
-def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thread):
+def test_negative_control_detectron2_cascade_heads(pairs, images):
     """Detectron2's own CascadeROIHeads (stage probabilities averaged, not logits) on the same converted
     weights: the comparison fails, so MMDetCascadeROIHeads is what makes the cascade equal."""
     pair = pairs("cascade")
@@ -165,13 +165,14 @@ def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thre
     assert not figures["agree"], figures
 
 
-def test_v1_conventions_effect(pairs, images, one_torch_thread):
+@pytest.mark.parametrize("kind", ["mask", "cascade"])
+def test_v1_conventions_effect(kind, pairs, images):
     """Measures (README) what Detectron2 cannot express of mmdetection v1 inference: mmdetection's own v1
     emulation against the converted model with the *_mmdet.yaml conventions and with the closest settings."""
     from mmdet.apis import init_detector
 
-    pair = pairs("mask")
-    legacy = init_detector(mo.with_v1_conventions(mo.mmdet_config(KINDS["mask"][0], test_scale=TEST_SCALE)),
+    pair = pairs(kind)
+    legacy = init_detector(mo.with_v1_conventions(mo.mmdet_config(KINDS[kind][0], test_scale=TEST_SCALE)),
                            checkpoint=None, device="cpu")
     legacy.load_state_dict(pair.mm.state_dict())
     legacy.eval()
@@ -188,7 +189,7 @@ def test_v1_conventions_effect(pairs, images, one_torch_thread):
             for k, v in mo.closeness(ref, ours).items():
                 pooled[k] += v
         results[name] = mo.summarize_closeness(pooled)
-    FIGURES["v1_conventions_effect_mask_rcnn"] = results
+    FIGURES[f"v1_conventions_effect_{kind}"] = results
     assert results["modern"]["median_box_iou"] < 0.99  # the conventions do change the outputs
     assert results["closest"]["median_box_iou"] > results["modern"]["median_box_iou"]
 
@@ -226,7 +227,7 @@ def test_v1_layout_converts_with_the_class_order_fixed(kind, pairs, tmp_path):
         assert torch.equal(converted[k], reference[k]), k
 
 
-def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_torch_thread):
+def test_negative_control_class_order_not_fixed(pairs, images, tmp_path):
     """v1 tensors (background first) read as 2.x (background last): the comparison fails."""
     pair = pairs("faster")
     sd = load_state_dict(str(pair.mm_ckpt))
@@ -279,7 +280,8 @@ def test_refuses_a_head_it_cannot_convert(pairs, tmp_path):
     sd["roi_head.bbox_head.shared_convs.0.conv.weight"] = torch.zeros(256, 256, 3, 3)
     src = tmp_path / "convfc.pth"
     torch.save({"state_dict": sd}, src)
-    with pytest.raises(ConversionError, match="shared_convs.0.conv.weight: a head tensor with no Detectron2 counterpart"):
+    message = "shared_convs.0.conv.weight: a head tensor with no Detectron2 counterpart"
+    with pytest.raises(ConversionError, match=message):
         convert_file(str(src), str(tmp_path / "out.pth"), config_file=str(CONFIGS / KINDS["faster"][1]))
     del sd["roi_head.bbox_head.shared_convs.0.conv.weight"], sd["rpn_head.rpn_reg.weight"]
     torch.save({"state_dict": sd}, src)
@@ -287,7 +289,7 @@ def test_refuses_a_head_it_cannot_convert(pairs, tmp_path):
         convert_file(str(src), str(tmp_path / "out.pth"))
 
 
-def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(tmp_path, one_torch_thread):
+def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(tmp_path):
     """A converted 4-class Faster R-CNN evaluated by Train_net's path (test mapper with the cv2 resize,
     COCOEvaluator) on 12 generated shapes val images, against mmdetection's detections of the same
     images scored by pycocotools directly."""
