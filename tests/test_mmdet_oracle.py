@@ -134,7 +134,7 @@ def write_figures():
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_converted_detector_matches_mmdetection(kind, pairs, images):
+def test_converted_detector_matches_mmdetection(kind, pairs, images, one_torch_thread):
     pair = pairs(kind)
     # both test images (enlarged and shrunk) for Faster / Mask R-CNN; the cascades share their resize path
     figures = pair.compare(images[1] if kind in ("faster", "mask") else images[1][1:])
@@ -144,19 +144,19 @@ def test_converted_detector_matches_mmdetection(kind, pairs, images):
     assert figures["worst_iou"] >= 0.99 and figures["worst_score"] <= 1e-3, figures
 
 
-def test_negative_control_one_head_tensor_perturbed(pairs, images):
+def test_negative_control_one_head_tensor_perturbed(pairs, images, one_torch_thread):
     """The comparison can fail: the class-score layer of the converted model, perturbed by 2% of its std."""
     pair = pairs("faster")
     model = pair.build(pair.d2_ckpt)
     with torch.no_grad():
         w = model.roi_heads.box_predictor.cls_score.weight
         w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std() * 0.02)
-    figures = pair.compare(images[1], model)
+    figures = pair.compare(images[1][1:], model)
     FIGURES["negative_control_perturbed"] = figures
     assert not figures["agree"], figures
 
 
-def test_negative_control_detectron2_cascade_heads(pairs, images):
+def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thread):
     """Detectron2's own CascadeROIHeads (stage probabilities averaged, not logits) on the same converted
     weights: the comparison fails, so MMDetCascadeROIHeads is what makes the cascade equal."""
     pair = pairs("cascade")
@@ -166,7 +166,7 @@ def test_negative_control_detectron2_cascade_heads(pairs, images):
 
 
 @pytest.mark.parametrize("kind", ["mask", "cascade"])
-def test_v1_conventions_effect(kind, pairs, images):
+def test_v1_conventions_effect(kind, pairs, images, one_torch_thread):
     """Measures (README) what Detectron2 cannot express of mmdetection v1 inference: mmdetection's own v1
     emulation against the converted model with the *_mmdet.yaml conventions and with the closest settings."""
     from mmdet.apis import init_detector
@@ -183,7 +183,7 @@ def test_v1_conventions_effect(kind, pairs, images):
     for name, opts in (("modern", ()), ("closest", closest)):
         model = pair.build(pair.d2_ckpt, *opts)
         pooled = {"ious": [], "score_diffs": [], "mask_ious": []}
-        for path, rgb in images[1]:
+        for path, rgb in images[1][1:]:
             ref, _ = mo.mmdet_predict(legacy, path)
             ours, _ = mo.d2_predict(model, pair.cfg("", *opts), rgb)
             for k, v in mo.closeness(ref, ours).items():
@@ -227,7 +227,7 @@ def test_v1_layout_converts_with_the_class_order_fixed(kind, pairs, tmp_path):
         assert torch.equal(converted[k], reference[k]), k
 
 
-def test_negative_control_class_order_not_fixed(pairs, images, tmp_path):
+def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_torch_thread):
     """v1 tensors (background first) read as 2.x (background last): the comparison fails."""
     pair = pairs("faster")
     sd = load_state_dict(str(pair.mm_ckpt))
@@ -238,7 +238,7 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path):
     src, dst = tmp_path / "unfixed.pth", tmp_path / "unfixed_d2.pth"
     torch.save({"state_dict": wrong}, src)
     assert main([str(src), str(dst), "--config-file", str(CONFIGS / pair.config)]) == 0
-    figures = pair.compare(images[1], pair.build(dst))
+    figures = pair.compare(images[1][1:], pair.build(dst))
     FIGURES["negative_control_class_order"] = figures
     assert not figures["agree"], figures
 
@@ -289,7 +289,7 @@ def test_refuses_a_head_it_cannot_convert(pairs, tmp_path):
         convert_file(str(src), str(tmp_path / "out.pth"))
 
 
-def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(tmp_path):
+def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(tmp_path, one_torch_thread):
     """A converted 4-class Faster R-CNN evaluated by Train_net's path (test mapper with the cv2 resize,
     COCOEvaluator) on 12 generated shapes val images, against mmdetection's detections of the same
     images scored by pycocotools directly."""
