@@ -2,7 +2,8 @@
 
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
-BACKBONE_REGISTRY.
+BACKBONE_REGISTRY, and the heads with mmdetection's test-time conventions (``MMDetRPN``,
+``MMDetROIHeads``, ``MMDetCascadeROIHeads``: ``mmdet_heads.py``) for converted models.
 """
 from .arch import ARCHITECTURES, StageSpec
 from .build import (
@@ -15,6 +16,7 @@ from .catalog import UnknownZooName, ZooDownloadError  # importing it registers 
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .hrnet import HRNet, HighResolutionModule
 from .pyramid import HRNetV2p
+from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
 
 __version__ = "0.1.0"
 
@@ -34,4 +36,7 @@ __all__ = [
     "build_hrnetv2p_backbone",
     "build_hrnetv2p_with_body_backbone",
     "build_hrnet_fpn_backbone",
+    "MMDetRPN",
+    "MMDetROIHeads",
+    "MMDetCascadeROIHeads",
 ]

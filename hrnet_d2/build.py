@@ -24,6 +24,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .blocks import BLOCKS
+from .data.resize import RESIZE_BACKENDS
 from .config import ConfigError, ConfigValueError, check_feature_names
 from .hrnet import HRNet
 from .layers import NORMS as HRNET_NORMS
@@ -346,11 +347,12 @@ def validate_config(cfg):
     """
     check_device(cfg.MODEL.DEVICE)
     _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
+    _check_choice("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, RESIZE_BACKENDS)
     _check_pixel_stats(cfg)
     shapes = _backbone_output_shapes(cfg)
     what = f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
     meta = cfg.MODEL.META_ARCHITECTURE
-    if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
+    if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN", "MMDetRPN"):
         check_feature_names("MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES)
     if meta in _USES_ROI_HEADS:

@@ -11,7 +11,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET and MODEL.HRNET_PYRAMID keys (and DATALOADER.DROP_INVALID_BOXES) to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -54,6 +54,10 @@ def add_hrnet_config(cfg):
     # Training is unaffected (use SOLVER.AMP.ENABLED there).  On CPUs without native bf16 it is
     # emulated and slower than fp32.
     _C.MODEL.HRNET.INFERENCE_AUTOCAST = ""
+
+    # Image resize (train and test): "PIL" = Detectron2's ResizeShortestEdge; "cv2" = mmdetection's
+    # Resize (cv2.INTER_LINEAR, mmcv's size rounding), for models converted from mmdetection.
+    _C.INPUT.RESIZE_BACKEND = "PIL"
 
     # HRNetV2p pyramid (build_hrnetv2p_backbone)
     _C.MODEL.HRNET_PYRAMID = CN()

@@ -4,15 +4,20 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
   * official HRNet-Image-Classification ImageNet checkpoints (``hrnetv2_w32_imagenet_pretrained.pth``,
     ``hrnet_w18_small_model_v1.pth``, ...): a plain state dict;
   * timm ``hrnet_*`` state dicts (``.pth`` or ``.safetensors``), which use the same names;
-  * mmdetection HRNet detection checkpoints (``backbone.*`` + HRFPN ``neck.*``): the body
-    and the HRNetV2p pyramid are converted; detector heads (``rpn_head``, ``roi_head``...)
-    are left out because their layout differs from Detectron2's.
+  * mmdetection HRNet detection checkpoints: Faster R-CNN, Mask R-CNN, Cascade R-CNN and
+    Cascade Mask R-CNN, whole (body, HRFPN neck -> HRNetV2p, RPN head, shared-2fc box
+    head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
+    and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
+    first: moved last, its regression and mask channels dropped).  The detector kind, stages
+    and number of classes are read from the tensors and checked against ``--config-file``.
 
 Files are read without running pickled code (``torch.load(weights_only=True)``,
 safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
 
     python -m hrnet_d2.convert hrnetv2_w32_imagenet_pretrained.pth pretrained/hrnetv2_w32_imagenet_d2.pth \\
         --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml
+    python -m hrnet_d2.convert mask_rcnn_hrnetv2p_w32_1x_coco_20200207-b29f616e.pth mask_rcnn_w32_1x.pth \\
+        --config-file configs/COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x_mmdet.yaml
 """
 import argparse
 import os
@@ -21,7 +26,7 @@ import re
 import sys
 import zipfile
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +38,8 @@ from .safe_load import UnsafeFileError, load_pickle
 __all__ = [
     "ConversionError",
     "Conversion",
+    "Detector",
+    "detect_detector",
     "load_state_dict",
     "unwrap_state_dict",
     "detect_stage_specs",
@@ -64,6 +71,62 @@ BODY_PREFIX = {
     "build_hrnet_backbone": "backbone.",
 }
 PYRAMID_PREFIX = "backbone."
+# Top-level names of mmdetection detector heads (v2+: under roi_head.; v1/v0.x: at the top).
+_HEAD_ROOTS = ("rpn_head", "roi_head", "bbox_head", "mask_head", "bbox_roi_extractor", "mask_roi_extractor")
+
+
+# mmdetection head names (without "roi_head.") -> Detectron2 GeneralizedRCNN names; group 1 is the
+# cascade stage ("2.") or None.  mmdetection's
+# RPNHead / Shared2FCBBoxHead / FCNMaskHead are Detectron2's StandardRPNHead / FastRCNNConvFCHead
+# (NUM_FC 2) + FastRCNNOutputLayers / MaskRCNNConvUpsampleHead (NUM_CONV 4) layer for layer.
+_HEAD_RULES = [
+    (re.compile(r"^rpn_head\.rpn_conv\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.conv.{m[1]}"),
+    (re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"),
+     lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}"),
+    (re.compile(r"^rpn_head\.rpn_reg\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.anchor_deltas.{m[1]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?shared_fcs\.([01])\.(weight|bias)$"),
+     lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}.{m[3]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"),
+     lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}"),
+    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"),
+     lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}"),
+    # one mask head per cascade stage -> MMDetCascadeROIHeads' StageMaskHeads (mask_head.heads.<stage>)
+    (re.compile(r"^mask_head\.(\d+\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}mask_fcn{int(m[2]) + 1}.{m[3]}"),
+    (re.compile(r"^mask_head\.(\d+\.)?upsample\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}deconv.{m[2]}"),
+    (re.compile(r"^mask_head\.(\d+\.)?conv_logits\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}predictor.{m[2]}"),
+]
+CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads")
+
+
+class Detector(NamedTuple):
+    """What the heads of an mmdetection checkpoint are (read from its tensors)."""
+
+    num_classes: int
+    cascade_stages: int  # 0: one box head (Faster / Mask R-CNN)
+    mask_heads: int  # 0: no mask; Cascade Mask R-CNN has one per stage
+    class_agnostic: bool  # box regression
+    background_first: bool  # mmdetection v1.x / HRNet-Object-Detection class order
+
+    @property
+    def kind(self):
+        if self.cascade_stages:
+            return "Cascade Mask R-CNN" if self.mask_heads else "Cascade R-CNN"
+        return "Mask R-CNN" if self.mask_heads else "Faster R-CNN"
+
+    def describe(self):
+        parts = [self.kind, f"{self.num_classes} classes"]
+        if self.cascade_stages:
+            parts.append(f"{self.cascade_stages} stages")
+        if self.mask_heads > 1:
+            parts.append(f"{self.mask_heads} mask heads")
+        parts.append("class-agnostic" if self.class_agnostic else "class-specific")
+        parts[-1] += " box regression"
+        layout = "mmdetection v1.x layout (background class first)" if self.background_first else \
+            "mmdetection 2.x/3.x layout (background class last)"
+        return ", ".join(parts) + "; " + layout
 
 
 class ConversionError(UserError, ValueError):
@@ -228,6 +291,7 @@ class Conversion:
         self.stem_channels = None
         self.source_format = ""
         self.body_prefix = ""
+        self.detector: Optional[Detector] = None
 
     @property
     def arch(self):
@@ -235,11 +299,27 @@ class Conversion:
 
     def report(self) -> str:
         lines = [f"Detected: {self.source_format}, HRNet {describe_specs(self.specs)}, stem width {self.stem_channels}"]
+        if self.detector:
+            lines.append(f"Detector: {self.detector.describe()}")
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
+        heads = Counter(
+            dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads."))
+        )
         lines.append(f"Mapped {len(self.mapped)} tensors:")
-        lines.append(f"  HRNet body ({len(self.mapped) - neck}) -> {self.body_prefix}*")
+        lines.append(f"  HRNet body ({len(self.mapped) - neck - sum(heads.values())}) -> {self.body_prefix}*")
         if neck:
             lines.append(f"  HRFPN neck ({neck}) -> {PYRAMID_PREFIX}reduction_conv.*, {PYRAMID_PREFIX}fpn_convs.*")
+        if heads["proposal_generator"]:
+            lines.append(f"  RPN head ({heads['proposal_generator']}) -> proposal_generator.rpn_head.*")
+        if heads["roi_heads"]:
+            lines.append(f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
+                         + (", roi_heads.mask_head*" if self.detector and self.detector.mask_heads else ""))
+        if self.detector and self.detector.background_first:
+            lines.append("  class order: background moved from first to last (cls_score); its box regression "
+                         "and mask channels dropped")
+            lines.append("Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) "
+                         "have no exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives "
+                         "the closest settings")
         lines.append(f"Dropped {len(self.dropped)} tensors:")
         for (group, reason), n in sorted(Counter((_group(k), r) for k, r in self.dropped).items()):
             lines.append(f"  {group} ({n}): {reason}")
@@ -258,6 +338,88 @@ def _group(key):
     return ".".join(parts[:depth]) + ".*"
 
 
+def _head_tensors(heads, source):
+    """mmdetection head tensors -> (layout-free names without ``roi_head.``, background_first)."""
+    v2 = any(k.startswith("roi_head.") for k in heads)
+    v1 = any(k.startswith(("bbox_head.", "mask_head.")) for k in heads)
+    if v1 and v2:
+        raise ConversionError(
+            f"{_describe(source)}mixes mmdetection 2.x/3.x head names (roi_head.*) with v1.x ones "
+            "(bbox_head.* at the top)"
+        )
+    out = OrderedDict((k[len("roi_head."):] if k.startswith("roi_head.") else k, v) for k, v in heads.items())
+    return out, v1
+
+
+def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, source="") -> Detector:
+    """Kind, stages and number of classes of mmdetection heads (names without ``roi_head.``)."""
+    keys = set(heads)
+    rpn = ("rpn_head.rpn_conv.weight", "rpn_head.rpn_cls.weight", "rpn_head.rpn_reg.weight")
+    missing_rpn = [k for k in rpn if k not in keys]
+    if missing_rpn:
+        raise ConversionError(f"{_describe(source)}incomplete RPN head: no {missing_rpn[0]!r} (an mmdetection RPNHead has "
+                              "rpn_conv, rpn_cls and rpn_reg)")
+    stages = _indices(keys, "bbox_head.")
+    prefixes = [f"bbox_head.{i}." for i in stages] or ["bbox_head."]
+    if stages and stages != list(range(len(stages))):
+        raise ConversionError(f"{_describe(source)}cascade box heads bbox_head.{stages} are not numbered 0..{len(stages) - 1}")
+    num_classes, agnostic = None, None
+    for prefix in prefixes:
+        need = [prefix + n for n in ("shared_fcs.0.weight", "shared_fcs.1.weight", "fc_cls.weight", "fc_reg.weight")]
+        absent = [k for k in need if k not in keys]
+        if absent:
+            raise ConversionError(
+                f"{_describe(source)}no {absent[0]!r}: only mmdetection's Shared2FCBBoxHead (shared_fcs.0/1, fc_cls, "
+                "fc_reg) is converted"
+            )
+        rows = heads[prefix + "fc_cls.weight"].shape[0]
+        reg = heads[prefix + "fc_reg.weight"].shape[0]
+        k = rows - 1  # + background
+        stage_agnostic = reg == 4
+        if not stage_agnostic and reg != 4 * (rows if background_first else k):
+            raise ConversionError(
+                f"{_describe(source)}{prefix}fc_reg has {reg} outputs: expected 4 (class-agnostic) or "
+                f"{4 * (rows if background_first else k)} (4 per class) for {k} classes ({prefix}fc_cls has {rows} rows)"
+            )
+        if num_classes is not None and (k, stage_agnostic) != (num_classes, agnostic):
+            raise ConversionError(f"{_describe(source)}cascade stages disagree: {prefix}fc_cls/fc_reg give {k} classes, "
+                                  f"{'class-agnostic' if stage_agnostic else 'class-specific'} regression; stage 0 differs")
+        num_classes, agnostic = k, stage_agnostic
+    mask_heads = 0
+    if any(k.startswith("mask_head.") for k in keys):
+        mask_stages = _indices(keys, "mask_head.")
+        mprefixes = [f"mask_head.{i}." for i in mask_stages] or ["mask_head."]
+        if mask_stages and len(mask_stages) != len(stages):
+            raise ConversionError(f"{_describe(source)}{len(mask_stages)} mask heads for {len(stages)} cascade stages")
+        for prefix in mprefixes:
+            need = [prefix + f"convs.{i}.conv.weight" for i in range(4)] + [prefix + "upsample.weight", prefix + "conv_logits.weight"]
+            absent = [k for k in need if k not in keys]
+            if absent:
+                raise ConversionError(f"{_describe(source)}no {absent[0]!r}: only mmdetection's FCNMaskHead with 4 convs, "
+                                      "deconv upsampling and conv_logits is converted")
+            channels = heads[prefix + "conv_logits.weight"].shape[0]
+            if channels not in (1, num_classes + background_first):
+                raise ConversionError(
+                    f"{_describe(source)}{prefix}conv_logits has {channels} outputs, expected {num_classes + background_first} "
+                    f"for the {num_classes} classes of the box head (or 1: class-agnostic masks)"
+                )
+        mask_heads = len(mprefixes)
+    return Detector(num_classes, len(stages), mask_heads, agnostic, background_first)
+
+
+def _fix_class_order(name, value, detector):
+    """mmdetection v1.x (class 0 = background) -> background last, as 2.x/3.x and Detectron2 have it."""
+    if not detector.background_first:
+        return value
+    if re.search(r"fc_cls\.(weight|bias)$", name):
+        return torch.cat([value[1:], value[:1]])
+    if re.search(r"fc_reg\.(weight|bias)$", name) and not detector.class_agnostic:
+        return value[4:]  # the background's 4 deltas
+    if re.search(r"conv_logits\.(weight|bias)$", name) and value.shape[0] == detector.num_classes + 1:
+        return value[1:]
+    return value
+
+
 def _expected_body(specs, stem_channels):
     """Names and shapes of the tensors hrnet_d2.HRNet holds for these specs (FrozenBN)."""
     from .hrnet import HRNet
@@ -274,6 +436,7 @@ def convert_state_dict(
     expected_specs=None,
     expected_stem_channels: Optional[int] = None,
     expected_from: str = "",
+    expected_detector=None,
     source: str = "",
 ) -> Conversion:
     """Map an HRNet classification / timm / mmdetection state dict to Detectron2 names.
@@ -282,7 +445,9 @@ def convert_state_dict(
     ("backbone.bottom_up." for HRNetV2p/FPN, "backbone." for the bare body) and whether
     an mmdetection HRFPN neck has somewhere to go.  With ``expected_specs`` the
     checkpoint's width must match it; ``expected_from`` names where the expectation
-    came from (a config key) for the error message.
+    came from (a config key) for the error message.  ``expected_detector`` (a callable taking
+    the :class:`Detector` read from the heads) raises ConversionError when the heads do not fit
+    the target config.
     """
     if backbone not in BODY_PREFIX:
         raise ConversionError(f"backbone {backbone!r} is not one of {sorted(BODY_PREFIX)}")
@@ -291,15 +456,15 @@ def convert_state_dict(
     conv.body_prefix = body_prefix
     mmdet = any(k.startswith("backbone.") for k in state_dict)
     conv.source_format = "mmdetection detection checkpoint" if mmdet else "HRNet ImageNet (official/timm) checkpoint"
-    body, neck = OrderedDict(), OrderedDict()
+    body, neck, heads = OrderedDict(), OrderedDict(), OrderedDict()
     for k, v in state_dict.items():
         if mmdet:
             if k.startswith("backbone."):
                 body[k[len("backbone."):]] = v
             elif k.startswith("neck."):
                 neck[k[len("neck."):]] = v
-            elif k.split(".")[0] in ("rpn_head", "roi_head", "bbox_head", "mask_head", "bbox_roi_extractor", "mask_roi_extractor"):
-                conv.dropped.append((k, "detector head: not converted (layout differs from Detectron2's)"))
+            elif k.split(".")[0] in _HEAD_ROOTS:
+                heads[k] = v
             else:
                 conv.unexpected.append(k)
         else:
@@ -359,7 +524,39 @@ def convert_state_dict(
                 break
         else:
             conv.unexpected.append("neck." + k)
+
+    if heads:
+        _convert_heads(conv, heads, pyramid_target, expected_detector, source)
     return conv
+
+
+def _convert_heads(conv, heads, target, expected, source):
+    if not target:
+        for k in heads:
+            conv.dropped.append((k, "detector head: the target backbone has no HRNetV2p pyramid for it"))
+        return
+    named, background_first = _head_tensors(heads, source)
+    detector = detect_detector(named, background_first, source)
+    conv.detector = detector
+    if expected is not None:
+        expected(detector)
+    original = dict(zip(named, heads))  # name without roi_head. -> checkpoint key
+    for k, v in named.items():
+        if k.endswith("num_batches_tracked"):
+            conv.dropped.append((original[k], "BatchNorm step counter"))
+            continue
+        for pattern, repl in _HEAD_RULES:
+            m = pattern.match(k)
+            if m:
+                dst = repl(m)
+                conv.state_dict[dst] = _fix_class_order(k, v, detector)
+                conv.mapped.append((original[k], dst))
+                break
+        else:
+            raise ConversionError(
+                f"{_describe(source)}{original[k]}: a head tensor with no Detectron2 counterpart (only RPNHead, "
+                "Shared2FCBBoxHead and FCNMaskHead layers convert); refusing to leave it out silently"
+            )
 
 
 def _target_from_config(config_file, opts):
@@ -373,15 +570,82 @@ def _target_from_config(config_file, opts):
             f"{config_file}: MODEL.BACKBONE.NAME = {name!r} is not an hrnet_d2 backbone; allowed: {sorted(BODY_PREFIX)}"
         )
     where = f"{config_file} (MODEL.HRNET.ARCH = {cfg.MODEL.HRNET.ARCH!r})"
-    return name, stage_specs_from_cfg(cfg), cfg.MODEL.HRNET.STEM_CHANNELS, where
+    return cfg, name, stage_specs_from_cfg(cfg), cfg.MODEL.HRNET.STEM_CHANNELS, where
+
+
+def _detector_check(cfg, config_file, source):
+    """A callable refusing a :class:`Detector` that the config's model cannot hold."""
+    m = cfg.MODEL
+
+    def fail(what, found, expected, key):
+        raise ConversionError(
+            f"{_describe(source)}{what} mismatch: found {found} in the checkpoint, expected {expected} from "
+            f"{config_file} ({key})"
+        )
+
+    def check(det):
+        if m.META_ARCHITECTURE != "GeneralizedRCNN" or m.PROPOSAL_GENERATOR.NAME not in ("RPN", "MMDetRPN"):
+            fail("detector", det.kind, f"{m.META_ARCHITECTURE} with {m.PROPOSAL_GENERATOR.NAME}",
+                 "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN with RPN or MMDetRPN")
+        cascade = m.ROI_HEADS.NAME in CASCADE_HEADS
+        stages = len(m.ROI_BOX_CASCADE_HEAD.IOUS) if cascade else 0
+        if det.cascade_stages != stages:
+            fail("cascade", f"{det.kind} with {det.cascade_stages or 'no'} cascade stages",
+                 f"{stages or 'no'} cascade stages",
+                 f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}" + (f", {stages} MODEL.ROI_BOX_CASCADE_HEAD.IOUS" if cascade else ""))
+        if bool(det.mask_heads) != m.MASK_ON:
+            fail("mask head", f"{det.kind} ({'with' if det.mask_heads else 'no'} mask head)",
+                 f"{'a' if m.MASK_ON else 'no'} mask head", f"MODEL.MASK_ON = {m.MASK_ON}")
+        if det.mask_heads > 1 and m.ROI_HEADS.NAME != "MMDetCascadeROIHeads":
+            fail("mask head", f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
+                 "one mask head", f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage")
+        if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
+            fail("number of classes", f"{det.num_classes} classes", f"{m.ROI_HEADS.NUM_CLASSES} classes",
+                 f"MODEL.ROI_HEADS.NUM_CLASSES = {m.ROI_HEADS.NUM_CLASSES}")
+        if det.class_agnostic != m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
+            fail("box regression", "class-agnostic" if det.class_agnostic else "class-specific",
+                 "class-agnostic" if m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG else "class-specific",
+                 f"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = {m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG}")
+
+    return check
+
+
+def _check_against_model(conv, cfg, config_file, source):
+    """Every converted head tensor has its place, with its shape, in the config's model; no head tensor is left out."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    heads = ("proposal_generator.", "roi_heads.")
+    for k, v in conv.state_dict.items():
+        if not k.startswith(heads):
+            continue
+        if k not in expected:
+            raise ConversionError(f"{_describe(source)}{k}: the model of {config_file} has no such tensor")
+        if tuple(v.shape) != expected[k]:
+            raise ConversionError(
+                f"{_describe(source)}{k}: found shape {tuple(v.shape)} in the checkpoint, expected {expected[k]} "
+                f"from {config_file}"
+            )
+    absent = [k for k in expected if k.startswith(heads) and k not in conv.state_dict]
+    if absent:
+        raise ConversionError(
+            f"{_describe(source)}the heads lack {len(absent)} tensors of the model of {config_file}, e.g. {absent[:3]}"
+        )
 
 
 def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=None) -> Conversion:
-    """Convert ``src`` and write a Detectron2 checkpoint to ``dst``; see :func:`main`."""
+    """Convert ``src`` and write a Detectron2 checkpoint to ``dst``; see :func:`main`.
+
+    With ``config_file``, an mmdetection detector's heads are checked against the model
+    it describes (kind, cascade stages, MASK_ON, NUM_CLASSES, every tensor's shape).
+    """
     target = backbone or "build_hrnetv2p_backbone"
-    expected_specs, expected_stem, expected_from = None, None, ""
+    cfg, expected_specs, expected_stem, expected_from, expected_detector = None, None, None, "", None
     if config_file:
-        cfg_backbone, expected_specs, expected_stem, expected_from = _target_from_config(config_file, opts)
+        cfg, cfg_backbone, expected_specs, expected_stem, expected_from = _target_from_config(config_file, opts)
+        expected_detector = _detector_check(cfg, config_file, src)
         if backbone is None:
             target = cfg_backbone
     if arch:
@@ -396,8 +660,11 @@ def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=Non
         expected_specs=expected_specs,
         expected_stem_channels=expected_stem,
         expected_from=expected_from,
+        expected_detector=expected_detector,
         source=src,
     )
+    if conv.detector is not None and cfg is not None:
+        _check_against_model(conv, cfg, config_file, src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(
         {"model": {k: v.contiguous() for k, v in conv.state_dict.items()}, "__author__": f"hrnet_d2.convert from {os.path.basename(src)}", "matching_heuristics": False},
@@ -410,11 +677,15 @@ def _parser():
     p = argparse.ArgumentParser(
         prog="python -m hrnet_d2.convert",
         description="Convert an HRNet checkpoint (official ImageNet .pth, timm .pth/.safetensors, or "
-        "mmdetection HRNet detection .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
+        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
     )
     p.add_argument("src", help="input checkpoint")
     p.add_argument("dst", help="output .pth (Detectron2 format)")
-    p.add_argument("--config-file", help="target config: its backbone and MODEL.HRNET width are checked")
+    p.add_argument(
+        "--config-file",
+        help="target config: its backbone and MODEL.HRNET width are checked, and for an mmdetection detector its "
+        "kind, cascade stages, MODEL.MASK_ON, NUM_CLASSES and every head tensor's shape",
+    )
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="expected architecture (checked)")
     p.add_argument(
         "--backbone",

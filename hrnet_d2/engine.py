@@ -23,6 +23,7 @@ from .predict import model_input, test_augmentations
 from .visualization import draw_predictions
 from .amp import build_train_step
 from .build import validate_config
+from .config import ConfigValueError
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
 from .errors import UserError
 from .data.checks import check_num_classes, load_dataset_dicts
@@ -243,15 +244,16 @@ class Trainer(DefaultTrainer):
         """DefaultTrainer's scaling to ``num_workers`` processes (SOLVER.REFERENCE_WORLD_SIZE),
         with one-line errors where Detectron2 asserts."""
         ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
-        if not isinstance(ref, int) or ref < 0 or (ref and batch % ref):
-            raise ValueError(
-                f"SOLVER.REFERENCE_WORLD_SIZE = {ref!r} is invalid: must be 0 (no scaling) or a number of "
-                f"processes that divides SOLVER.IMS_PER_BATCH = {batch}"
+        if not isinstance(ref, int) or ref < 0 or (ref not in (0, num_workers) and batch % ref):
+            raise ConfigValueError(
+                "SOLVER.REFERENCE_WORLD_SIZE",
+                ref,
+                f"must be 0 (no scaling) or a number of processes that divides SOLVER.IMS_PER_BATCH = {batch} "
+                f"(for a smaller batch than the recipe's, also set SOLVER.REFERENCE_WORLD_SIZE 0)",
             )
         if not ref and batch % num_workers:
-            raise ValueError(
-                f"SOLVER.IMS_PER_BATCH = {batch} is invalid: must be divisible by the number of "
-                f"training processes ({num_workers})"
+            raise ConfigValueError(
+                "SOLVER.IMS_PER_BATCH", batch, f"must be divisible by the number of training processes ({num_workers})"
             )
         return DefaultTrainer.auto_scale_workers(cfg, num_workers)
 

@@ -5,12 +5,15 @@ import torch
 
 from detectron2.data import transforms as T
 
+from .data.resize import resize_augmentation
+
 __all__ = ["test_augmentations", "model_input"]
 
 
 def test_augmentations(cfg):
-    """DefaultPredictor's test-time resize of a YAML config (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)."""
-    return [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
+    """DefaultPredictor's test-time resize of a YAML config (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST),
+    with mmdetection's cv2 resize where INPUT.RESIZE_BACKEND says so (``data/resize.py``)."""
+    return [resize_augmentation(cfg)]
 
 
 def model_input(image, augmentations, height=None, width=None):

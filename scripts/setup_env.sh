@@ -24,7 +24,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.hrnet_d2_setup"
-digest=$(cat requirements.txt requirements-torch.txt setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+digest=$(cat requirements.txt requirements-torch.txt requirements-mmdet.txt setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VPY" -c "import hrnet_d2, detectron2" >/dev/null 2>&1; then
   exit 0
 fi
@@ -40,5 +40,11 @@ if ! "$VPY" -c "import detectron2" >/dev/null 2>&1; then
     --implementation cp --target "$SITE" --upgrade sal-detectron2==0.7.2
 fi
 "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+# Test-only oracle for converted detectors (tests/test_mmdet_oracle.py): mmdetection 3.3.0 on mmcv-lite
+# (no compiled ops; the tests stand in for the two kernels they need).  mmcv-lite is a source package:
+# built here against the venv's torch and setuptools (< 81, pinned in requirements.txt), ~1 min.
+"$VPY" -m pip install -q -r requirements-mmdet.txt
+"$VPY" -m pip install -q --no-deps mmengine==0.10.7 mmdet==3.3.0
+"$VPY" -m pip install -q --no-deps --no-build-isolation mmcv-lite==2.1.0
 "$VPY" -c "import detectron2, hrnet_d2; print('[setup] detectron2', detectron2.__version__, 'from', detectron2.__path__[0])" >&2
 echo "$digest" > "$stamp"

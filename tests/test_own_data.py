@@ -90,7 +90,7 @@ def test_train_and_evaluate_own_data_from_the_command_line(splits, tmp_path):
         "--dataset", f"mine_val={val_json}:{val_dir}",
         "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
         "MODEL.WEIGHTS", "", "MODEL.HRNET.ARCH", "w18_small_v1", "MODEL.DEVICE", "cpu",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "0", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)",
         "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", out,
     ]  # fmt: skip

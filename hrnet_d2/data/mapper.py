@@ -3,7 +3,7 @@
 Grayscale, palette, RGBA and CMYK images already work: ``detection_utils.read_image``
 converts them to ``INPUT.FORMAT`` (RGB/BGR, alpha dropped).  Images smaller than the
 network stride work too (resize, then padding to the backbone's size divisibility).
-What this adds: a missing, corrupt or truncated image, or one whose size differs from
+What this adds: resizing by ``INPUT.RESIZE_BACKEND`` (``data/resize.py``); a missing, corrupt or truncated image, or one whose size differs from
 its annotation, stops training with a ``DataError`` naming the file instead of an
 exception from deep inside PIL/numpy; and the mapper never returns None, so
 Detectron2's MapDataset never silently replaces a bad sample with a random other one.
@@ -14,11 +14,18 @@ from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import SizeMismatchError
 
 from .checks import DataError
+from .resize import use_resize_backend
 
 __all__ = ["CheckedDatasetMapper"]
 
 
 class CheckedDatasetMapper(DatasetMapper):
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ret["augmentations"] = use_resize_backend(cfg, ret["augmentations"])  # INPUT.RESIZE_BACKEND
+        return ret
+
     def __call__(self, dataset_dict):
         name = dataset_dict.get("file_name", "<record without file_name>")
         if "sem_seg_file_name" in dataset_dict:

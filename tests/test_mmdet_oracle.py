@@ -1,0 +1,366 @@
+"""Converted mmdetection detectors against mmdetection 3.3 itself (the oracle, tests/mmdet_oracle.py).
+
+mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN and Cascade Mask R-CNN, built from its
+shipped configs/hrnet/*_w18_* with random weights, are saved as mmdetection checkpoints, converted
+with ``python -m hrnet_d2.convert --config-file configs/.../*_mmdet.yaml`` and run by Detectron2 on
+the same image files.  Targets (issue 10): every mmdetection detection with score >= 0.05 has one of
+ours with the same class, box IoU >= 0.99, score within 1e-3, mask IoU >= 0.98 (or at most 2 pixels
+differing, for masks of a few tens of pixels), and the converse;
+RPN proposals agree too.  Negative controls: one head tensor perturbed, the class order not fixed.
+"""
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import mmdet_oracle as mo
+from conftest import CONFIGS, make_cfg
+
+if not mo.install_ext_stand_in():
+    pytest.skip("mmdetection (the oracle) is not installed: scripts/setup_env.sh installs it", allow_module_level=True)
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main  # noqa: E402
+
+TEST_SCALE = (448, 256)  # mmdetection Resize(scale=(long, short)) = INPUT.MAX_SIZE_TEST / MIN_SIZE_TEST
+KINDS = {
+    "faster": ("faster-rcnn_hrnetv2p-w18-1x_coco", "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml"),
+    "mask": ("mask-rcnn_hrnetv2p-w18-1x_coco", "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w18_1x_mmdet.yaml"),
+    "cascade": ("cascade-rcnn_hrnetv2p-w18-20e_coco", "COCO-Detection/cascade_rcnn_hrnetv2p_w18_20e_mmdet.yaml"),
+    "cascade_mask": (
+        "cascade-mask-rcnn_hrnetv2p-w18_20e_coco",
+        "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
+    ),
+}
+FIGURES = {}  # measured agreement, written to $HRNET_D2_ORACLE_FIGURES (JSON) when set
+
+
+def _image(seed, h, w):
+    """Coloured boxes and discs on a flat background (RGB uint8)."""
+    r = np.random.default_rng(seed)
+    img = np.full((h, w, 3), r.integers(0, 90, 3), np.uint8)
+    for _ in range(8):
+        colour = tuple(int(v) for v in r.integers(60, 255, 3))
+        x, y, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(10, min(h, w) // 4))
+        if r.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + s, y + s), colour, -1)
+        else:
+            cv2.circle(img, (x, y), s, colour, -1)
+    return img
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A calibration image and two test images (one upscaled, one shrunk by the test resize)."""
+    root = tmp_path_factory.mktemp("images")
+    out = []
+    for seed, (h, w) in ((2, (240, 320)), (3, (420, 600))):
+        img = _image(seed, h, w)
+        path = root / f"test{seed}.png"
+        cv2.imwrite(str(path), img[:, :, ::-1])
+        out.append((path, img))
+    return _image(1, 256, 320), out
+
+
+class Pair:
+    """An mmdetection detector, its checkpoint, the converted checkpoint and Detectron2's model."""
+
+    def __init__(self, kind, root, calibration):
+        mm_name, self.config = KINDS[kind]
+        self.mm = mo.randomly_initialised_detector(mo.mmdet_config(mm_name, test_scale=TEST_SCALE), calibration)
+        self.mm_ckpt = root / f"{kind}_mmdet.pth"
+        mo.save_mmdet_checkpoint(self.mm, self.mm_ckpt)
+        self.d2_ckpt = root / f"{kind}_d2.pth"
+        assert main([str(self.mm_ckpt), str(self.d2_ckpt), "--config-file", str(CONFIGS / self.config)]) == 0
+        self.model = self.build(self.d2_ckpt)
+
+    def cfg(self, weights="", *opts):
+        return make_cfg(self.config, "MODEL.WEIGHTS", str(weights),
+                        "INPUT.MIN_SIZE_TEST", TEST_SCALE[1], "INPUT.MAX_SIZE_TEST", TEST_SCALE[0], *opts)
+
+    def build(self, weights, *opts):
+        cfg = self.cfg(weights, *opts)
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(str(weights))
+        return model
+
+    def compare(self, images, model=None):
+        """Agreement figures over the test images (summed / worst)."""
+        total = {"matched": 0, "unmatched_ref": 0, "unmatched_ours": 0, "worst_iou": 1.0, "worst_score": 0.0,
+                 "worst_mask_iou": None, "most_mask_pixels": None, "proposals_matched": 1.0}
+        for path, rgb in images:
+            ref, ref_rpn = mo.mmdet_predict(self.mm, path)
+            ours, our_rpn = mo.d2_predict(model or self.model, self.cfg(), rgb)
+            assert ours["image_shape"] == ref["image_shape"]  # same resize and rounding
+            s = mo.match_detections(ref, ours)
+            for k in ("matched", "unmatched_ref", "unmatched_ours"):
+                total[k] += s[k]
+            total["worst_iou"] = min(total["worst_iou"], s["worst_iou"])
+            total["worst_score"] = max(total["worst_score"], s["worst_score"])
+            if s["worst_mask_iou"] is not None:
+                total["worst_mask_iou"] = min(total["worst_mask_iou"] or 1.0, s["worst_mask_iou"])
+                total["most_mask_pixels"] = max(total["most_mask_pixels"] or 0, s["most_mask_pixels"])
+            total["proposals_matched"] = min(total["proposals_matched"],
+                                             *mo.match_proposals(ref_rpn["proposals"], our_rpn["proposals"]))
+        total["agree"] = total["matched"] > 0 and total["unmatched_ref"] == 0 and total["unmatched_ours"] == 0
+        return total
+
+
+@pytest.fixture(scope="module")
+def pairs(images, tmp_path_factory):
+    root = tmp_path_factory.mktemp("oracle")
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = Pair(kind, root, images[0])
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_figures():
+    yield
+    path = os.environ.get("HRNET_D2_ORACLE_FIGURES")
+    if path and FIGURES:
+        with open(path, "w") as f:
+            json.dump(FIGURES, f, indent=1, sort_keys=True)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_converted_detector_matches_mmdetection(kind, pairs, images, one_torch_thread):
+    pair = pairs(kind)
+    # both test images (enlarged and shrunk) for Faster / Mask R-CNN; the cascades share their resize path
+    figures = pair.compare(images[1] if kind in ("faster", "mask") else images[1][1:])
+    FIGURES[kind] = figures
+    assert figures["proposals_matched"] >= 0.995, figures
+    assert figures["agree"], figures
+    assert figures["worst_iou"] >= 0.99 and figures["worst_score"] <= 1e-3, figures
+
+
+def test_negative_control_one_head_tensor_perturbed(pairs, images, one_torch_thread):
+    """The comparison can fail: the class-score layer of the converted model, perturbed by 2% of its std."""
+    pair = pairs("faster")
+    model = pair.build(pair.d2_ckpt)
+    with torch.no_grad():
+        w = model.roi_heads.box_predictor.cls_score.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std() * 0.02)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES["negative_control_perturbed"] = figures
+    assert not figures["agree"], figures
+
+
+def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thread):
+    """Detectron2's own CascadeROIHeads (stage probabilities averaged, not logits) on the same converted
+    weights: the comparison fails, so MMDetCascadeROIHeads is what makes the cascade equal."""
+    pair = pairs("cascade")
+    figures = pair.compare(images[1][1:], pair.build(pair.d2_ckpt, "MODEL.ROI_HEADS.NAME", "CascadeROIHeads"))
+    FIGURES["negative_control_detectron2_cascade_heads"] = figures
+    assert not figures["agree"], figures
+
+
+@pytest.mark.parametrize("kind", ["mask", "cascade"])
+def test_v1_conventions_effect(kind, pairs, images, one_torch_thread):
+    """Measures (README) what Detectron2 cannot express of mmdetection v1 inference: mmdetection's own v1
+    emulation against the converted model with the *_mmdet.yaml conventions and with the closest settings."""
+    from mmdet.apis import init_detector
+
+    pair = pairs(kind)
+    legacy = init_detector(mo.with_v1_conventions(mo.mmdet_config(KINDS[kind][0], test_scale=TEST_SCALE)),
+                           checkpoint=None, device="cpu")
+    legacy.load_state_dict(pair.mm.state_dict())
+    legacy.eval()
+    closest = ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", 2,
+               "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", 2,
+               "MODEL.ANCHOR_GENERATOR.OFFSET", 0.5)
+    results = {}
+    for name, opts in (("modern", ()), ("closest", closest)):
+        model = pair.build(pair.d2_ckpt, *opts)
+        pooled = {"ious": [], "score_diffs": [], "mask_ious": []}
+        for path, rgb in images[1][1:]:
+            ref, _ = mo.mmdet_predict(legacy, path)
+            ours, _ = mo.d2_predict(model, pair.cfg("", *opts), rgb)
+            for k, v in mo.closeness(ref, ours).items():
+                pooled[k] += v
+        results[name] = mo.summarize_closeness(pooled)
+    FIGURES[f"v1_conventions_effect_{kind}"] = results
+    assert results["modern"]["median_box_iou"] < 0.99  # the conventions do change the outputs
+    assert results["closest"]["median_box_iou"] > results["modern"]["median_box_iou"]
+
+
+def _to_v1_layout(state_dict, num_classes=80):
+    """An mmdetection-v1.x-style checkpoint (HRNet-Object-Detection): no ``roi_head.`` prefix, class 0 =
+    background in fc_cls, a background row in class-specific fc_reg and in the mask conv_logits."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for k, v in state_dict.items():
+        if k.startswith("roi_head."):
+            k = k[len("roi_head."):]
+            if "fc_cls" in k:
+                v = torch.cat([v[-1:], v[:-1]])
+            elif "fc_reg" in k and v.shape[0] == 4 * num_classes:
+                v = torch.cat([torch.randn((4, *v.shape[1:]), generator=g), v])
+            elif "conv_logits" in k:
+                v = torch.cat([torch.randn((1, *v.shape[1:]), generator=g), v])
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mask", "cascade"])
+def test_v1_layout_converts_with_the_class_order_fixed(kind, pairs, tmp_path):
+    pair = pairs(kind)
+    sd = load_state_dict(str(pair.mm_ckpt))
+    v1 = tmp_path / "v1.pth"
+    torch.save({"state_dict": _to_v1_layout(sd)}, v1)
+    conv = convert_file(str(v1), str(tmp_path / "d2.pth"), config_file=str(CONFIGS / pair.config))
+    assert conv.detector.background_first and "background moved" in conv.report()
+    reference = torch.load(pair.d2_ckpt, weights_only=True)["model"]
+    converted = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
+    assert converted.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(converted[k], reference[k]), k
+
+
+def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_torch_thread):
+    """v1 tensors (background first) read as 2.x (background last): the comparison fails."""
+    pair = pairs("faster")
+    sd = load_state_dict(str(pair.mm_ckpt))
+    v1 = _to_v1_layout(sd)
+    wrong = {("roi_head." + k if k.startswith(("bbox_head.", "mask_head.")) else k): v for k, v in v1.items()}
+    wrong["roi_head.bbox_head.fc_reg.weight"] = sd["roi_head.bbox_head.fc_reg.weight"]  # keep shapes valid
+    wrong["roi_head.bbox_head.fc_reg.bias"] = sd["roi_head.bbox_head.fc_reg.bias"]
+    src, dst = tmp_path / "unfixed.pth", tmp_path / "unfixed_d2.pth"
+    torch.save({"state_dict": wrong}, src)
+    assert main([str(src), str(dst), "--config-file", str(CONFIGS / pair.config)]) == 0
+    figures = pair.compare(images[1][1:], pair.build(dst))
+    FIGURES["negative_control_class_order"] = figures
+    assert not figures["agree"], figures
+
+
+@pytest.mark.parametrize(
+    "kind, config, opts, message",
+    [
+        ("faster", "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x_mmdet.yaml", [], r"found HRNet w18 .*expected w32"),
+        ("faster", None, ["MODEL.ROI_HEADS.NUM_CLASSES", "20"],
+         r"number of classes mismatch: found 80 classes in the checkpoint, expected 20 .*NUM_CLASSES = 20"),
+        ("mask", "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml", [],
+         r"mask head mismatch: found Mask R-CNN \(with mask head\).*expected no mask head.*MODEL.MASK_ON = False"),
+        ("faster", None, ["MODEL.MASK_ON", "True"], r"mask head mismatch: found Faster R-CNN \(no mask head\)"),
+        ("cascade", "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml", [],
+         r"cascade mismatch: found Cascade R-CNN with 3 cascade stages .*expected no cascade stages"),
+        ("faster", "COCO-Detection/cascade_rcnn_hrnetv2p_w18_20e_mmdet.yaml", [],
+         r"cascade mismatch: found Faster R-CNN with no cascade stages .*expected 3 cascade stages"),
+        ("cascade", None, ["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.5, 0.6)",
+                           "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", "((10, 10, 5, 5), (20, 20, 10, 10))"],
+         r"found Cascade R-CNN with 3 cascade stages .*expected 2 cascade stages"),
+        ("cascade_mask", None, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"],
+         r"found 3 mask heads .*expected one mask head.*'MMDetCascadeROIHeads' has one per stage"),
+        ("faster", None, ["MODEL.ROI_BOX_HEAD.FC_DIM", "512"],
+         r"roi_heads.box_\w+.\w+.weight: found shape \(\d*, ?1024\) in the checkpoint, expected \(\d*, ?512\)"),
+    ],
+    ids=["width", "num_classes", "mask_on_false", "mask_on_true", "cascade_vs_faster", "faster_vs_cascade",
+         "cascade_stages", "cascade_mask_heads", "fc_dim"],
+)
+def test_refuses_a_detector_the_config_does_not_describe(kind, config, opts, message, pairs, tmp_path):
+    pair = pairs(kind)
+    out = tmp_path / "out.pth"
+    with pytest.raises(ConversionError, match=message):
+        convert_file(str(pair.mm_ckpt), str(out), config_file=str(CONFIGS / (config or pair.config)), opts=opts)
+    assert not out.exists()
+
+
+def test_refuses_a_head_it_cannot_convert(pairs, tmp_path):
+    sd = load_state_dict(str(pairs("faster").mm_ckpt))
+    sd["roi_head.bbox_head.shared_convs.0.conv.weight"] = torch.zeros(256, 256, 3, 3)
+    src = tmp_path / "convfc.pth"
+    torch.save({"state_dict": sd}, src)
+    message = "shared_convs.0.conv.weight: a head tensor with no Detectron2 counterpart"
+    with pytest.raises(ConversionError, match=message):
+        convert_file(str(src), str(tmp_path / "out.pth"), config_file=str(CONFIGS / KINDS["faster"][1]))
+    del sd["roi_head.bbox_head.shared_convs.0.conv.weight"], sd["rpn_head.rpn_reg.weight"]
+    torch.save({"state_dict": sd}, src)
+    with pytest.raises(ConversionError, match="incomplete RPN head: no 'rpn_head.rpn_reg.weight'"):
+        convert_file(str(src), str(tmp_path / "out.pth"))
+
+
+def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(tmp_path, one_torch_thread):
+    """A converted 4-class Faster R-CNN evaluated by Train_net's path (test mapper with the cv2 resize,
+    COCOEvaluator) on 12 generated shapes val images, against mmdetection's detections of the same
+    images scored by pycocotools directly."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from hrnet_d2.data import register_all_shapes
+    from hrnet_d2.data.mapper import CheckedDatasetMapper
+
+    register_all_shapes()
+    dicts = DatasetCatalog.get("shapes_val")[:12]
+    name = "mmdet_oracle_shapes_val12"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: dicts)
+        source = MetadataCatalog.get("shapes_val")
+        MetadataCatalog.get(name).set(thing_classes=list(source.thing_classes),
+                                      thing_dataset_id_to_contiguous_id=dict(source.thing_dataset_id_to_contiguous_id))
+    scale = (448, 256)
+    calibration = cv2.imread(dicts[-1]["file_name"])[:, :, ::-1]
+    mm = mo.randomly_initialised_detector(mo.mmdet_config(KINDS["faster"][0], num_classes=4, test_scale=scale),
+                                          np.ascontiguousarray(calibration))
+    src, dst = tmp_path / "mm.pth", tmp_path / "d2.pth"
+    mo.save_mmdet_checkpoint(mm, src)
+    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "4"]
+    convert_file(str(src), str(dst), config_file=str(CONFIGS / KINDS["faster"][1]), opts=opts)
+    cfg = make_cfg(KINDS["faster"][1], *opts, "MODEL.WEIGHTS", str(dst), "INPUT.MIN_SIZE_TEST", scale[1],
+                   "INPUT.MAX_SIZE_TEST", scale[0], "DATASETS.TEST", (name,))
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(dst))
+    evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "eval"))
+    loader = build_detection_test_loader(cfg, name, mapper=CheckedDatasetMapper(cfg, False))
+    ours = inference_on_dataset(model, loader, evaluator)["bbox"]
+
+    to_dataset_id = {v: k for k, v in MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id.items()}
+    results = []
+    for d in dicts:
+        det, _ = mo.mmdet_predict(mm, d["file_name"])
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["classes"].tolist()):
+            x0, y0, x1, y1 = box
+            results.append({"image_id": d["image_id"], "category_id": to_dataset_id[label],
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    gt = COCO(MetadataCatalog.get(name).json_file)  # the ground truth COCOEvaluator wrote
+    coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    reference = {"AP": 100 * coco_eval.stats[0], "AP50": 100 * coco_eval.stats[1]}
+    FIGURES["coco_ap"] = {"detectron2_coco_evaluator": {k: ours[k] for k in reference},
+                          "mmdetection_detections_pycocotools": reference, "mmdetection_detections": len(results)}
+    assert len(results) > 0 and reference["AP50"] > 0, FIGURES["coco_ap"]  # random weights: small, but not 0
+    for k in reference:  # AP points
+        assert abs(ours[k] - reference[k]) <= 0.01 + 0.01 * reference[k], FIGURES["coco_ap"]
+
+
+@pytest.mark.parametrize("h, w", [(480, 640), (427, 640), (600, 400), (333, 500), (1000, 1500), (75, 2000)])
+def test_cv2_resize_is_mmcv_imrescale(h, w):
+    """INPUT.RESIZE_BACKEND "cv2": the size and pixels of mmdetection's Resize(scale=(1333, 800), keep_ratio=True);
+    Detectron2's default (PIL) differs (the control)."""
+    import mmcv
+    from detectron2.data import transforms as T
+
+    from hrnet_d2.data.resize import resize_augmentation
+
+    cfg = make_cfg(KINDS["faster"][1])
+    bgr = np.ascontiguousarray(_image(h + w, h, w)[:, :, ::-1])
+    expected = mmcv.imrescale(bgr, (1333, 800), interpolation="bilinear", backend="cv2")
+    ours = resize_augmentation(cfg).get_transform(bgr).apply_image(bgr)
+    assert ours.shape == expected.shape and np.array_equal(ours, expected)
+    cfg.INPUT.RESIZE_BACKEND = "PIL"
+    pil = resize_augmentation(cfg)
+    assert type(pil) is T.ResizeShortestEdge
+    assert not np.array_equal(pil.get_transform(bgr).apply_image(bgr), expected)
