@@ -32,7 +32,6 @@ from .layers import (
     ConvNorm,
     ConvNormChain,
     FoldsConvNorms,
-    add_upsampled,
     add_upsampled_,
     all_norms_foldable,
     checkpointing,
@@ -139,9 +138,9 @@ class HighResolutionModule(nn.Module):
         return out
 
     def forward_fused(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        """``forward`` on folded weights; at inference the sums are accumulated in place,
-        with gradients (training) a row's first sum is a new tensor (autograd keeps the
-        branch outputs: they are inputs of convs)."""
+        """``forward`` on folded weights; at inference the sums are accumulated in place
+        (upsampled terms through broadcasting views), with gradients (training) a row's first
+        sum is a new tensor (autograd keeps the branch outputs: they are inputs of convs)."""
         out = []
         for branch, x in zip(self.branches, xs):
             for block in branch:
@@ -159,10 +158,12 @@ class HighResolutionModule(nn.Module):
             acc = xs[i]
             owned = owns_inputs
             for j in range(i + 1, n):
-                if owned:
-                    add_upsampled_(acc, lateral.pop((i, j)), self.upsample_mode)
-                else:
-                    acc = add_upsampled(acc, lateral.pop((i, j)), self.upsample_mode)
+                z = lateral.pop((i, j))
+                if owns_inputs:
+                    add_upsampled_(acc, z, self.upsample_mode)
+                else:  # upsampled as in forward: its backward is cheaper than a broadcast sum's
+                    z = upsample_to(z, acc, self.upsample_mode)
+                    acc = acc.add_(z) if owned else acc + z
                     owned = True
             if i == 0:
                 acc = acc.relu_() if owned else acc.relu()

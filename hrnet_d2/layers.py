@@ -25,9 +25,9 @@ frozen statistics (FrozenBN, BNEval; not BN/SyncBN in training, which normalise 
 statistics): ``folded()`` then gives a :class:`TrainFoldedConv` per pair, whose weight
 ``conv.weight * scale`` and bias are computed inside autograd at every call, so the
 gradients reach ``conv.weight`` and the norm's trainable ``weight``/``bias`` (BNEval) as
-through the plain graph, while the norm's two elementwise passes (forward and backward)
-vanish into the conv.  Its add/ReLU run on the conv's own output (never on a tensor
-autograd saved), and the fusion sums are out of place.
+through the plain graph, while the norm's passes over the activations (forward and
+backward) vanish into the conv's bias.  Its add/ReLU run on the conv's own output (never on a tensor
+autograd saved), and each fusion sum starts as a new tensor.
 """
 import contextlib
 from typing import Dict, List, Optional, Tuple
@@ -53,7 +53,6 @@ __all__ = [
     "all_norms_foldable",
     "conv_norm_affine",
     "fold_conv_norm",
-    "add_upsampled",
     "FoldedConv",
     "TrainFoldedConv",
     "FoldsConvNorms",
@@ -197,16 +196,6 @@ def conv_norm_affine(conv: nn.Conv2d, norm: nn.Module):
 def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module):
     """(weight, bias) of the single conv equal to ``norm(conv(x))`` at inference (constants)."""
     return conv_norm_affine(conv, norm)
-
-
-def add_upsampled(acc: torch.Tensor, z: torch.Tensor, mode: str) -> torch.Tensor:
-    """``acc + upsample_to(z, acc, mode)`` out of place (for autograd), without materialising
-    the upsampled term when the nearest-neighbour factor is an exact integer."""
-    (n, c, h, w), (hz, wz) = acc.shape, z.shape[-2:]
-    if mode == "nearest" and h % hz == 0 and w % wz == 0 and h // hz == w // wz and acc.is_contiguous():
-        s = h // hz
-        return (acc.view(n, c, hz, s, wz, s) + z[:, :, :, None, :, None]).view(n, c, h, w)
-    return acc + upsample_to(z, acc, mode)
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
