@@ -68,6 +68,10 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
     the published HRNet detectors: mmdetection's ``norm_eval=True`` with ``requires_grad=True``.
     MODEL.HRNET.NORM "BNEval"; the state dict is BatchNorm2d's."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.training = False  # from the start, not only after the first .train()/.eval()
+
     def train(self, mode=True):
         return super().train(False)
 
