@@ -5,8 +5,7 @@ every parameter must agree to fp32 rounding, with and without activation checkpo
 import pytest
 import torch
 
-from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2 import layers
+from hrnet_d2 import ARCHITECTURES, HRNet, layers
 from hrnet_d2.layers import EvalBatchNorm2d, TrainFoldedConv
 
 ARCH = ARCHITECTURES["w18_small_v1"]
@@ -111,7 +110,7 @@ def test_training_fold_comparison_can_fail(monkeypatch):
         return w * 1.001, b
 
     monkeypatch.setattr(layers, "conv_norm_affine", perturbed)
-    out_err, loss_err, grad_err = _compare(fold, plain, torch.randn(2, 3, 64, 96))
+    out_err, _, grad_err = _compare(fold, plain, torch.randn(2, 3, 64, 96))
     assert out_err > 10 * TOL and grad_err > 10 * TOL
 
 
@@ -148,11 +147,10 @@ def test_training_fold_off_when_exporting_or_switched_off(monkeypatch):
 def test_detector_training_step_equal_with_and_without_fold():
     """The config key (MODEL.HRNET.TRAINING_FUSE) reaches the body, and a whole Faster R-CNN
     training step (the COCO recipe's BNEval) gives equal losses and gradients either way."""
+    from conftest import make_cfg
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
-
-    from conftest import make_cfg
 
     def model(fuse):
         cfg = make_cfg(
