@@ -44,6 +44,8 @@ def load_model(config_file, opts=(), device="cpu"):
     for m in model.modules():  # count the reference graph, not an inference-only fused fast path
         if hasattr(m, "inference_fuse"):
             m.inference_fuse = False
+        if hasattr(m, "training_fuse"):
+            m.training_fuse = False
     return cfg, model.eval()
 
 

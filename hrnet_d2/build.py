@@ -232,6 +232,7 @@ def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
         stem_channels=h.STEM_CHANNELS,
         activation_checkpoint=h.ACTIVATION_CHECKPOINT,
         inference_fuse=h.INFERENCE_FUSE,
+        training_fuse=h.TRAINING_FUSE,
         channels_last=h.CHANNELS_LAST,
     )
 

@@ -44,6 +44,10 @@ def add_hrnet_config(cfg):
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
     # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
+    # Training fast path: when every norm has frozen statistics (FrozenBN, BNEval), each norm is
+    # folded into its conv inside autograd at every step (gradients reach the conv and the
+    # trained affine terms as in the plain graph); BN/SyncBN in training never take it.
+    _C.MODEL.HRNET.TRAINING_FUSE = True
     # Run the body in channels_last (NHWC) memory format at inference (CPU and GPU) and in GPU
     # training (tensor cores).  CPU training stays NCHW: there NHWC backward convs are slower
     # (README "Performance").

@@ -138,7 +138,9 @@ class HighResolutionModule(nn.Module):
         return out
 
     def forward_fused(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        """``forward`` at inference on folded weights, the sums accumulated in place."""
+        """``forward`` on folded weights; at inference the sums are accumulated in place
+        (upsampled terms through broadcasting views), with gradients (training) a row's first
+        sum is a new tensor (autograd keeps the branch outputs: they are inputs of convs)."""
         out = []
         for branch, x in zip(self.branches, xs):
             for block in branch:
@@ -151,12 +153,20 @@ class HighResolutionModule(nn.Module):
         # all 1x1 terms first: afterwards every branch output is only read by rows
         # below it, so rows processed bottom-up may accumulate into their own branch
         lateral = {(i, j): self.fuse_layers[i][j].forward_fused(xs[j]) for i in range(n) for j in range(i + 1, n)}
+        owns_inputs = not torch.is_grad_enabled()
         for i in reversed(range(n)):
             acc = xs[i]
+            owned = owns_inputs
             for j in range(i + 1, n):
-                add_upsampled_(acc, lateral.pop((i, j)), self.upsample_mode)
+                z = lateral.pop((i, j))
+                if owns_inputs:
+                    add_upsampled_(acc, z, self.upsample_mode)
+                else:  # upsampled as in forward: its backward is cheaper than a broadcast sum's
+                    z = upsample_to(z, acc, self.upsample_mode)
+                    acc = acc.add_(z) if owned else acc + z
+                    owned = True
             if i == 0:
-                acc.relu_()
+                acc = acc.relu_() if owned else acc.relu()
             for j in range(i):  # the last term's conv also applies the ReLU of the sum
                 acc = self.fuse_layers[i][j].forward_fused(xs[j], add_to=acc, relu=j == i - 1)
             xs[i] = acc
@@ -215,6 +225,9 @@ class HRNet(FoldsConvNorms, Backbone):
             HighResolutionModule in backward (training with gradients only).
         inference_fuse (bool): in eval mode without gradients, run the folded fast path
             (:meth:`uses_fused_path`); results equal the plain graph up to fp32 rounding.
+        training_fuse (bool): with gradients and every norm's statistics frozen (FrozenBN,
+            BNEval), fold each norm into its conv inside autograd (:meth:`uses_training_fold`);
+            outputs and gradients equal the plain graph's up to fp32 rounding.
         channels_last (bool): NHWC at inference and in GPU training.
     """
 
@@ -230,6 +243,7 @@ class HRNet(FoldsConvNorms, Backbone):
         stem_channels=64,
         activation_checkpoint=False,
         inference_fuse=True,
+        training_fuse=True,
         channels_last=True,
     ):
         super().__init__()
@@ -238,6 +252,7 @@ class HRNet(FoldsConvNorms, Backbone):
         self.activation_checkpoint = activation_checkpoint
         self.checkpoint_stem = True  # with activation_checkpoint: also the stem + stage 1 (stride 2/4)
         self.inference_fuse = inference_fuse
+        self.training_fuse = training_fuse
         self.channels_last = channels_last
         self.hrv2_upsample_mode = hrv2_upsample_mode
         # stem: two stride-2 3x3 convs
@@ -331,24 +346,32 @@ class HRNet(FoldsConvNorms, Backbone):
         return self.stage4(self.transition3(xs))
 
     @torch.jit.unused
-    def _forward_checkpointed(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _forward_checkpointed(self, x: torch.Tensor, fold: bool = False) -> List[torch.Tensor]:
         """forward_branches, recomputing the stem + stage 1 and each HighResolutionModule in
-        backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad)."""
+        backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad); ``fold``:
+        each piece runs (and is recomputed) on weights folded in autograd."""
+        stem = self._stem_and_layer1_fused if fold else self._stem_and_layer1
         if self.checkpoint_stem:
-            xs = [checkpoint(self._stem_and_layer1, x, use_reentrant=False, context_fn=recompute_context(self))]
+            xs = [checkpoint(stem, x, use_reentrant=False, context_fn=recompute_context(self))]
         else:
-            xs = [self._stem_and_layer1(x)]
+            xs = [stem(x)]
         for k in range(1, self.num_stages):
-            xs = getattr(self, f"transition{k}")(xs)
+            transition = getattr(self, f"transition{k}")
+            xs = transition.forward_fused(xs) if fold else transition(xs)
             for module in getattr(self, f"stage{k + 1}"):
-                xs = checkpoint(module, xs, use_reentrant=False, context_fn=recompute_context(module))
+                run = module.forward_fused if fold else module
+                xs = checkpoint(run, xs, use_reentrant=False, context_fn=recompute_context(module))
         return xs
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if checkpointing(self):
-            return self._forward_checkpointed(x)
         if self.uses_fused_path(x):
+            with torch.no_grad():  # nothing needs a gradient: the folded copies are kept
+                return self._forward_fused(x)
+        fold = self.uses_training_fold()
+        if checkpointing(self):
+            return self._forward_checkpointed(x, fold)
+        if fold:
             return self._forward_fused(x)
         return self.forward_branches(x)
 
@@ -356,6 +379,14 @@ class HRNet(FoldsConvNorms, Backbone):
         x = F.relu_(self.bn1(self.conv1(x)))
         x = F.relu_(self.bn2(self.conv2(x)))
         return self.layer1(x)
+
+    @torch.jit.unused
+    def _stem_and_layer1_fused(self, x):
+        conv1, conv2 = self.folded()
+        x = conv2(conv1(x, relu=True), relu=True)
+        for block in self.layer1:
+            x = block.forward_fused(x)
+        return x
 
     def conv_norm_pairs(self):
         """The stem's pairs (see ``FoldsConvNorms``); every other module folds its own."""
@@ -373,14 +404,20 @@ class HRNet(FoldsConvNorms, Backbone):
             return False
         return all_norms_foldable(self)
 
+    def uses_training_fold(self) -> bool:
+        """Whether ``forward`` with gradients folds the norms into the convs inside autograd
+        (layers.TrainFoldedConv): gradients enabled, MODEL.HRNET.TRAINING_FUSE on, every norm
+        an affine map (FrozenBN, BNEval, eval-mode BN; never BN/SyncBN in training), and not
+        exporting."""
+        if not self.training_fuse or not torch.is_grad_enabled() or exporting():
+            return False
+        return all_norms_foldable(self)
+
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """``forward_branches`` on folded weights: each module runs its own ``forward_fused``."""
-        conv1, conv2 = self.folded()
-        x = conv2(conv1(x, relu=True), relu=True)
-        for block in self.layer1:
-            x = block.forward_fused(x)
-        xs = [x]
+        """``forward_branches`` on folded weights: each module runs its own ``forward_fused``
+        (inference: constant folded copies; with gradients: folded inside autograd)."""
+        xs = [self._stem_and_layer1_fused(x)]
         for k in range(1, self.num_stages):
             xs = getattr(self, f"transition{k}").forward_fused(xs)
             xs = getattr(self, f"stage{k + 1}").forward_fused(xs)

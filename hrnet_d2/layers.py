@@ -19,6 +19,15 @@ has a ``forward_fused`` that runs its own graph on them:
 A pair is folded again whenever one of its tensors changed since it was folded: a new
 checkpoint, an optimizer step, an EMA swap (in-place copies) or ``.to()`` (new storage).
 Training mode drops the folded copies.
+
+Training (and any forward with gradients) folds too, when every norm is an affine map with
+frozen statistics (FrozenBN, BNEval; not BN/SyncBN in training, which normalise with batch
+statistics): ``folded()`` then gives a :class:`TrainFoldedConv` per pair, whose weight
+``conv.weight * scale`` and bias are computed inside autograd at every call, so the
+gradients reach ``conv.weight`` and the norm's trainable ``weight``/``bias`` (BNEval) as
+through the plain graph, while the norm's passes over the activations (forward and
+backward) vanish into the conv's bias.  Its add/ReLU run on the conv's own output (never on a tensor
+autograd saved), and each fusion sum starts as a new tensor.
 """
 import contextlib
 from typing import Dict, List, Optional, Tuple
@@ -42,8 +51,10 @@ __all__ = [
     "recompute_context",
     "is_foldable_norm",
     "all_norms_foldable",
+    "conv_norm_affine",
     "fold_conv_norm",
     "FoldedConv",
+    "TrainFoldedConv",
     "FoldsConvNorms",
     "ConvNorm",
     "ConvNormChain",
@@ -56,6 +67,10 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
     with SOLVER.WEIGHT_DECAY_NORM, decays them like any norm parameter).  This is the norm of
     the published HRNet detectors: mmdetection's ``norm_eval=True`` with ``requires_grad=True``.
     MODEL.HRNET.NORM "BNEval"; the state dict is BatchNorm2d's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.training = False  # from the start, not only after the first .train()/.eval()
 
     def train(self, mode=True):
         return super().train(False)
@@ -166,16 +181,25 @@ def all_norms_foldable(module) -> bool:
     return True
 
 
+def conv_norm_affine(conv: nn.Conv2d, norm: nn.Module):
+    """(weight, bias) of the single conv equal to ``norm(conv(x))`` while ``norm`` is an
+    affine map, computed with whatever autograd records (differentiable in ``conv.weight``,
+    ``conv.bias`` and the norm's ``weight``/``bias``; the statistics are constants)."""
+    if not is_foldable_norm(norm):
+        raise ValueError(f"cannot fold {type(norm).__name__} into a conv (only FrozenBN / eval-mode BN / BNEval)")
+    w = conv.weight
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = norm.weight * scale
+    shift = -norm.running_mean if conv.bias is None else conv.bias - norm.running_mean
+    bias = shift * scale if norm.bias is None else norm.bias + shift * scale
+    return w * scale.reshape(-1, 1, 1, 1), bias
+
+
 @torch.no_grad()
 def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module):
-    """(weight, bias) of the single conv equal to ``norm(conv(x))`` at inference."""
-    if not is_foldable_norm(norm):
-        raise ValueError(f"cannot fold {type(norm).__name__} into a conv (only FrozenBN / eval-mode BN)")
-    w = conv.weight
-    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    bias = norm.bias + (b - norm.running_mean) * scale
-    return w * scale.reshape(-1, 1, 1, 1), bias
+    """(weight, bias) of the single conv equal to ``norm(conv(x))`` at inference (constants)."""
+    return conv_norm_affine(conv, norm)
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
@@ -244,6 +268,28 @@ class FoldedConv:
         return y.relu_() if relu else y
 
 
+class TrainFoldedConv:
+    """One ``conv -> norm`` pair as one biased conv folded inside autograd at every call
+    (training: gradients flow to the conv and to the norm's affine terms; see the module
+    docstring).  Same call as :class:`FoldedConv`, but ``add_to`` is never written: the sum
+    and the ReLU are done in place on the conv's fresh output, which autograd does not keep."""
+
+    __slots__ = ("conv", "norm")
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module):
+        assert conv.groups == 1 and conv.dilation == (1, 1), conv
+        self.conv = conv
+        self.norm = norm
+
+    def __call__(self, x, relu=False, add_to=None):
+        """``relu(conv(x) + bias [+ add_to])``, a new tensor."""
+        weight, bias = conv_norm_affine(self.conv, self.norm)
+        y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
+        if add_to is not None:
+            y = y.add_(add_to)
+        return y.relu_() if relu else y
+
+
 def _source_key(conv, norm):
     """Changes whenever one of the pair's tensors is replaced, moved or modified in place
     (``load_state_dict``, optimizer steps, EMA swaps and ``.to()`` bump ``_version`` or ``data_ptr``)."""
@@ -254,13 +300,16 @@ def _source_key(conv, norm):
 class FoldsConvNorms:
     """Mixin for an ``nn.Module`` made of ``conv -> norm`` pairs (listed by ``conv_norm_pairs``):
     ``folded()`` gives one :class:`FoldedConv` per pair, kept on the module outside its
-    state dict, folded again when a tensor of the pair changed, dropped in training mode."""
+    state dict, folded again when a tensor of the pair changed, dropped in training mode;
+    with gradients enabled, one :class:`TrainFoldedConv` per pair instead (nothing kept)."""
 
     def conv_norm_pairs(self) -> List[Tuple[nn.Conv2d, nn.Module]]:
         raise NotImplementedError
 
     def folded(self) -> List[FoldedConv]:
         pairs = self.conv_norm_pairs()
+        if torch.is_grad_enabled():
+            return [TrainFoldedConv(conv, norm) for conv, norm in pairs]
         key = tuple(_source_key(conv, norm) for conv, norm in pairs)
         cache = self.__dict__.get("_folded")
         if cache is None or cache[0] != key:

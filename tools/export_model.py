@@ -206,6 +206,8 @@ def disable_fast_paths(model):
     for m in model.modules():
         if hasattr(m, "inference_fuse"):
             m.inference_fuse = False
+        if hasattr(m, "training_fuse"):
+            m.training_fuse = False
     return model
 
 
