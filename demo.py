@@ -35,8 +35,8 @@ import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.build import check_device
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
-from hrnet_d2.predict import model_input, test_augmentations
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.predict import model_input, test_augmentations
 from hrnet_d2.visualization import draw_predictions
 
 DEFAULT_CONFIG = "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"

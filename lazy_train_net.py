@@ -15,17 +15,17 @@ Overrides are ``key=value`` in LazyConfig's dotted syntax (``model.backbone.bott
 A mistake in what was given ends with one line ``error: ...`` and exit status 2;
 ``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback.
 """
+
 import logging
 import os
 
 from omegaconf import OmegaConf
+from torch.multiprocessing import ProcessExitedException
 
 import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
-from torch.multiprocessing import ProcessExitedException
-
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)

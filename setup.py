@@ -3,13 +3,15 @@
 Detectron2 is deliberately not in install_requires: it is not on PyPI under its own
 name.  See README.md ("Getting Detectron2").  This file must not import torch.
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 here = Path(__file__).resolve().parent
 version = next(
-    line.split('"')[1] for line in (here / "hrnet_d2" / "__init__.py").read_text().splitlines()
+    line.split('"')[1]
+    for line in (here / "hrnet_d2" / "__init__.py").read_text().splitlines()
     if line.startswith("__version__")
 )
 

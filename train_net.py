@@ -19,16 +19,17 @@ CPU-only machine with gloo, the cores shared between them.
 A mistake in what was given (config, weights, data, device) ends with one line
 ``error: ...`` and exit status 2; ``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback.
 """
+
 import logging
 import os
 
+from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
-from torch.multiprocessing import ProcessExitedException
 
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.build import check_device, validate_config

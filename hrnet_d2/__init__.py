@@ -5,6 +5,7 @@
 BACKBONE_REGISTRY, and the heads with mmdetection's test-time conventions (``MMDetRPN``,
 ``MMDetROIHeads``, ``MMDetCascadeROIHeads``: ``mmdet_heads.py``) for converted models.
 """
+
 from .arch import ARCHITECTURES, StageSpec
 from .build import (
     build_hrnet_backbone,
@@ -14,9 +15,9 @@ from .build import (
 )
 from .catalog import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in Detectron2's PathManager
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
-from .hrnet import HRNet, HighResolutionModule
-from .pyramid import HRNetV2p
+from .hrnet import HighResolutionModule, HRNet
 from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
+from .pyramid import HRNetV2p
 
 __version__ = "0.1.0"
 

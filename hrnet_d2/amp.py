@@ -6,6 +6,7 @@ loss scaling; :class:`CPUAMPTrainer` is that step.  ``build_train_step`` picks t
 for a model: Detectron2's SimpleTrainer / AMPTrainer, or ours for AMP on CPU (``Trainer``
 and ``lazy_train_net.py`` use it).
 """
+
 import time
 
 import torch

@@ -17,6 +17,7 @@ fvcore counts one fused multiply-add as one FLOP; G = 1e9.  Parameters are
 ``norms=False`` also leaves out the weight/bias of trainable norms (BN, BNEval), as the
 published HRNet #Params do.
 """
+
 import math
 from collections import OrderedDict
 
@@ -175,7 +176,9 @@ def count_flops(cfg, model, height=800, width=1333) -> "OrderedDict[str, float]"
             parts["roi_heads.mask_head"], _ = _fvcore(_Layers(roi.mask_head), (torch.zeros(dets, channels, r, r),))
         if getattr(roi, "keypoint_on", False):
             r = cfg.MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION
-            parts["roi_heads.keypoint_head"], _ = _fvcore(_Layers(roi.keypoint_head), (torch.zeros(dets, channels, r, r),))
+            parts["roi_heads.keypoint_head"], _ = _fvcore(
+                _Layers(roi.keypoint_head), (torch.zeros(dets, channels, r, r),)
+            )
     return parts
 
 

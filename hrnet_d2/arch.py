@@ -6,6 +6,7 @@ body, the converter's width detection and the README.  Values are those of the
 official HRNet-Image-Classification ``experiments/*.yaml`` (identical to timm's
 ``cfg_cls``).
 """
+
 from dataclasses import dataclass
 from typing import Dict, Tuple
 

@@ -4,6 +4,7 @@ Module names (conv1/bn1/.../downsample.0/downsample.1) are those of the official
 HRNet ImageNet checkpoints, so the weights load without any key mapping.  The norm
 comes from ``layers.get_norm`` (Detectron2's plus BNEval) so FrozenBN/BN/SyncBN/GN/BNEval all work.
 """
+
 from torch import nn
 from torch.nn import functional as F
 

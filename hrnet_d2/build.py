@@ -13,6 +13,7 @@ names they are given against what they produce); ``validate_config`` (called by
 ``output_shape()``, which the builders cannot do: a backbone is also built alone, with
 Detectron2's default head keys.
 """
+
 import math
 from collections.abc import Sequence
 
@@ -24,8 +25,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .blocks import BLOCKS
-from .data.resize import RESIZE_BACKENDS
 from .config import ConfigError, ConfigValueError, check_feature_names
+from .data.resize import RESIZE_BACKENDS
 from .hrnet import HRNet
 from .layers import NORMS as HRNET_NORMS
 from .layers import get_norm
@@ -143,7 +144,11 @@ def stage_specs_from_cfg(cfg):
         _check_positive_int(f"{key}.NUM_MODULES", s.NUM_MODULES)
         _check_positive_int(f"{key}.NUM_BRANCHES", s.NUM_BRANCHES)
         if k == 1 and (s.NUM_BRANCHES != 1 or s.NUM_MODULES != 1):
-            raise ConfigValueError(f"{key}.NUM_BRANCHES/NUM_MODULES", (s.NUM_BRANCHES, s.NUM_MODULES), "stage 1 has exactly 1 branch and 1 module")
+            raise ConfigValueError(
+                f"{key}.NUM_BRANCHES/NUM_MODULES",
+                (s.NUM_BRANCHES, s.NUM_MODULES),
+                "stage 1 has exactly 1 branch and 1 module",
+            )
         if s.NUM_BRANCHES < prev_branches:
             raise ConfigValueError(
                 f"{key}.NUM_BRANCHES",
@@ -155,13 +160,13 @@ def stage_specs_from_cfg(cfg):
         for field in ("NUM_BLOCKS", "NUM_CHANNELS"):
             values = list(getattr(s, field))
             if len(values) != s.NUM_BRANCHES:
-                raise ConfigValueError(f"{key}.{field}", values, f"needs one entry per branch ({key}.NUM_BRANCHES = {s.NUM_BRANCHES})")
+                raise ConfigValueError(
+                    f"{key}.{field}", values, f"needs one entry per branch ({key}.NUM_BRANCHES = {s.NUM_BRANCHES})"
+                )
             for v in values:
                 _check_positive_int(f"{key}.{field}", v)
         specs.append(
-            StageSpec(
-                s.NUM_MODULES, s.NUM_BRANCHES, s.BLOCK, tuple(s.NUM_BLOCKS), tuple(s.NUM_CHANNELS), s.FUSE_METHOD
-            )
+            StageSpec(s.NUM_MODULES, s.NUM_BRANCHES, s.BLOCK, tuple(s.NUM_BLOCKS), tuple(s.NUM_CHANNELS), s.FUSE_METHOD)
         )
         prev_branches = s.NUM_BRANCHES
     return tuple(specs)
@@ -191,7 +196,11 @@ def _check_body_keys(cfg):
     _check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
-    if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= _num_freezable_stages(specs):
+    if (
+        not isinstance(freeze_at, int)
+        or isinstance(freeze_at, bool)
+        or not 0 <= freeze_at <= _num_freezable_stages(specs)
+    ):
         raise ConfigValueError(
             "MODEL.BACKBONE.FREEZE_AT",
             freeze_at,
@@ -221,7 +230,9 @@ def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
     h = cfg.MODEL.HRNET
     specs = _check_body_keys(cfg)
     if input_shape.channels != 3:
-        raise ConfigValueError("MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), "HRNet takes 3-channel input: needs 3 values")
+        raise ConfigValueError(
+            "MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), "HRNet takes 3-channel input: needs 3 values"
+        )
     return HRNet(
         specs,
         norm=h.NORM,
@@ -281,7 +292,10 @@ def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     bottom_up = build_hrnet_backbone(cfg, input_shape)
     # Detectron2's FPN only asserts; say what to set (its default [] fits no HRNet)
     check_feature_names(
-        "MODEL.FPN.IN_FEATURES", cfg.MODEL.FPN.IN_FEATURES, bottom_up.output_shape(), "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
+        "MODEL.FPN.IN_FEATURES",
+        cfg.MODEL.FPN.IN_FEATURES,
+        bottom_up.output_shape(),
+        "the HRNet body (MODEL.HRNET.OUT_FEATURES)",
     )
     return FPN(
         bottom_up=bottom_up,
@@ -321,7 +335,11 @@ def _check_anchor_list(key, values, num_features, in_features_key):
             f"needs 1 entry (shared by all levels) or one per level of {in_features_key} ({num_features} levels)",
         )
     for entry in per_level:
-        if not isinstance(entry, Sequence) or not entry or not all(isinstance(v, (int, float)) and v > 0 for v in entry):
+        if (
+            not isinstance(entry, Sequence)
+            or not entry
+            or not all(isinstance(v, (int, float)) and v > 0 for v in entry)
+        ):
             raise ConfigValueError(key, values, "each level needs a non-empty list of positive numbers")
 
 
@@ -338,7 +356,9 @@ def _check_consecutive_levels(key, names, shapes):
         if s <= 0 or not math.log2(s).is_integer():
             raise ConfigValueError(key, list(names), f"feature strides {strides} must be powers of 2")
     if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise ConfigValueError(key, list(names), f"pooled features must be consecutive levels; their strides are {strides}")
+        raise ConfigValueError(
+            key, list(names), f"pooled features must be consecutive levels; their strides are {strides}"
+        )
 
 
 def validate_config(cfg):
@@ -403,4 +423,6 @@ def validate_model(model):
         scales = [p.spatial_scale for p in pooler.level_poolers]
         wanted = [1 / shapes[n].stride for n in names]
         if sorted(scales, reverse=True) != sorted(wanted, reverse=True):
-            raise ConfigValueError(f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}")
+            raise ConfigValueError(
+                f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}"
+            )

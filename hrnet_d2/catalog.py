@@ -18,6 +18,7 @@ file lock and reuse what the first one made.
 
 ``import hrnet_d2`` registers the handler.
 """
+
 import difflib
 import hashlib
 import logging
@@ -31,7 +32,16 @@ from detectron2.utils.file_io import PathHandler, PathManager
 from .errors import UserError
 from .zoo import ZOO, ZooEntry
 
-__all__ = ["PREFIX", "ZooHandler", "UnknownZooName", "ZooDownloadError", "cache_dir", "converted_path", "download_path", "resolve"]
+__all__ = [
+    "PREFIX",
+    "ZooHandler",
+    "UnknownZooName",
+    "ZooDownloadError",
+    "cache_dir",
+    "converted_path",
+    "download_path",
+    "resolve",
+]
 
 PREFIX = "hrnet_d2://"
 logger = logging.getLogger(__name__)
@@ -78,7 +88,8 @@ def lookup(name: str) -> ZooEntry:
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise UnknownZooName(
         f"{PREFIX}{name} is not a published hrnet_d2 model.{hint} Known names: "
-        + ", ".join(ZOO) + " (README, \"COCO model zoo\" and \"Pretrained weights\")."
+        + ", ".join(ZOO)
+        + ' (README, "COCO model zoo" and "Pretrained weights").'
     )
 
 
@@ -140,7 +151,7 @@ def _fetch(entry: ZooEntry, url: str, sha256, dst: str) -> None:
             if not digest.startswith(sha256):
                 raise ZooDownloadError(
                     f"{PREFIX}{entry.name}: the file downloaded from {url} is not the published one: its sha256 "
-                    f"starts with {digest[:len(sha256)]}, the published file's with {sha256} (a truncated or "
+                    f"starts with {digest[: len(sha256)]}, the published file's with {sha256} (a truncated or "
                     f"corrupted download, or the file changed at its source). Nothing was kept in the cache "
                     f"({dst}); try again."
                 )
@@ -223,7 +234,7 @@ class ZooHandler(PathHandler):
     def _get_local_path(self, path, force=False, **kwargs):
         """``force`` is accepted for iopath's API; a converted file in the cache is always reused."""
         self._check_kwargs(kwargs)
-        return resolve(path[len(PREFIX):])
+        return resolve(path[len(PREFIX) :])
 
     def _open(self, path, mode="r", **kwargs):
         return PathManager.open(self._get_local_path(path), mode, **kwargs)

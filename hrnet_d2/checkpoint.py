@@ -23,6 +23,7 @@ where Detectron2 only logs skipped keys and trains on from random weights:
     ``MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS`` says it is intended.  Missing heads and (for
     ImageNet weights) a missing pyramid are normal and pass.
 """
+
 import logging
 import os
 import tempfile
@@ -31,8 +32,6 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
-
-from .safe_load import UnsafeFileError, load_pickle, torch_load
 
 from .convert import (
     BODY_PREFIX,
@@ -44,6 +43,7 @@ from .convert import (
     unwrap_state_dict,
 )
 from .errors import UserError
+from .safe_load import UnsafeFileError, load_pickle, torch_load
 
 __all__ = [
     "AtomicCheckpointer",
@@ -208,10 +208,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if prefix == "backbone.":
             name = "build_hrnet_backbone"
         elif prefix == "backbone.bottom_up.":
-            name = "build_hrnetv2p_backbone" if isinstance(self.model.backbone, HRNetV2p) else "build_hrnet_fpn_backbone"
+            name = (
+                "build_hrnetv2p_backbone" if isinstance(self.model.backbone, HRNetV2p) else "build_hrnet_fpn_backbone"
+            )
         else:
             return None
-        body = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        body = {k[len(prefix) :]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
         specs, stem = detect_stage_specs(body)
         return name, specs, stem, "the model of the config"
 
@@ -221,7 +223,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         sd = checkpoint["model"]
         if isinstance(sd.get("state_dict"), dict):  # a whole mmdetection / mmcv file
             sd = sd["state_dict"]
-        if checkpoint_layout({k[len("module."):] if k.startswith("module.") else k: None for k in sd}) is None:
+        if checkpoint_layout({k[len("module.") :] if k.startswith("module.") else k: None for k in sd}) is None:
             return
         name, specs, stem, where = target
         source = f"{self._weights_key} {self._loading}"
@@ -241,7 +243,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.logger.info(
             "%s is an %s: converted on the fly (as python -m hrnet_d2.convert does): HRNet %s, %d tensors mapped, "
             "%d dropped (classification / detector heads, BatchNorm counters), %d left out",
-            source, conv.source_format, describe_specs(conv.specs), len(conv.mapped), len(conv.dropped),
+            source,
+            conv.source_format,
+            describe_specs(conv.specs),
+            len(conv.mapped),
+            len(conv.dropped),
             len(conv.unexpected),
         )
 
@@ -260,12 +266,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
         loaded_pyramid = [k for k in model_keys if not k.startswith(body) and k in given and k not in wrong_keys]
         missing_body = [k for k in missing if k.startswith(body)]  # wrong shapes included: not loaded
         # the pyramid may be absent (ImageNet weights), but not half there
-        missing_pyramid = [k for k in missing if not k.startswith(body) and k not in wrong_keys] if loaded_pyramid else []
+        missing_pyramid = (
+            [k for k in missing if not k.startswith(body) and k not in wrong_keys] if loaded_pyramid else []
+        )
         problems = []
         if wrong or extra or missing_pyramid:
             found = None
             try:
-                found = detect_stage_specs({k[len(body):]: v for k, v in given.items() if k.startswith(body)})[0]
+                found = detect_stage_specs({k[len(body) :]: v for k, v in given.items() if k.startswith(body)})[0]
             except ConversionError:
                 pass
             if found is not None and tuple(found) != tuple(specs):
@@ -311,7 +319,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if target is not None:
             self._convert_foreign(checkpoint, target)
         # fvcore pops "model" and deletes the tensors of other shapes from it: keep a view
-        given = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+        given = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
         incompatible = super()._load_model(checkpoint)
         if target is not None:
             self._check_fit(incompatible, given, target)
@@ -365,8 +373,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise
         except Exception as e:  # truncated zip, garbage bytes, wrong pickle, ...
             raise CheckpointError(
-                self._describe(filename, f"is not a readable checkpoint (truncated or not a torch/pickle file): "
-                                         f"{type(e).__name__}: {e}")
+                self._describe(
+                    filename,
+                    f"is not a readable checkpoint (truncated or not a torch/pickle file): {type(e).__name__}: {e}",
+                )
             ) from e
         if not isinstance(loaded, dict) or not isinstance(loaded.get("model"), dict):
             raise CheckpointError(self._describe(filename, "does not hold a state dict"))

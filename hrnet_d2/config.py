@@ -1,11 +1,20 @@
 """Config keys of hrnet_d2 (``add_hrnet_config``) and where the shipped YAMLs live."""
+
 from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
 from .errors import UserError
 
-__all__ = ["add_hrnet_config", "get_config_file", "get_hrnet_cfg", "CONFIG_DIR", "ConfigError", "ConfigValueError", "check_feature_names"]
+__all__ = [
+    "add_hrnet_config",
+    "get_config_file",
+    "get_hrnet_cfg",
+    "CONFIG_DIR",
+    "ConfigError",
+    "ConfigValueError",
+    "check_feature_names",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -19,6 +19,7 @@ safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``)
     python -m hrnet_d2.convert mask_rcnn_hrnetv2p_w32_1x_coco_20200207-b29f616e.pth mask_rcnn_w32_1x.pth \\
         --config-file configs/COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x_mmdet.yaml
 """
+
 import argparse
 import os
 import pickle
@@ -81,22 +82,36 @@ _HEAD_ROOTS = ("rpn_head", "roi_head", "bbox_head", "mask_head", "bbox_roi_extra
 # (NUM_FC 2) + FastRCNNOutputLayers / MaskRCNNConvUpsampleHead (NUM_CONV 4) layer for layer.
 _HEAD_RULES = [
     (re.compile(r"^rpn_head\.rpn_conv\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.conv.{m[1]}"),
-    (re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"),
-     lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}"),
+    (
+        re.compile(r"^rpn_head\.rpn_cls\.(weight|bias)$"),
+        lambda m: f"proposal_generator.rpn_head.objectness_logits.{m[1]}",
+    ),
     (re.compile(r"^rpn_head\.rpn_reg\.(weight|bias)$"), lambda m: f"proposal_generator.rpn_head.anchor_deltas.{m[1]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?shared_fcs\.([01])\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}.{m[3]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}"),
-    (re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}"),
+    (
+        re.compile(r"^bbox_head\.(\d+\.)?shared_fcs\.([01])\.(weight|bias)$"),
+        lambda m: f"roi_heads.box_head.{m[1] or ''}fc{int(m[2]) + 1}.{m[3]}",
+    ),
+    (
+        re.compile(r"^bbox_head\.(\d+\.)?fc_cls\.(weight|bias)$"),
+        lambda m: f"roi_heads.box_predictor.{m[1] or ''}cls_score.{m[2]}",
+    ),
+    (
+        re.compile(r"^bbox_head\.(\d+\.)?fc_reg\.(weight|bias)$"),
+        lambda m: f"roi_heads.box_predictor.{m[1] or ''}bbox_pred.{m[2]}",
+    ),
     # one mask head per cascade stage -> MMDetCascadeROIHeads' StageMaskHeads (mask_head.heads.<stage>)
-    (re.compile(r"^mask_head\.(\d+\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
-     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}mask_fcn{int(m[2]) + 1}.{m[3]}"),
-    (re.compile(r"^mask_head\.(\d+\.)?upsample\.(weight|bias)$"),
-     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}deconv.{m[2]}"),
-    (re.compile(r"^mask_head\.(\d+\.)?conv_logits\.(weight|bias)$"),
-     lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}predictor.{m[2]}"),
+    (
+        re.compile(r"^mask_head\.(\d+\.)?convs\.([0-3])\.conv\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}mask_fcn{int(m[2]) + 1}.{m[3]}",
+    ),
+    (
+        re.compile(r"^mask_head\.(\d+\.)?upsample\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}deconv.{m[2]}",
+    ),
+    (
+        re.compile(r"^mask_head\.(\d+\.)?conv_logits\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}predictor.{m[2]}",
+    ),
 ]
 CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads")
 
@@ -124,8 +139,11 @@ class Detector(NamedTuple):
             parts.append(f"{self.mask_heads} mask heads")
         parts.append("class-agnostic" if self.class_agnostic else "class-specific")
         parts[-1] += " box regression"
-        layout = "mmdetection v1.x layout (background class first)" if self.background_first else \
-            "mmdetection 2.x/3.x layout (background class last)"
+        layout = (
+            "mmdetection v1.x layout (background class first)"
+            if self.background_first
+            else "mmdetection 2.x/3.x layout (background class last)"
+        )
         return ", ".join(parts) + "; " + layout
 
 
@@ -201,7 +219,7 @@ def unwrap_state_dict(data, source=""):
             raise ConversionError(
                 f"{_describe(source)}entry {k!r} is a {type(v).__name__}, not a tensor: not a state dict"
             )
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
     return out
 
 
@@ -210,7 +228,7 @@ def _indices(keys, prefix):
     found = set()
     for k in keys:
         if k.startswith(prefix):
-            head = k[len(prefix):].split(".", 1)[0]
+            head = k[len(prefix) :].split(".", 1)[0]
             if head.isdigit():
                 found.add(int(head))
     return sorted(found)
@@ -262,7 +280,11 @@ def describe_specs(specs):
     """E.g. ``w18_small_v1 (branch widths 16/32/64/128)``."""
     name = arch_name(specs)
     widths = "/".join(str(c) for c in specs[-1].num_channels)
-    return f"{name} (branch widths {widths})" if name else f"an HRNet not in the architecture table (branch widths {widths})"
+    return (
+        f"{name} (branch widths {widths})"
+        if name
+        else f"an HRNet not in the architecture table (branch widths {widths})"
+    )
 
 
 _MMDET_PARTS = ("neck.", "rpn_head.", "roi_head.", "bbox_head.", "mask_head.")
@@ -312,18 +334,26 @@ class Conversion:
         if heads["proposal_generator"]:
             lines.append(f"  RPN head ({heads['proposal_generator']}) -> proposal_generator.rpn_head.*")
         if heads["roi_heads"]:
-            lines.append(f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
-                         + (", roi_heads.mask_head*" if self.detector and self.detector.mask_heads else ""))
+            lines.append(
+                f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
+                + (", roi_heads.mask_head*" if self.detector and self.detector.mask_heads else "")
+            )
         if self.detector and self.detector.background_first:
-            lines.append("  class order: background moved from first to last (cls_score); its box regression "
-                         "and mask channels dropped")
-            lines.append("Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) "
-                         "have no exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives "
-                         "the closest settings")
+            lines.append(
+                "  class order: background moved from first to last (cls_score); its box regression "
+                "and mask channels dropped"
+            )
+            lines.append(
+                "Note: mmdetection v1 inference conventions (+1 box widths, legacy anchors and RoIAlign) "
+                "have no exact Detectron2 equivalent: README 'Converting mmdetection detectors' gives "
+                "the closest settings"
+            )
         lines.append(f"Dropped {len(self.dropped)} tensors:")
         for (group, reason), n in sorted(Counter((_group(k), r) for k, r in self.dropped).items()):
             lines.append(f"  {group} ({n}): {reason}")
-        lines.append(f"Unexpected (not HRNet, left out) {len(self.unexpected)} tensors" + (":" if self.unexpected else ""))
+        lines.append(
+            f"Unexpected (not HRNet, left out) {len(self.unexpected)} tensors" + (":" if self.unexpected else "")
+        )
         for group, n in sorted(Counter(_group(k) for k in self.unexpected).items()):
             lines.append(f"  {group} ({n})")
         return "\n".join(lines)
@@ -347,7 +377,7 @@ def _head_tensors(heads, source):
             f"{_describe(source)}mixes mmdetection 2.x/3.x head names (roi_head.*) with v1.x ones "
             "(bbox_head.* at the top)"
         )
-    out = OrderedDict((k[len("roi_head."):] if k.startswith("roi_head.") else k, v) for k, v in heads.items())
+    out = OrderedDict((k[len("roi_head.") :] if k.startswith("roi_head.") else k, v) for k, v in heads.items())
     return out, v1
 
 
@@ -357,12 +387,16 @@ def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, sour
     rpn = ("rpn_head.rpn_conv.weight", "rpn_head.rpn_cls.weight", "rpn_head.rpn_reg.weight")
     missing_rpn = [k for k in rpn if k not in keys]
     if missing_rpn:
-        raise ConversionError(f"{_describe(source)}incomplete RPN head: no {missing_rpn[0]!r} (an mmdetection RPNHead has "
-                              "rpn_conv, rpn_cls and rpn_reg)")
+        raise ConversionError(
+            f"{_describe(source)}incomplete RPN head: no {missing_rpn[0]!r} (an mmdetection RPNHead has "
+            "rpn_conv, rpn_cls and rpn_reg)"
+        )
     stages = _indices(keys, "bbox_head.")
     prefixes = [f"bbox_head.{i}." for i in stages] or ["bbox_head."]
     if stages and stages != list(range(len(stages))):
-        raise ConversionError(f"{_describe(source)}cascade box heads bbox_head.{stages} are not numbered 0..{len(stages) - 1}")
+        raise ConversionError(
+            f"{_describe(source)}cascade box heads bbox_head.{stages} are not numbered 0..{len(stages) - 1}"
+        )
     num_classes, agnostic = None, None
     for prefix in prefixes:
         need = [prefix + n for n in ("shared_fcs.0.weight", "shared_fcs.1.weight", "fc_cls.weight", "fc_reg.weight")]
@@ -382,8 +416,10 @@ def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, sour
                 f"{4 * (rows if background_first else k)} (4 per class) for {k} classes ({prefix}fc_cls has {rows} rows)"
             )
         if num_classes is not None and (k, stage_agnostic) != (num_classes, agnostic):
-            raise ConversionError(f"{_describe(source)}cascade stages disagree: {prefix}fc_cls/fc_reg give {k} classes, "
-                                  f"{'class-agnostic' if stage_agnostic else 'class-specific'} regression; stage 0 differs")
+            raise ConversionError(
+                f"{_describe(source)}cascade stages disagree: {prefix}fc_cls/fc_reg give {k} classes, "
+                f"{'class-agnostic' if stage_agnostic else 'class-specific'} regression; stage 0 differs"
+            )
         num_classes, agnostic = k, stage_agnostic
     mask_heads = 0
     if any(k.startswith("mask_head.") for k in keys):
@@ -392,11 +428,16 @@ def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, sour
         if mask_stages and len(mask_stages) != len(stages):
             raise ConversionError(f"{_describe(source)}{len(mask_stages)} mask heads for {len(stages)} cascade stages")
         for prefix in mprefixes:
-            need = [prefix + f"convs.{i}.conv.weight" for i in range(4)] + [prefix + "upsample.weight", prefix + "conv_logits.weight"]
+            need = [prefix + f"convs.{i}.conv.weight" for i in range(4)] + [
+                prefix + "upsample.weight",
+                prefix + "conv_logits.weight",
+            ]
             absent = [k for k in need if k not in keys]
             if absent:
-                raise ConversionError(f"{_describe(source)}no {absent[0]!r}: only mmdetection's FCNMaskHead with 4 convs, "
-                                      "deconv upsampling and conv_logits is converted")
+                raise ConversionError(
+                    f"{_describe(source)}no {absent[0]!r}: only mmdetection's FCNMaskHead with 4 convs, "
+                    "deconv upsampling and conv_logits is converted"
+                )
             channels = heads[prefix + "conv_logits.weight"].shape[0]
             if channels not in (1, num_classes + background_first):
                 raise ConversionError(
@@ -460,9 +501,9 @@ def convert_state_dict(
     for k, v in state_dict.items():
         if mmdet:
             if k.startswith("backbone."):
-                body[k[len("backbone."):]] = v
+                body[k[len("backbone.") :]] = v
             elif k.startswith("neck."):
-                neck[k[len("neck."):]] = v
+                neck[k[len("neck.") :]] = v
             elif k.split(".")[0] in _HEAD_ROOTS:
                 heads[k] = v
             else:
@@ -585,27 +626,50 @@ def _detector_check(cfg, config_file, source):
 
     def check(det):
         if m.META_ARCHITECTURE != "GeneralizedRCNN" or m.PROPOSAL_GENERATOR.NAME not in ("RPN", "MMDetRPN"):
-            fail("detector", det.kind, f"{m.META_ARCHITECTURE} with {m.PROPOSAL_GENERATOR.NAME}",
-                 "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN with RPN or MMDetRPN")
+            fail(
+                "detector",
+                det.kind,
+                f"{m.META_ARCHITECTURE} with {m.PROPOSAL_GENERATOR.NAME}",
+                "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN with RPN or MMDetRPN",
+            )
         cascade = m.ROI_HEADS.NAME in CASCADE_HEADS
         stages = len(m.ROI_BOX_CASCADE_HEAD.IOUS) if cascade else 0
         if det.cascade_stages != stages:
-            fail("cascade", f"{det.kind} with {det.cascade_stages or 'no'} cascade stages",
-                 f"{stages or 'no'} cascade stages",
-                 f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}" + (f", {stages} MODEL.ROI_BOX_CASCADE_HEAD.IOUS" if cascade else ""))
+            fail(
+                "cascade",
+                f"{det.kind} with {det.cascade_stages or 'no'} cascade stages",
+                f"{stages or 'no'} cascade stages",
+                f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}"
+                + (f", {stages} MODEL.ROI_BOX_CASCADE_HEAD.IOUS" if cascade else ""),
+            )
         if bool(det.mask_heads) != m.MASK_ON:
-            fail("mask head", f"{det.kind} ({'with' if det.mask_heads else 'no'} mask head)",
-                 f"{'a' if m.MASK_ON else 'no'} mask head", f"MODEL.MASK_ON = {m.MASK_ON}")
+            fail(
+                "mask head",
+                f"{det.kind} ({'with' if det.mask_heads else 'no'} mask head)",
+                f"{'a' if m.MASK_ON else 'no'} mask head",
+                f"MODEL.MASK_ON = {m.MASK_ON}",
+            )
         if det.mask_heads > 1 and m.ROI_HEADS.NAME != "MMDetCascadeROIHeads":
-            fail("mask head", f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
-                 "one mask head", f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage")
+            fail(
+                "mask head",
+                f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
+                "one mask head",
+                f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage",
+            )
         if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
-            fail("number of classes", f"{det.num_classes} classes", f"{m.ROI_HEADS.NUM_CLASSES} classes",
-                 f"MODEL.ROI_HEADS.NUM_CLASSES = {m.ROI_HEADS.NUM_CLASSES}")
+            fail(
+                "number of classes",
+                f"{det.num_classes} classes",
+                f"{m.ROI_HEADS.NUM_CLASSES} classes",
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {m.ROI_HEADS.NUM_CLASSES}",
+            )
         if det.class_agnostic != m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
-            fail("box regression", "class-agnostic" if det.class_agnostic else "class-specific",
-                 "class-agnostic" if m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG else "class-specific",
-                 f"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = {m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG}")
+            fail(
+                "box regression",
+                "class-agnostic" if det.class_agnostic else "class-specific",
+                "class-agnostic" if m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG else "class-specific",
+                f"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = {m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG}",
+            )
 
     return check
 
@@ -667,7 +731,11 @@ def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=Non
         _check_against_model(conv, cfg, config_file, src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(
-        {"model": {k: v.contiguous() for k, v in conv.state_dict.items()}, "__author__": f"hrnet_d2.convert from {os.path.basename(src)}", "matching_heuristics": False},
+        {
+            "model": {k: v.contiguous() for k, v in conv.state_dict.items()},
+            "__author__": f"hrnet_d2.convert from {os.path.basename(src)}",
+            "matching_heuristics": False,
+        },
         dst,
     )
     return conv

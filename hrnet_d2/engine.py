@@ -1,4 +1,5 @@
 """Pieces of train_net.py that users of their own Detectron2 scripts may want too."""
+
 import logging
 import os
 import weakref
@@ -7,28 +8,34 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data import detection_utils as utils
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
-from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
-from .predict import model_input, test_augmentations
-from .visualization import draw_predictions
 from .amp import build_train_step
 from .build import validate_config
-from .config import ConfigValueError
 from .checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
-from .errors import UserError
+from .config import ConfigValueError
 from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
+from .errors import UserError
+from .predict import model_input, test_augmentations
+from .visualization import draw_predictions
 
 __all__ = [
     "Trainer",
@@ -61,7 +68,10 @@ def set_cpu_threads(device, num_workers):
     torch.set_num_threads(max(1, cores // processes - num_workers))
     logger.info(
         "Using %d CPU threads (%d cores, %d training processes on this machine, %d data-loader workers each)",
-        torch.get_num_threads(), cores, processes, num_workers,
+        torch.get_num_threads(),
+        cores,
+        processes,
+        num_workers,
     )
 
 
@@ -132,7 +142,9 @@ class ResumeState(hooks.HookBase):
             else:
                 logger.warning(
                     "The checkpoint holds the RNG states of %d processes, this run has %d: "
-                    "RNGs keep their fresh per-rank seeds", len(self._to_restore), comm.get_world_size(),
+                    "RNGs keep their fresh per-rank seeds",
+                    len(self._to_restore),
+                    comm.get_world_size(),
                 )
             self._to_restore = None
         if start:
@@ -141,7 +153,10 @@ class ResumeState(hooks.HookBase):
             # every rank logs it (ranks > 0 to OUTPUT_DIR/log.txt.rank<N>)
             logger.info(
                 "Rank %d resumes at iteration %d, lr %.10g, after %d samples of its training data stream",
-                comm.get_rank(), start, lr, self._sampler.start if self._sampler is not None else -1,
+                comm.get_rank(),
+                start,
+                lr,
+                self._sampler.start if self._sampler is not None else -1,
             )
 
 

@@ -6,6 +6,7 @@ the command-line entry points (``train_net.py``, ``lazy_train_net.py``, ``demo.p
 tools) run their ``main`` under :func:`exit_on_user_error`, which prints the message
 alone and exits with status 2.  ``--debug`` or ``HRNET_D2_DEBUG=1`` shows the traceback.
 """
+
 import os
 import sys
 import time
@@ -29,9 +30,7 @@ def debug_enabled(argv=None) -> bool:
 
 def add_debug_argument(parser):
     """Add ``--debug`` (show the traceback of user-mistake errors) to an argparse parser."""
-    parser.add_argument(
-        "--debug", action="store_true", help=f"show the full traceback of errors (also: {DEBUG_ENV}=1)"
-    )
+    parser.add_argument("--debug", action="store_true", help=f"show the full traceback of errors (also: {DEBUG_ENV}=1)")
     return parser
 
 

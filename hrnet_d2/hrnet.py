@@ -15,6 +15,7 @@ Everything ``forward`` runs is TorchScript-scriptable (``torch.jit.script``, Det
 ``scripting_with_instances``); the eager-only speed paths (folded inference, activation
 checkpointing) are ``@torch.jit.unused`` and scripting falls back to the plain graph.
 """
+
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -309,7 +310,9 @@ class HRNet(FoldsConvNorms, Backbone):
                 steps = i + 1 - len(pre_channels)
                 cp = pre_channels[-1]
                 layers.append(
-                    ConvNormChain(*[ConvNorm(cp, c if k == steps - 1 else cp, 3, 2, norm, relu=True) for k in range(steps)])
+                    ConvNormChain(
+                        *[ConvNorm(cp, c if k == steps - 1 else cp, 3, 2, norm, relu=True) for k in range(steps)]
+                    )
                 )
         return layers
 

@@ -29,6 +29,7 @@ through the plain graph, while the norm's passes over the activations (forward a
 backward) vanish into the conv's bias.  Its add/ReLU run on the conv's own output (never on a tensor
 autograd saved), and each fusion sum starts as a new tensor.
 """
+
 import contextlib
 from typing import Dict, List, Optional, Tuple
 

@@ -19,6 +19,7 @@ mmdetection 2.x/3.x computes something else:
   mask heads are inference-only (converted checkpoints); train Cascade Mask R-CNN with
   Detectron2's ``CascadeROIHeads``.
 """
+
 from typing import List
 
 import torch

@@ -1,6 +1,7 @@
 """Test-time preprocessing, written once: what ``detectron2.engine.DefaultPredictor.__call__``
 does, for callers that hold the model and the image themselves (the demo, the prediction
 PNGs of training, the export sample) and for LazyConfig models DefaultPredictor cannot build."""
+
 import torch
 
 from detectron2.data import transforms as T

@@ -8,6 +8,7 @@ Detectron2's FPN, so stock RPN / ROI heads / RetinaNet configs consume it unchan
 Module names ``reduction_conv`` / ``fpn_convs`` mirror mmdetection's HRFPN so its
 detection checkpoints map by a plain rename.
 """
+
 import math
 from typing import Dict, List
 
@@ -84,14 +85,10 @@ class HRNetV2p(Backbone):
         self._finest = [shapes[f].stride for f in self.in_features].index(base_stride)
         in_channels = sum(shapes[f].channels for f in self.in_features)
         use_bias = norm == ""
-        self.reduction_conv = Conv2d(
-            in_channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels)
-        )
+        self.reduction_conv = Conv2d(in_channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels))
 
         def level_conv():
-            return Conv2d(
-                out_channels, out_channels, 3, padding=1, bias=use_bias, norm=get_norm(norm, out_channels)
-            )
+            return Conv2d(out_channels, out_channels, 3, padding=1, bias=use_bias, norm=get_norm(norm, out_channels))
 
         self.share_conv = share_conv
         self.fpn_convs = nn.ModuleList([level_conv() for _ in range(1 if share_conv else num_levels)])
@@ -115,7 +112,9 @@ class HRNetV2p(Backbone):
         self._size_divisibility = bottom_up.size_divisibility
         self.activation_checkpoint = activation_checkpoint
         if inference_autocast and inference_autocast not in AUTOCAST_DTYPES:
-            raise ConfigValueError("MODEL.HRNET.INFERENCE_AUTOCAST", inference_autocast, f"allowed: {['', *AUTOCAST_DTYPES]}")
+            raise ConfigValueError(
+                "MODEL.HRNET.INFERENCE_AUTOCAST", inference_autocast, f"allowed: {['', *AUTOCAST_DTYPES]}"
+            )
         self.inference_autocast = inference_autocast
 
     @property

@@ -15,6 +15,7 @@ forks; plain ``pickle.load`` and ``yaml.unsafe_load`` run whatever such a file h
 
 Anything else stops with :class:`UnsafeFileError` naming the file and the refused global / tag.
 """
+
 import math
 import os
 import pickle

@@ -1,14 +1,15 @@
 """The converted ImageNet weights the shipped configs name, and a check that stops training
 at once (before any model or data is built) when that file is missing.  Where the weights
 come from is in the model-zoo table (``hrnet_d2.zoo``)."""
+
 import os
 
 from .arch import ARCHITECTURES
 from .catalog import PREFIX
-from .zoo import HRNET_CLASSIFICATION_REPO as OFFICIAL_REPO
-from .zoo import imagenet_bodies
 from .checkpoint import is_local_path
 from .errors import UserError
+from .zoo import HRNET_CLASSIFICATION_REPO as OFFICIAL_REPO
+from .zoo import imagenet_bodies
 
 __all__ = ["IMAGENET_CHECKPOINTS", "PretrainedWeightsMissing", "converted_weights_path", "check_pretrained_weights"]
 
@@ -50,5 +51,7 @@ def check_pretrained_weights(cfg, config_file=None, resume=False):
             f"  2. python -m hrnet_d2.convert {official} {path} {target}",
             f"Or let hrnet_d2 download, check and convert it (network needed): MODEL.WEIGHTS {PREFIX}imagenet/{arch}",
         ]
-    lines.append("Or train from scratch with MODEL.WEIGHTS \"\" (and MODEL.HRNET.NORM BN or GN, since frozen norms need pretrained statistics).")
+    lines.append(
+        'Or train from scratch with MODEL.WEIGHTS "" (and MODEL.HRNET.NORM BN or GN, since frozen norms need pretrained statistics).'
+    )
     raise PretrainedWeightsMissing("\n".join(lines))

@@ -4,6 +4,7 @@
 
     python tests/loss_trace.py OUT.json --num-gpus 2 --dist-url auto --config-file ... KEY VALUE ...
 """
+
 import json
 import sys
 

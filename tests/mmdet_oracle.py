@@ -14,6 +14,7 @@ bit-identical to mmcv's CPU kernels:
 
 Every other mmcv kernel raises when called.
 """
+
 import copy
 import importlib.machinery
 import importlib.util
@@ -37,12 +38,26 @@ def _nms(boxes, scores, iou_threshold, offset=0):
     return order[keep]
 
 
-def _roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width, spatial_scale,
-                       sampling_ratio, pool_mode, aligned):
+def _roi_align_forward(
+    input,
+    rois,
+    output,
+    argmax_y,
+    argmax_x,
+    aligned_height,
+    aligned_width,
+    spatial_scale,
+    sampling_ratio,
+    pool_mode,
+    aligned,
+):
     if pool_mode != 1:
         raise NotImplementedError("mmcv roi_align pool_mode 'max': not in the test stand-in")
-    output.copy_(torchvision.ops.roi_align(
-        input, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio, bool(aligned)))
+    output.copy_(
+        torchvision.ops.roi_align(
+            input, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio, bool(aligned)
+        )
+    )
 
 
 def install_ext_stand_in():
@@ -258,9 +273,17 @@ def match_detections(ref, ours, min_score=0.05, iou_thr=0.99, score_tol=1e-3, ma
     Returns a dict of figures: matched, unmatched (per direction), worst box IoU, worst score
     difference, worst mask IoU among the matches and the most pixels a matched mask differs by.
     """
-    stats = {"matched": 0, "unmatched_ref": 0, "unmatched_ours": 0, "worst_iou": 1.0, "worst_score": 0.0,
-             "worst_mask_iou": 1.0 if "masks" in ref else None, "most_mask_pixels": 0 if "masks" in ref else None,
-             "ref_count": 0, "ours_count": 0}
+    stats = {
+        "matched": 0,
+        "unmatched_ref": 0,
+        "unmatched_ours": 0,
+        "worst_iou": 1.0,
+        "worst_score": 0.0,
+        "worst_mask_iou": 1.0 if "masks" in ref else None,
+        "most_mask_pixels": 0 if "masks" in ref else None,
+        "ref_count": 0,
+        "ours_count": 0,
+    }
     for direction, (a, b) in enumerate(((ref, ours), (ours, ref))):
         keep = a["scores"] >= min_score
         idx = torch.nonzero(keep).flatten().tolist()
@@ -314,8 +337,13 @@ def closeness(ref, ours):
 
 def summarize_closeness(pooled):
     a, s = np.array(pooled["ious"]), np.array(pooled["score_diffs"])
-    r = {"detections": len(a), "median_box_iou": float(np.median(a)), "frac_box_iou_ge_0.9": float((a >= 0.9).mean()),
-         "frac_box_iou_ge_0.5": float((a >= 0.5).mean()), "median_score_diff": float(np.median(s))}
+    r = {
+        "detections": len(a),
+        "median_box_iou": float(np.median(a)),
+        "frac_box_iou_ge_0.9": float((a >= 0.9).mean()),
+        "frac_box_iou_ge_0.5": float((a >= 0.5).mean()),
+        "median_score_diff": float(np.median(s)),
+    }
     if pooled["mask_ious"]:
         r["median_mask_iou"] = float(np.median(pooled["mask_ious"]))
     return r

@@ -1,16 +1,18 @@
 """The HRNet body: official structure (timm oracle), honest output_shape, FREEZE_AT."""
+
 import pytest
 import timm
 import torch
+from conftest import make_cfg
+from timm_peer import CLASSIFICATION_ONLY, TIMM_NAMES, timm_branches
+from timm_peer import body_state_dict as timm_body_state_dict
+
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.hrnet import branch_name
-from timm_peer import CLASSIFICATION_ONLY, TIMM_NAMES, timm_branches
-from timm_peer import body_state_dict as timm_body_state_dict
 
-from conftest import make_cfg
 
 def test_table_covers_all_published_widths():
     assert set(ARCHITECTURES) == set(TIMM_NAMES)
@@ -95,8 +97,17 @@ def test_hrv2_is_the_concatenation_of_upsampled_branches():
 
 
 def test_hrnetv1_is_the_stride4_branch_only():
-    model = build_backbone(make_cfg(None, "MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.ARCH",
-                                    "w18_small_v1", "MODEL.HRNET.OUT_FEATURES", ["hr2"]))
+    model = build_backbone(
+        make_cfg(
+            None,
+            "MODEL.BACKBONE.NAME",
+            "build_hrnet_backbone",
+            "MODEL.HRNET.ARCH",
+            "w18_small_v1",
+            "MODEL.HRNET.OUT_FEATURES",
+            ["hr2"],
+        )
+    )
     assert {k: (v.channels, v.stride) for k, v in model.output_shape().items()} == {"hr2": (16, 4)}
     assert list(model(torch.randn(1, 3, 64, 64))) == ["hr2"]
     assert model.size_divisibility == 32
@@ -133,8 +144,17 @@ FREEZE_PREFIXES = {
 
 @pytest.mark.parametrize("freeze_at", sorted(FREEZE_PREFIXES))
 def test_freeze_at_freezes_exactly_the_documented_stages(freeze_at):
-    cfg = make_cfg(None, "MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.ARCH", "w18_small_v1",
-                   "MODEL.HRNET.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", freeze_at)
+    cfg = make_cfg(
+        None,
+        "MODEL.BACKBONE.NAME",
+        "build_hrnet_backbone",
+        "MODEL.HRNET.ARCH",
+        "w18_small_v1",
+        "MODEL.HRNET.NORM",
+        "BN",
+        "MODEL.BACKBONE.FREEZE_AT",
+        freeze_at,
+    )
     model = build_backbone(cfg)
     prefixes = FREEZE_PREFIXES[freeze_at]
 

@@ -1,5 +1,6 @@
 """Bad data: each case either works or stops with a DataError naming the file; nothing
 is skipped without a warning."""
+
 import json
 import logging
 import uuid
@@ -7,6 +8,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import make_cfg
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -15,8 +17,6 @@ from detectron2.data.datasets import register_coco_instances
 from hrnet_d2.data.checks import DataError, load_dataset_dicts
 from hrnet_d2.data.mapper import CheckedDatasetMapper
 from hrnet_d2.engine import Trainer
-
-from conftest import make_cfg
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 
@@ -59,7 +59,9 @@ def make_dataset(root, n=2, annotate=None, write=True, edit=None):
 
 @pytest.fixture
 def cfg():
-    return make_cfg(QUICKSTART, "INPUT.MIN_SIZE_TRAIN", "(40,)", "INPUT.MAX_SIZE_TRAIN", "64", "DATALOADER.NUM_WORKERS", "0")
+    return make_cfg(
+        QUICKSTART, "INPUT.MIN_SIZE_TRAIN", "(40,)", "INPUT.MAX_SIZE_TRAIN", "64", "DATALOADER.NUM_WORKERS", "0"
+    )
 
 
 def _map(cfg, name):
@@ -91,7 +93,9 @@ def test_image_deleted_after_loading_names_the_file(tmp_path, cfg):
 def test_unreadable_image_names_the_file(tmp_path, cfg, content):
     name, _, paths = make_dataset(tmp_path)
     data = paths[1].read_bytes()
-    paths[1].write_bytes({"garbage": b"\x00not an image" * 50, "empty": b"", "truncated": data[: len(data) // 2]}[content])
+    paths[1].write_bytes(
+        {"garbage": b"\x00not an image" * 50, "empty": b"", "truncated": data[: len(data) // 2]}[content]
+    )
     with pytest.raises(DataError) as e:
         _map(cfg, name)
     assert str(paths[1]) in str(e.value)
@@ -115,7 +119,9 @@ def test_grayscale_palette_and_alpha_images_are_converted_to_3_channels(tmp_path
         gray = np.asarray(rgb.convert("L"))
         assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
         # ResizeShortestEdge keeps 40x48, random flip may mirror it
-        assert torch.equal(image[0], torch.from_numpy(gray.copy())) or torch.equal(image[0], torch.from_numpy(gray[:, ::-1].copy()))
+        assert torch.equal(image[0], torch.from_numpy(gray.copy())) or torch.equal(
+            image[0], torch.from_numpy(gray[:, ::-1].copy())
+        )
     if mode == "RGBA":  # alpha dropped, colours kept
         expected = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
         assert torch.equal(image, expected) or torch.equal(image, expected.flip(-1))
@@ -325,7 +331,9 @@ def test_retinanet_num_classes_is_checked(tmp_path):
     name, _, _ = make_dataset(tmp_path, n=2)
     cfg = make_cfg("shapes/retinanet_hrnetv2p_w18_small_shapes.yaml", "DATASETS.TRAIN", f"('{name}',)",
                    "DATALOADER.NUM_WORKERS", "0")  # fmt: skip
-    with pytest.raises(DataError, match=rf"MODEL.RETINANET.NUM_CLASSES = 4, but dataset '{name}'.* has 1 thing_classes"):
+    with pytest.raises(
+        DataError, match=rf"MODEL.RETINANET.NUM_CLASSES = 4, but dataset '{name}'.* has 1 thing_classes"
+    ):
         Trainer.build_train_loader(cfg)
 
 

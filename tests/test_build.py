@@ -1,18 +1,25 @@
 """The builders: each config check runs once per build, and the shapes validate_config
 checks the heads against are the backbone's own ``output_shape()``."""
+
 import pytest
+from conftest import make_cfg
+
 from detectron2.modeling import build_backbone
 
 from hrnet_d2 import build as build_module
 from hrnet_d2.build import validate_config
 
-from conftest import make_cfg
-
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
 
 
 @pytest.mark.parametrize(
-    "name", ["build_hrnet_backbone", "build_hrnetv2p_backbone", "build_hrnetv2p_with_body_backbone", "build_hrnet_fpn_backbone"]
+    "name",
+    [
+        "build_hrnet_backbone",
+        "build_hrnetv2p_backbone",
+        "build_hrnetv2p_with_body_backbone",
+        "build_hrnet_fpn_backbone",
+    ],
 )
 def test_each_check_runs_once_per_build(monkeypatch, name):
     calls = {"body": 0, "pyramid": 0}

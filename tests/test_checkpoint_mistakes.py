@@ -1,16 +1,17 @@
 """MODEL.WEIGHTS mistakes that Detectron2 only logs: foreign HRNet layouts are converted on
 the fly, checkpoints that do not fit or fill the backbone stop (AtomicCheckpointer(cfg=...))."""
+
 import logging
 
 import pytest
 import timm
 import torch
+from conftest import make_cfg
+
 from detectron2.modeling import build_model
 
 from hrnet_d2.checkpoint import AtomicCheckpointer, CheckpointError
 from hrnet_d2.errors import UserError
-
-from conftest import make_cfg
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
@@ -61,7 +62,11 @@ def test_official_checkpoint_as_weights_is_converted(timm_small, official_pth, c
 
 def test_mmdetection_checkpoint_as_weights_is_converted(timm_small, tmp_path, caplog):
     cfg = make_cfg(FASTER, *SMALL)
-    sd = {f"backbone.{k}": v for k, v in timm_small.state_dict().items() if not k.startswith(("incre", "downsamp", "final", "classifier"))}
+    sd = {
+        f"backbone.{k}": v
+        for k, v in timm_small.state_dict().items()
+        if not k.startswith(("incre", "downsamp", "final", "classifier"))
+    }
     sd["neck.reduction_conv.conv.weight"] = torch.randn(256, 240, 1, 1)
     sd["neck.reduction_conv.conv.bias"] = torch.randn(256)
     for i in range(5):
@@ -92,7 +97,9 @@ def test_detectron2_checkpoint_of_another_width_stops(small_model, tmp_path):
     _, model = small_model
     path = tmp_path / "w18_small.pth"
     torch.save({"model": model.state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"found HRNet w18_small_v1 .*expected w18_small_v2 .*MODEL.HRNET.ARCH = 'w18_small_v2'"):
+    with pytest.raises(
+        CheckpointError, match=r"found HRNet w18_small_v1 .*expected w18_small_v2 .*MODEL.HRNET.ARCH = 'w18_small_v2'"
+    ):
         _load(make_cfg(FASTER, "MODEL.HRNET.ARCH", "w18_small_v2"), path)
 
 
@@ -100,7 +107,9 @@ def test_other_pyramid_layout_stops(small_model, tmp_path):
     _, model = small_model
     path = tmp_path / "w18_small.pth"
     torch.save({"model": model.state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"backbone.reduction_conv.weight: found \(256, 240, 1, 1\), expected \(128, 240, 1, 1\)"):
+    with pytest.raises(
+        CheckpointError, match=r"backbone.reduction_conv.weight: found \(256, 240, 1, 1\), expected \(128, 240, 1, 1\)"
+    ):
         _load(make_cfg(FASTER, *SMALL, "MODEL.HRNET_PYRAMID.OUT_CHANNELS", "128"), path)
     # one pyramid level less in the checkpoint than in the config: p2..p6 vs p2..p7
     cfg = make_cfg(FASTER, *SMALL, "MODEL.HRNET_PYRAMID.NUM_LEVELS", "6")
@@ -134,7 +143,10 @@ def test_checkpoint_without_the_body_stops(tmp_path):
     sd = {f"backbone.bottom_up.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}
     path = tmp_path / "resnet.pth"
     torch.save({"model": sd}, path)
-    with pytest.raises(CheckpointError, match=r"other shapes.*not in the model.*it fills \d+ of the 355 HRNet body tensors.*\d+ would keep their random init"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"other shapes.*not in the model.*it fills \d+ of the 355 HRNet body tensors.*\d+ would keep their random init",
+    ):
         _load(cfg, path)
 
 
@@ -161,7 +173,9 @@ def test_inference_needs_the_whole_model(small_model, tmp_path, official_pth):
     with pytest.raises(CheckpointError, match=r"does not hold the whole model.*roi_heads.box_predictor.cls_score.weight: "
                                               r"found \(81, 1024\), expected \(4, 1024\)"):  # fmt: skip
         AtomicCheckpointer(build_model(other), cfg=other, complete=True).load(str(path))
-    with pytest.raises(CheckpointError, match=r"26 tensors of the model are not in it, e.g. backbone.reduction_conv.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"26 tensors of the model are not in it, e.g. backbone.reduction_conv.weight"
+    ):
         AtomicCheckpointer(build_model(cfg), cfg=cfg, complete=True).load(str(official_pth))  # ImageNet weights
 
 
@@ -176,7 +190,9 @@ def test_lazy_config_models_get_the_same_checks(timm_small, official_pth, tmp_pa
     AtomicCheckpointer(model, cfg=cfg).load(str(official_pth))
     assert torch.equal(model.backbone.bottom_up.conv1.weight, timm_small.state_dict()["conv1.weight"])
     other = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.stages.arch=w18_small_v2"])
-    with pytest.raises(CheckpointError, match=r"train.init_checkpoint .*found HRNet w18_small_v1 .*expected w18_small_v2"):
+    with pytest.raises(
+        CheckpointError, match=r"train.init_checkpoint .*found HRNet w18_small_v1 .*expected w18_small_v2"
+    ):
         AtomicCheckpointer(instantiate(other.model), cfg=other).load(str(official_pth))
     path = tmp_path / "partial.pth"
     torch.save({"model": {k: v for k, v in model.state_dict().items() if ".stage4." not in k}}, path)

@@ -1,6 +1,7 @@
 """One clear line at the command line: each user mistake ends train_net.py,
 lazy_train_net.py, demo.py and the tools with ``error: <message>`` and exit status 2,
 without a traceback; ``--debug`` (or HRNET_D2_DEBUG=1) shows the traceback."""
+
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, run_train_net
 
 QUICKSTART = REPO / "configs" / "quickstart" / "mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
@@ -46,7 +46,11 @@ def test_config_mistake_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert line.startswith("error: MODEL.HRNET.ARCH = 'w19' is invalid: allowed: ["), line
     assert not (tmp_path / "datasets").exists()  # stopped before generating any data
     debug = run_train_net(["--debug", *args], cwd=tmp_path, env=ENV, timeout=300)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and ("ConfigError" in debug.stderr or "ConfigValueError" in debug.stderr)
+    assert (
+        debug.returncode != 0
+        and "Traceback" in debug.stderr
+        and ("ConfigError" in debug.stderr or "ConfigValueError" in debug.stderr)
+    )
 
 
 def test_exit_on_user_error_in_process(monkeypatch, capsys):
@@ -152,14 +156,26 @@ def test_demo_and_tools(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HRNET_D2_DATASETS", str(tmp_path / "datasets"))
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "tools"))
-    import demo
     import export_model
 
-    code, err = _in_process(demo.main, ["--input", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")], capsys)
+    import demo
+
+    code, err = _in_process(
+        demo.main, ["--input", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")], capsys
+    )
     assert code == 2 and err.startswith("error: --input") and "no such file, folder or matching image" in err
     code, err = _in_process(demo.main, ["--input", str(tmp_path), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "no images found" in err
-    argv = ["--config-file", str(QUICKSTART), "--export-method", "scripting", "--format", "onnx", "--output", str(tmp_path)]
+    argv = [
+        "--config-file",
+        str(QUICKSTART),
+        "--export-method",
+        "scripting",
+        "--format",
+        "onnx",
+        "--output",
+        str(tmp_path),
+    ]
     code, err = _in_process(export_model.main, argv, capsys)
     assert code == 2 and err.startswith("error: --export-method scripting only produces TorchScript")
 

@@ -1,12 +1,12 @@
 """Bad configuration: one ValueError, raised before anything is built or read, that
 names the key, the bad value and what is allowed."""
+
 import pytest
+from conftest import CONFIGS, make_cfg
 
 from hrnet_d2 import ARCHITECTURES
 from hrnet_d2.build import validate_config
 from hrnet_d2.engine import Trainer
-
-from conftest import CONFIGS, make_cfg
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"

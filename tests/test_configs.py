@@ -1,15 +1,15 @@
 """Every YAML config builds a model; the recipe values are those the README promises."""
+
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO, make_cfg
+
 from detectron2.modeling import build_model
 
 import hrnet_d2
-
-from conftest import CONFIGS, REPO, make_cfg
 
 YAML_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("Base-"))
 
@@ -100,6 +100,7 @@ def test_setup_py_does_not_import_torch_or_require_detectron2():
     assert "detectron2" not in out.stdout
     requires = subprocess.run(
         [sys.executable, "-c", "import importlib.metadata as m; print(m.requires('hrnet_d2'))"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert "torch" in requires and "detectron2" not in requires

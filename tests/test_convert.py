@@ -1,20 +1,21 @@
 """hrnet_d2.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
 hrnet_d2.weights: a missing converted file stops training with the command that makes it."""
+
 import copy
 import os
 
 import pytest
 import timm
 import torch
+from conftest import REPO, assert_close_to_scale, make_cfg, max_rel_err, run_train_net
+from safetensors.torch import save_file
+from timm_peer import timm_branches
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from safetensors.torch import save_file
 
 from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main
-from timm_peer import timm_branches
 from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
-
-from conftest import REPO, assert_close_to_scale, make_cfg, max_rel_err, run_train_net
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
@@ -112,8 +113,11 @@ def test_mmdetection_backbone_and_neck(timm_small, tmp_path, layout):
     torch.manual_seed(1)
     cfg = make_cfg(FASTER, *SMALL)
     model = build_model(cfg).eval()
-    sd = {f"backbone.{k}": v for k, v in timm_small.state_dict().items()
-          if k.split(".")[0] not in ("incre_modules", "downsamp_modules", "final_layer", "classifier")}
+    sd = {
+        f"backbone.{k}": v
+        for k, v in timm_small.state_dict().items()
+        if k.split(".")[0] not in ("incre_modules", "downsamp_modules", "final_layer", "classifier")
+    }
     red = model.backbone.reduction_conv.weight
     neck = {}
     if layout == "mmdet_v2":  # ConvModule everywhere
@@ -212,7 +216,10 @@ def test_missing_weights_check(tmp_path):
     with pytest.raises(PretrainedWeightsMissing) as e:
         check_pretrained_weights(cfg, config_file="my.yaml")
     assert e.value.exit_code == 2
-    assert f"python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth {cfg.MODEL.WEIGHTS} --config-file my.yaml" in str(e.value)
+    assert (
+        f"python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth {cfg.MODEL.WEIGHTS} --config-file my.yaml"
+        in str(e.value)
+    )
     # resuming from a checkpoint in OUTPUT_DIR does not need the pretrained file
     cfg.OUTPUT_DIR = str(tmp_path)
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
@@ -233,7 +240,8 @@ def test_every_coco_config_names_its_converted_weights():
 def test_train_net_stops_at_once_when_pretrained_file_is_missing(tmp_path):
     proc = run_train_net(
         ["--config-file", REPO / "configs" / FASTER, "OUTPUT_DIR", tmp_path / "out", "MODEL.DEVICE", "cpu"],
-        cwd=tmp_path, timeout=300,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "pretrained/hrnetv2_w18_imagenet_d2.pth" in proc.stderr

@@ -1,18 +1,19 @@
 """The GPU paths: folded inference, autocast (fp16 / bf16), activation checkpointing and
 Detectron2's AMPTrainer (SOLVER.AMP.ENABLED) on CUDA.  Skipped where no GPU is visible
 (CI has none); run with ``pytest tests/test_cuda.py`` on a machine that has one."""
+
 import pytest
 import torch
+from conftest import assert_close_to_scale
+from test_performance import _batch, _tiny_rcnn_cfg, rel_err, rel_l2
+from timm_peer import body_state_dict, calibrated_timm, timm_branches
+
 from detectron2.engine import AMPTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.pyramid import HRNetV2p
-from timm_peer import body_state_dict, calibrated_timm, timm_branches
-
-from conftest import assert_close_to_scale
-from test_performance import _batch, _tiny_rcnn_cfg, rel_err, rel_l2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -8,16 +8,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, REPO, make_cfg
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
+import demo
 from hrnet_d2.data import register_all_shapes
 from hrnet_d2.errors import UserError
-
-from conftest import CONFIGS, REPO, make_cfg
-
-import demo
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 

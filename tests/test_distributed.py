@@ -2,6 +2,7 @@
 ``train_net.py --num-gpus 2`` trains and evaluates, matches one process of the same total
 batch, resumes after SIGKILL on every rank, and evaluates across ranks as one process does.
 Also: SOLVER.REFERENCE_WORLD_SIZE scales the COCO recipes to the number of processes."""
+
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, make_cfg, run_train_net
 from test_e2e_train_net import _metrics as _copypaste_metrics
 from test_interrupted_training import _assert_state_close, _last_checkpoint

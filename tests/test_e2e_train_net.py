@@ -1,11 +1,11 @@
 """train_net.py end to end, as users run it: train on generated data, evaluate a
 checkpoint (twice: same metrics), and a clear early stop when COCO is not on disk."""
+
 import json
 import math
 import re
 
 import pytest
-
 from conftest import REPO, run_train_net
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +31,7 @@ COPYPASTE = re.compile(r"copypaste: Task: (\w+)\n.*copypaste: ([\w,]+)\n.*copypa
 
 def _metrics(output):
     """{task: {metric: value}} from Detectron2's ``copypaste:`` log lines."""
+
     def value(text):
         return None if text == "nan" else float(text)  # nan (no such objects) != nan
 

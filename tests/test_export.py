@@ -1,14 +1,10 @@
 """tools/export_model.py: TorchScript (tracing) and ONNX exports of the backbone+pyramid
 and of whole Faster / Mask R-CNNs give PyTorch's outputs (onnxruntime on CPU)."""
 
-
-import numpy as np
+import export_model
 import pytest
 import torch
-
 from conftest import CONFIGS, assert_close_to_scale
-
-import export_model
 
 CONFIG = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")  # Faster R-CNN, w18_small_v1
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('shapes_tiny_val',)"]
@@ -81,8 +77,18 @@ def test_rcnn_export_matches_pytorch(tmp_path, config, fmt):
 def test_backbone_scripting_matches_pytorch(tmp_path):
     torch.manual_seed(0)
     path, diff = export_model.main(
-        ["--config-file", CONFIG, "--export-method", "scripting", "--what", "backbone", "--output", str(tmp_path),
-         "--opts", *OPTS]
+        [
+            "--config-file",
+            CONFIG,
+            "--export-method",
+            "scripting",
+            "--what",
+            "backbone",
+            "--output",
+            str(tmp_path),
+            "--opts",
+            *OPTS,
+        ]
     )
     assert diff < 1e-5
     scripted = torch.jit.load(path)
@@ -101,11 +107,23 @@ def test_backbone_scripting_matches_pytorch(tmp_path):
     "opts",
     [
         ["MODEL.HRNET_PYRAMID.POOLING", "MAX", "MODEL.HRNET_PYRAMID.SHARE_CONV", True],
-        ["MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.OUT_FEATURES", ["hr2", "hr4", "hrv2"],
-         "MODEL.HRNET.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 2],
+        [
+            "MODEL.BACKBONE.NAME",
+            "build_hrnet_backbone",
+            "MODEL.HRNET.OUT_FEATURES",
+            ["hr2", "hr4", "hrv2"],
+            "MODEL.HRNET.NORM",
+            "BN",
+            "MODEL.BACKBONE.FREEZE_AT",
+            2,
+        ],
         ["MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone", "MODEL.FPN.IN_FEATURES", ["hr2", "hr3", "hr4", "hr5"]],
-        ["MODEL.BACKBONE.NAME", "build_hrnetv2p_with_body_backbone", "MODEL.HRNET.OUT_FEATURES",
-         ["hr2", "hr3", "hr4", "hr5", "hrv2"]],
+        [
+            "MODEL.BACKBONE.NAME",
+            "build_hrnetv2p_with_body_backbone",
+            "MODEL.HRNET.OUT_FEATURES",
+            ["hr2", "hr3", "hr4", "hr5", "hrv2"],
+        ],
     ],
     ids=["v2p-max-shared", "body-v1-v2", "fpn", "v2p-with-body"],
 )

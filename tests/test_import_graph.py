@@ -1,5 +1,6 @@
 """The package's import graph: imports flow one way (no circle, also none through an
 import inside a function) and no module imports another module's private ``_names``."""
+
 import ast
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def find_cycle(graph):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt, stack)
                 if found:

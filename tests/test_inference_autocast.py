@@ -1,19 +1,34 @@
 """MODEL.HRNET.INFERENCE_AUTOCAST: the one switch that runs the HRNetV2p backbone in bf16 (or
 fp16) at inference, wherever the model is used (DefaultPredictor, Trainer.test, demo.py)."""
+
 import pytest
 import torch
+from conftest import make_cfg
+
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-
-from conftest import make_cfg
 
 
 def _cfg(*opts):
     return make_cfg(
         "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-        "MODEL.HRNET.ARCH", "w18_small_v1", "MODEL.HRNET_PYRAMID.OUT_CHANNELS", 32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.RPN.POST_NMS_TOPK_TEST", 64, "MODEL.RPN.PRE_NMS_TOPK_TEST", 256,
-        "MODEL.ROI_HEADS.NUM_CLASSES", 3, "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128, *opts,
+        "MODEL.HRNET.ARCH",
+        "w18_small_v1",
+        "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
+        32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        64,
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        64,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST",
+        256,
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        3,
+        "INPUT.MIN_SIZE_TEST",
+        96,
+        "INPUT.MAX_SIZE_TEST",
+        128,
+        *opts,
     )
 
 
@@ -67,5 +82,7 @@ def test_inference_switch_works_through_default_predictor(one_torch_thread):
 
 
 def test_inference_switch_value_is_checked():
-    with pytest.raises(ValueError, match=r"MODEL.HRNET.INFERENCE_AUTOCAST = 'int8' is invalid: allowed: \['', 'bf16', 'fp16'\]"):
+    with pytest.raises(
+        ValueError, match=r"MODEL.HRNET.INFERENCE_AUTOCAST = 'int8' is invalid: allowed: \['', 'bf16', 'fp16'\]"
+    ):
         build_model(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))

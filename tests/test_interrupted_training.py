@@ -1,5 +1,6 @@
 """Interrupted training loses nothing: atomic checkpoints, SIGKILL + --resume, clear
 errors for unreadable checkpoints, and NaN losses that stop training with the iteration."""
+
 import json
 import os
 import signal
@@ -10,11 +11,10 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, make_cfg, max_rel_err, run_train_net
 from torch import nn
 
 from hrnet_d2.checkpoint import AtomicCheckpointer, CheckpointError
-
-from conftest import REPO, make_cfg, max_rel_err, run_train_net
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CONFIG = REPO / "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, make_cfg
+
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
 from hrnet_d2 import get_config_file
-
-from conftest import REPO, make_cfg
 
 PAIRS = {
     "lazy/faster_rcnn_hrnetv2p_w32_1x.py": "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml",
@@ -34,9 +34,7 @@ def test_lazy_config_equals_yaml_model(lazy):
 
     lazy_sd, yaml_sd = lazy_model.state_dict(), yaml_model.state_dict()
     assert {k: v.shape for k, v in lazy_sd.items()} == {k: v.shape for k, v in yaml_sd.items()}
-    count = lambda m, trainable=False: sum(
-        p.numel() for p in m.parameters() if p.requires_grad or not trainable
-    )  # noqa
+    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa
     assert count(lazy_model) == count(yaml_model)
     assert count(lazy_model, True) == count(yaml_model, True)
     assert lazy_model.backbone.output_shape() == yaml_model.backbone.output_shape()

@@ -6,17 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_cfg
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
 from detectron2.modeling.roi_heads import CascadeROIHeads
 
+from hrnet_d2 import HRNetV2p
 from hrnet_d2.data.shapes_extras import KEYPOINT_NAMES, keypoints_from_polygon, register_shapes_extras
 from hrnet_d2.data.synthetic import register_shapes
 from hrnet_d2.engine import Trainer
-from hrnet_d2 import HRNetV2p
-
-from conftest import make_cfg
 
 COCO_CONFIGS = {
     "COCO-Detection/cascade_rcnn_hrnetv2p_w32_1x.yaml": (GeneralizedRCNN, ["p2", "p3", "p4", "p5", "p6"]),

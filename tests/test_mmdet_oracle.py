@@ -8,15 +8,15 @@ ours with the same class, box IoU >= 0.99, score within 1e-3, mask IoU >= 0.98 (
 differing, for masks of a few tens of pixels), and the converse;
 RPN proposals agree too.  Negative controls: one head tensor perturbed, the class order not fixed.
 """
+
 import json
 import os
 
 import cv2
+import mmdet_oracle as mo
 import numpy as np
 import pytest
 import torch
-
-import mmdet_oracle as mo
 from conftest import CONFIGS, make_cfg
 
 if not mo.install_ext_stand_in():
@@ -80,8 +80,16 @@ class Pair:
         self.model = self.build(self.d2_ckpt)
 
     def cfg(self, weights="", *opts):
-        return make_cfg(self.config, "MODEL.WEIGHTS", str(weights),
-                        "INPUT.MIN_SIZE_TEST", TEST_SCALE[1], "INPUT.MAX_SIZE_TEST", TEST_SCALE[0], *opts)
+        return make_cfg(
+            self.config,
+            "MODEL.WEIGHTS",
+            str(weights),
+            "INPUT.MIN_SIZE_TEST",
+            TEST_SCALE[1],
+            "INPUT.MAX_SIZE_TEST",
+            TEST_SCALE[0],
+            *opts,
+        )
 
     def build(self, weights, *opts):
         cfg = self.cfg(weights, *opts)
@@ -91,8 +99,16 @@ class Pair:
 
     def compare(self, images, model=None):
         """Agreement figures over the test images (summed / worst)."""
-        total = {"matched": 0, "unmatched_ref": 0, "unmatched_ours": 0, "worst_iou": 1.0, "worst_score": 0.0,
-                 "worst_mask_iou": None, "most_mask_pixels": None, "proposals_matched": 1.0}
+        total = {
+            "matched": 0,
+            "unmatched_ref": 0,
+            "unmatched_ours": 0,
+            "worst_iou": 1.0,
+            "worst_score": 0.0,
+            "worst_mask_iou": None,
+            "most_mask_pixels": None,
+            "proposals_matched": 1.0,
+        }
         for path, rgb in images:
             ref, ref_rpn = mo.mmdet_predict(self.mm, path)
             ours, our_rpn = mo.d2_predict(model or self.model, self.cfg(), rgb)
@@ -105,8 +121,9 @@ class Pair:
             if s["worst_mask_iou"] is not None:
                 total["worst_mask_iou"] = min(total["worst_mask_iou"] or 1.0, s["worst_mask_iou"])
                 total["most_mask_pixels"] = max(total["most_mask_pixels"] or 0, s["most_mask_pixels"])
-            total["proposals_matched"] = min(total["proposals_matched"],
-                                             *mo.match_proposals(ref_rpn["proposals"], our_rpn["proposals"]))
+            total["proposals_matched"] = min(
+                total["proposals_matched"], *mo.match_proposals(ref_rpn["proposals"], our_rpn["proposals"])
+            )
         total["agree"] = total["matched"] > 0 and total["unmatched_ref"] == 0 and total["unmatched_ours"] == 0
         return total
 
@@ -172,13 +189,23 @@ def test_v1_conventions_effect(kind, pairs, images, one_torch_thread):
     from mmdet.apis import init_detector
 
     pair = pairs(kind)
-    legacy = init_detector(mo.with_v1_conventions(mo.mmdet_config(KINDS[kind][0], test_scale=TEST_SCALE)),
-                           checkpoint=None, device="cpu")
+    legacy = init_detector(
+        mo.with_v1_conventions(mo.mmdet_config(KINDS[kind][0], test_scale=TEST_SCALE)), checkpoint=None, device="cpu"
+    )
     legacy.load_state_dict(pair.mm.state_dict())
     legacy.eval()
-    closest = ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", 2,
-               "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", 2,
-               "MODEL.ANCHOR_GENERATOR.OFFSET", 0.5)
+    closest = (
+        "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
+        "ROIAlign",
+        "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
+        2,
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "ROIAlign",
+        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO",
+        2,
+        "MODEL.ANCHOR_GENERATOR.OFFSET",
+        0.5,
+    )
     results = {}
     for name, opts in (("modern", ()), ("closest", closest)):
         model = pair.build(pair.d2_ckpt, *opts)
@@ -201,7 +228,7 @@ def _to_v1_layout(state_dict, num_classes=80):
     g = torch.Generator().manual_seed(0)
     for k, v in state_dict.items():
         if k.startswith("roi_head."):
-            k = k[len("roi_head."):]
+            k = k[len("roi_head.") :]
             if "fc_cls" in k:
                 v = torch.cat([v[-1:], v[:-1]])
             elif "fc_reg" in k and v.shape[0] == 4 * num_classes:
@@ -247,25 +274,66 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_tor
     "kind, config, opts, message",
     [
         ("faster", "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x_mmdet.yaml", [], r"found HRNet w18 .*expected w32"),
-        ("faster", None, ["MODEL.ROI_HEADS.NUM_CLASSES", "20"],
-         r"number of classes mismatch: found 80 classes in the checkpoint, expected 20 .*NUM_CLASSES = 20"),
-        ("mask", "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml", [],
-         r"mask head mismatch: found Mask R-CNN \(with mask head\).*expected no mask head.*MODEL.MASK_ON = False"),
+        (
+            "faster",
+            None,
+            ["MODEL.ROI_HEADS.NUM_CLASSES", "20"],
+            r"number of classes mismatch: found 80 classes in the checkpoint, expected 20 .*NUM_CLASSES = 20",
+        ),
+        (
+            "mask",
+            "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml",
+            [],
+            r"mask head mismatch: found Mask R-CNN \(with mask head\).*expected no mask head.*MODEL.MASK_ON = False",
+        ),
         ("faster", None, ["MODEL.MASK_ON", "True"], r"mask head mismatch: found Faster R-CNN \(no mask head\)"),
-        ("cascade", "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml", [],
-         r"cascade mismatch: found Cascade R-CNN with 3 cascade stages .*expected no cascade stages"),
-        ("faster", "COCO-Detection/cascade_rcnn_hrnetv2p_w18_20e_mmdet.yaml", [],
-         r"cascade mismatch: found Faster R-CNN with no cascade stages .*expected 3 cascade stages"),
-        ("cascade", None, ["MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.5, 0.6)",
-                           "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", "((10, 10, 5, 5), (20, 20, 10, 10))"],
-         r"found Cascade R-CNN with 3 cascade stages .*expected 2 cascade stages"),
-        ("cascade_mask", None, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"],
-         r"found 3 mask heads .*expected one mask head.*'MMDetCascadeROIHeads' has one per stage"),
-        ("faster", None, ["MODEL.ROI_BOX_HEAD.FC_DIM", "512"],
-         r"roi_heads.box_\w+.\w+.weight: found shape \(\d*, ?1024\) in the checkpoint, expected \(\d*, ?512\)"),
+        (
+            "cascade",
+            "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml",
+            [],
+            r"cascade mismatch: found Cascade R-CNN with 3 cascade stages .*expected no cascade stages",
+        ),
+        (
+            "faster",
+            "COCO-Detection/cascade_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
+            [],
+            r"cascade mismatch: found Faster R-CNN with no cascade stages .*expected 3 cascade stages",
+        ),
+        (
+            "cascade",
+            None,
+            [
+                "MODEL.ROI_BOX_CASCADE_HEAD.IOUS",
+                "(0.5, 0.6)",
+                "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
+                "((10, 10, 5, 5), (20, 20, 10, 10))",
+            ],
+            r"found Cascade R-CNN with 3 cascade stages .*expected 2 cascade stages",
+        ),
+        (
+            "cascade_mask",
+            None,
+            ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"],
+            r"found 3 mask heads .*expected one mask head.*'MMDetCascadeROIHeads' has one per stage",
+        ),
+        (
+            "faster",
+            None,
+            ["MODEL.ROI_BOX_HEAD.FC_DIM", "512"],
+            r"roi_heads.box_\w+.\w+.weight: found shape \(\d*, ?1024\) in the checkpoint, expected \(\d*, ?512\)",
+        ),
     ],
-    ids=["width", "num_classes", "mask_on_false", "mask_on_true", "cascade_vs_faster", "faster_vs_cascade",
-         "cascade_stages", "cascade_mask_heads", "fc_dim"],
+    ids=[
+        "width",
+        "num_classes",
+        "mask_on_false",
+        "mask_on_true",
+        "cascade_vs_faster",
+        "faster_vs_cascade",
+        "cascade_stages",
+        "cascade_mask_heads",
+        "fc_dim",
+    ],
 )
 def test_refuses_a_detector_the_config_does_not_describe(kind, config, opts, message, pairs, tmp_path):
     pair = pairs(kind)
@@ -293,10 +361,11 @@ def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(
     """A converted 4-class Faster R-CNN evaluated by Train_net's path (test mapper with the cv2 resize,
     COCOEvaluator) on 12 generated shapes val images, against mmdetection's detections of the same
     images scored by pycocotools directly."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
     from hrnet_d2.data import register_all_shapes
     from hrnet_d2.data.mapper import CheckedDatasetMapper
@@ -307,18 +376,31 @@ def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(
     if name not in DatasetCatalog.list():
         DatasetCatalog.register(name, lambda: dicts)
         source = MetadataCatalog.get("shapes_val")
-        MetadataCatalog.get(name).set(thing_classes=list(source.thing_classes),
-                                      thing_dataset_id_to_contiguous_id=dict(source.thing_dataset_id_to_contiguous_id))
+        MetadataCatalog.get(name).set(
+            thing_classes=list(source.thing_classes),
+            thing_dataset_id_to_contiguous_id=dict(source.thing_dataset_id_to_contiguous_id),
+        )
     scale = (448, 256)
     calibration = cv2.imread(dicts[-1]["file_name"])[:, :, ::-1]
-    mm = mo.randomly_initialised_detector(mo.mmdet_config(KINDS["faster"][0], num_classes=4, test_scale=scale),
-                                          np.ascontiguousarray(calibration))
+    mm = mo.randomly_initialised_detector(
+        mo.mmdet_config(KINDS["faster"][0], num_classes=4, test_scale=scale), np.ascontiguousarray(calibration)
+    )
     src, dst = tmp_path / "mm.pth", tmp_path / "d2.pth"
     mo.save_mmdet_checkpoint(mm, src)
     opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "4"]
     convert_file(str(src), str(dst), config_file=str(CONFIGS / KINDS["faster"][1]), opts=opts)
-    cfg = make_cfg(KINDS["faster"][1], *opts, "MODEL.WEIGHTS", str(dst), "INPUT.MIN_SIZE_TEST", scale[1],
-                   "INPUT.MAX_SIZE_TEST", scale[0], "DATASETS.TEST", (name,))
+    cfg = make_cfg(
+        KINDS["faster"][1],
+        *opts,
+        "MODEL.WEIGHTS",
+        str(dst),
+        "INPUT.MIN_SIZE_TEST",
+        scale[1],
+        "INPUT.MAX_SIZE_TEST",
+        scale[0],
+        "DATASETS.TEST",
+        (name,),
+    )
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(str(dst))
     evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "eval"))
@@ -331,16 +413,25 @@ def test_coco_evaluator_gives_the_ap_of_the_same_detections_through_pycocotools(
         det, _ = mo.mmdet_predict(mm, d["file_name"])
         for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["classes"].tolist()):
             x0, y0, x1, y1 = box
-            results.append({"image_id": d["image_id"], "category_id": to_dataset_id[label],
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+            results.append(
+                {
+                    "image_id": d["image_id"],
+                    "category_id": to_dataset_id[label],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": score,
+                }
+            )
     gt = COCO(MetadataCatalog.get(name).json_file)  # the ground truth COCOEvaluator wrote
     coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
     reference = {"AP": 100 * coco_eval.stats[0], "AP50": 100 * coco_eval.stats[1]}
-    FIGURES["coco_ap"] = {"detectron2_coco_evaluator": {k: ours[k] for k in reference},
-                          "mmdetection_detections_pycocotools": reference, "mmdetection_detections": len(results)}
+    FIGURES["coco_ap"] = {
+        "detectron2_coco_evaluator": {k: ours[k] for k in reference},
+        "mmdetection_detections_pycocotools": reference,
+        "mmdetection_detections": len(results),
+    }
     assert len(results) > 0 and reference["AP50"] > 0, FIGURES["coco_ap"]  # random weights: small, but not 0
     for k in reference:  # AP points
         assert abs(ours[k] - reference[k]) <= 0.01 + 0.01 * reference[k], FIGURES["coco_ap"]
@@ -351,6 +442,7 @@ def test_cv2_resize_is_mmcv_imrescale(h, w):
     """INPUT.RESIZE_BACKEND "cv2": the size and pixels of mmdetection's Resize(scale=(1333, 800), keep_ratio=True);
     Detectron2's default (PIL) differs (the control)."""
     import mmcv
+
     from detectron2.data import transforms as T
 
     from hrnet_d2.data.resize import resize_augmentation

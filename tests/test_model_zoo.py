@@ -4,10 +4,9 @@ tools/analyze_model.py reports consistent numbers."""
 import analyze_model
 import model_zoo
 import pytest
+from conftest import REPO
 
 from hrnet_d2 import analysis
-
-from conftest import REPO
 
 # FLOPs need a real forward at 800x1333 (about a minute on 2 cores): CI recomputes the
 # cheapest COCO config; params are recomputed for every config.
@@ -28,8 +27,12 @@ def test_readme_block_and_doc_are_what_the_script_generates(readme_block):
     assert checked.gflops == written[FLOPS_CHECKED]
     for r in rows:
         r.gflops = r.gflops or written[r.config]
-    assert model_zoo.readme_block(rows) == readme_block, "README model-zoo block is stale: run python tools/model_zoo.py"
-    assert model_zoo.DOC.read_text() == model_zoo.render_doc(rows), "docs/model_zoo.md is stale: run python tools/model_zoo.py"
+    assert model_zoo.readme_block(rows) == readme_block, (
+        "README model-zoo block is stale: run python tools/model_zoo.py"
+    )
+    assert model_zoo.DOC.read_text() == model_zoo.render_doc(rows), (
+        "docs/model_zoo.md is stale: run python tools/model_zoo.py"
+    )
 
 
 def test_published_numbers_name_existing_configs_and_a_source():
@@ -64,8 +67,13 @@ def test_analyze_model_cli(capsys):
     total = analysis.count_parameters(model)
     assert f"{total:,}" in out
     flops = analysis.count_flops(cfg, model, 128, 160)
-    assert set(flops) == {"backbone", "proposal_generator.rpn_head", "roi_heads.box_head",
-                          "roi_heads.box_predictor", "roi_heads.mask_head"}
+    assert set(flops) == {
+        "backbone",
+        "proposal_generator.rpn_head",
+        "roi_heads.box_head",
+        "roi_heads.box_predictor",
+        "roi_heads.mask_head",
+    }
     assert f"{sum(flops.values()) / 1e9:.2f}" in out
     # FLOPs scale with the image: 4x the pixels gives ~4x the backbone FLOPs
     bigger = analysis.count_flops(cfg, model, 256, 320)

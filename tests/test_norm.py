@@ -1,16 +1,17 @@
 """MODEL.HRNET.NORM "BNEval": the published models' norm (mmdetection ``norm_eval=True`` with
 trainable affine terms): statistics frozen in training, weight/bias trained and
 weight-decayed, folded at inference; the default of the COCO configs."""
+
 import pytest
 import torch
+from conftest import CONFIGS, make_cfg
+
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
 from detectron2.solver import build_optimizer
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.layers import EvalBatchNorm2d
-
-from conftest import CONFIGS, make_cfg
 
 ARCH = ARCHITECTURES["w18_small_v1"]
 
@@ -88,16 +89,16 @@ def test_weight_decay_applies_to_the_affine_terms():
     torch.testing.assert_close(norms[0].weight.detach(), weight * factor)
 
 
-@pytest.mark.parametrize(
-    "config", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("COCO-*/*.yaml"))
-)
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("COCO-*/*.yaml")))
 def test_coco_configs_use_the_published_norm(config):
     cfg = make_cfg(config)
     assert cfg.MODEL.HRNET.NORM == "BNEval"
     assert cfg.SOLVER.WEIGHT_DECAY_NORM == cfg.SOLVER.WEIGHT_DECAY == 1e-4
 
 
-@pytest.mark.parametrize("config", ["quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml", "shapes/Base-HRNetV2p-shapes.yaml"])
+@pytest.mark.parametrize(
+    "config", ["quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml", "shapes/Base-HRNetV2p-shapes.yaml"]
+)
 def test_from_scratch_configs_keep_trainable_bn(config):
     cfg = make_cfg(config)
     assert cfg.MODEL.HRNET.NORM == "BN" and cfg.SOLVER.WEIGHT_DECAY_NORM == 0.0

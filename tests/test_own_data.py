@@ -1,17 +1,18 @@
 """Users' own COCO-format data without code: ``train_net.py --dataset NAME=ann.json:images``."""
+
 import json
 import re
 import uuid
 
 import numpy as np
 import pytest
+from conftest import REPO, make_cfg, run_train_net
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from hrnet_d2.data.checks import DataError
 from hrnet_d2.data.synthetic import generate_split
 from hrnet_d2.data.user_datasets import DatasetArgumentError, apply_user_datasets, parse_dataset_argument
-
-from conftest import REPO, make_cfg, run_train_net
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
@@ -52,7 +53,11 @@ def test_registers_and_sets_num_classes_from_categories(splits):
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80  # Detectron2's default, not set by the config
     note = apply_user_datasets(cfg, [f"{train}={train_json}:{train_dir}", f"{val}={val_json}:{val_dir}"])
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and "from the categories" in note
-    assert len(DatasetCatalog.get(train)) == 6 and MetadataCatalog.get(train).thing_classes == ["circle", "square", "triangle"]
+    assert len(DatasetCatalog.get(train)) == 6 and MetadataCatalog.get(train).thing_classes == [
+        "circle",
+        "square",
+        "triangle",
+    ]
     # the same registration again (a second call in this process) is fine; a taken name is not
     apply_user_datasets(cfg, [f"{train}={train_json}:{train_dir}"])
     with pytest.raises(DatasetArgumentError, match="'coco_2017_train' is already a registered dataset"):
@@ -67,7 +72,10 @@ def test_conflicts_and_mistakes_stop(splits, tmp_path):
     name = _name()
     spec = f"{name}={train_json}:{train_dir}"
     cfg = make_cfg(RETINANET, "DATASETS.TRAIN", f"('{name}',)")  # the config sets NUM_CLASSES 4
-    with pytest.raises(DatasetArgumentError, match=r"MODEL.RETINANET.NUM_CLASSES = 4 .* has 3 categories.*set MODEL.RETINANET.NUM_CLASSES 3"):
+    with pytest.raises(
+        DatasetArgumentError,
+        match=r"MODEL.RETINANET.NUM_CLASSES = 4 .* has 3 categories.*set MODEL.RETINANET.NUM_CLASSES 3",
+    ):
         apply_user_datasets(cfg, [spec])
     cfg = make_cfg(FASTER, "MODEL.ROI_HEADS.NUM_CLASSES", "5", "DATASETS.TRAIN", f"('{name}',)")  # on the command line
     with pytest.raises(DatasetArgumentError, match=r"NUM_CLASSES = 5 .* has 3 categories"):

@@ -1,21 +1,20 @@
 """Performance paths keep the numbers: folded/fused inference vs the timm oracle,
 activation checkpointing vs plain backprop, bf16 autocast, CPU AMP training, benchmark."""
+
 import json
 
 import pytest
-import timm
 import torch
+from conftest import assert_close_to_scale, make_cfg
+from timm_peer import body_state_dict as timm_body_state_dict
+from timm_peer import calibrated_timm, timm_branches
+
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.amp import CPUAMPTrainer, build_train_step
-
-from timm_peer import body_state_dict as timm_body_state_dict
-from timm_peer import calibrated_timm, timm_branches
-
-from conftest import assert_close_to_scale, make_cfg
 
 
 def ours_from(timm_model, arch, **kwargs):
@@ -224,7 +223,9 @@ def test_activation_checkpoint_same_gradients_less_memory(norm):
     x = torch.randn(2, 3, 64, 96)
     plain = HRNet(ARCHITECTURES["w18_small_v1"], norm=norm, out_features=["hr2", "hr3", "hr4", "hr5", "hrv2"]).train()
     ckpt = HRNet(
-        ARCHITECTURES["w18_small_v1"], norm=norm, out_features=["hr2", "hr3", "hr4", "hr5", "hrv2"],
+        ARCHITECTURES["w18_small_v1"],
+        norm=norm,
+        out_features=["hr2", "hr3", "hr4", "hr5", "hrv2"],
         activation_checkpoint=True,
     ).train()
     ckpt.load_state_dict(plain.state_dict())
@@ -291,11 +292,25 @@ def test_bf16_autocast_forward_as_accurate_as_timm():
 def _tiny_rcnn_cfg(*opts):
     return make_cfg(
         "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-        "MODEL.HRNET.ARCH", "w18_small_v1", "MODEL.HRNET_PYRAMID.OUT_CHANNELS", 32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 256,
-        "MODEL.RPN.POST_NMS_TOPK_TEST", 64, "MODEL.RPN.PRE_NMS_TOPK_TEST", 256,
-        "MODEL.ROI_HEADS.NUM_CLASSES", 3, *opts,
+        "MODEL.HRNET.ARCH",
+        "w18_small_v1",
+        "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
+        32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        64,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        32,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        64,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+        256,
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        64,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST",
+        256,
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        3,
+        *opts,
     )
 
 

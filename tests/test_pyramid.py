@@ -1,10 +1,11 @@
 """HRNetV2p pyramid and the body under Detectron2's FPN."""
+
 import pytest
 import torch
-from torch.nn import functional as F
-from detectron2.modeling import build_backbone, build_model
-
 from conftest import make_cfg
+from torch.nn import functional as F
+
+from detectron2.modeling import build_backbone, build_model
 
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
 
@@ -109,9 +110,12 @@ def test_pyramid_on_a_subset_of_branches():
 
 def test_body_under_detectron2_fpn():
     cfg = make_cfg(
-        "Base-RCNN-HRNetV2p.yaml", *SMALL,
-        "MODEL.BACKBONE.NAME", "build_hrnet_fpn_backbone",
-        "MODEL.FPN.IN_FEATURES", ["hr2", "hr3", "hr4", "hr5"],
+        "Base-RCNN-HRNetV2p.yaml",
+        *SMALL,
+        "MODEL.BACKBONE.NAME",
+        "build_hrnet_fpn_backbone",
+        "MODEL.FPN.IN_FEATURES",
+        ["hr2", "hr3", "hr4", "hr5"],
     )
     model = build_backbone(cfg).eval()
     shapes = model.output_shape()

@@ -1,4 +1,5 @@
 """The generated "shapes" dataset: deterministic, valid COCO, registered, generated once."""
+
 import json
 
 import numpy as np

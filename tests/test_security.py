@@ -6,6 +6,7 @@ do run it, then that our loaders refuse it with the file and the global / tag na
 that the marker never appears.  Legitimate files of each kind still load, and model-zoo
 .pkl layouts give exactly what Detectron2's own (unrestricted) loader gives.
 """
+
 import collections
 import io
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, make_cfg, run_train_net
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -27,8 +29,6 @@ from hrnet_d2.convert import ConversionError, load_state_dict
 from hrnet_d2.convert import main as convert_main
 from hrnet_d2.errors import UserError
 from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV, UnsafeFileError, load_pickle
-
-from conftest import CONFIGS, make_cfg, run_train_net
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +229,9 @@ class _Py2StylePickler(pickle._Pickler):
 
     def _save_py2_str(self, obj):
         n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.write(
+            pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj
+        )
         self.memoize(obj)
 
     dispatch[bytes] = _save_py2_str
@@ -268,9 +270,15 @@ def test_restricted_unpickler_matches_pickle(protocol):
             fortran=np.asfortranarray(rng.standard_normal((3, 4))),
             strided=rng.standard_normal((4, 4))[::2],
             big_endian=np.arange(3, dtype=">i4"),
-            i8=np.arange(5, dtype=np.int64), u1=np.arange(3, dtype=np.uint8), f16=np.ones((2, 2), np.float16),
-            b=np.array([True, False]), c=np.array([1 + 2j]), s=np.array([b"ab", b"c"]), u=np.array(["xy", "z"]),
-            empty=np.zeros((0, 3), np.float32), scalar_array=np.array(2.5),
+            i8=np.arange(5, dtype=np.int64),
+            u1=np.arange(3, dtype=np.uint8),
+            f16=np.ones((2, 2), np.float16),
+            b=np.array([True, False]),
+            c=np.array([1 + 2j]),
+            s=np.array([b"ab", b"c"]),
+            u=np.array(["xy", "z"]),
+            empty=np.zeros((0, 3), np.float32),
+            scalar_array=np.array(2.5),
         ),
         "scalars": [np.float32(1.5), np.int64(7), np.bool_(True)],
         "plain": (1, 2.0, None, True, "text", b"raw", b"", bytearray(b"ba"), 1 + 1j, {1, 2}, frozenset([3])),
@@ -293,8 +301,12 @@ def _numpy2_fixture_data():
     and ``numpy._core.numeric._frombuffer`` at protocol 5)."""
     rng = np.random.default_rng(0)
     model = collections.OrderedDict(
-        w=rng.standard_normal((3, 4)).astype(np.float32), fortran=np.asfortranarray(rng.standard_normal((3, 4))),
-        big_endian=np.arange(3, dtype=">i4"), b=np.array([True, False]), s=np.array([b"ab"]), u=np.array(["xy"]),
+        w=rng.standard_normal((3, 4)).astype(np.float32),
+        fortran=np.asfortranarray(rng.standard_normal((3, 4))),
+        big_endian=np.arange(3, dtype=">i4"),
+        b=np.array([True, False]),
+        s=np.array([b"ab"]),
+        u=np.array(["xy"]),
         empty=np.zeros((0, 2)),
     )
     return {"model": model, "scalars": [np.float32(1.5), np.int64(7)], "dtype": np.dtype("f8"), "__author__": "numpy"}
@@ -319,10 +331,14 @@ def test_numpy2_pickles_load(protocol):
 def test_model_zoo_pkl_loads_as_with_detectron2(tmp_path, protocol):
     """{"model": {name: ndarray}, "__author__", "matching_heuristics"} through Detectron2's conversion path."""
     torch.manual_seed(0)
-    arrays = {k: np.random.default_rng(1).standard_normal(v.shape).astype(np.float32) for k, v in _Tiny().state_dict().items()}
+    arrays = {
+        k: np.random.default_rng(1).standard_normal(v.shape).astype(np.float32) for k, v in _Tiny().state_dict().items()
+    }
     path = tmp_path / "model_final_abc.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, f, protocol=protocol)
+        pickle.dump(
+            {"model": arrays, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, f, protocol=protocol
+        )
     ours, theirs = _Tiny(), _Tiny()
     AtomicCheckpointer(ours).load(str(path))
     DetectionCheckpointer(theirs).load(str(path))  # Detectron2's plain pickle.load: the reference
@@ -480,7 +496,9 @@ def test_train_net_allow_unsafe_yaml_flag(tmp_path):
     """--allow-unsafe-yaml restores yaml.unsafe_load: the tag's value is used (here: a missing MODEL.WEIGHTS,
     which stops train_net at once with its own message)."""
     path = tmp_path / "tagged.yaml"
-    path.write_text(f'_BASE_: "{QUICKSTART}"\nMODEL:\n  WEIGHTS: !!python/object/apply:builtins.str ["/nonexistent/from_tag.pth"]\n')
+    path.write_text(
+        f'_BASE_: "{QUICKSTART}"\nMODEL:\n  WEIGHTS: !!python/object/apply:builtins.str ["/nonexistent/from_tag.pth"]\n'
+    )
     args = ["--config-file", path, *TINY, "OUTPUT_DIR", tmp_path / "out"]
     refused = run_train_net(args, env=_env(tmp_path), timeout=300)
     assert refused.returncode == 2 and "YAML tag !!python/object/apply:builtins.str is refused" in refused.stderr
@@ -504,7 +522,9 @@ def test_train_net_refuses_pkl_weights_and_resume(tmp_path):
     # --resume from an OUTPUT_DIR whose last_checkpoint names a .pkl
     _write_evil_pkl(out / "model_0000001.pkl", marker)
     (out / "last_checkpoint").write_text("model_0000001.pkl")
-    result = run_train_net(["--config-file", QUICKSTART, "--resume", *TINY, "OUTPUT_DIR", out], env=_env(tmp_path), timeout=600)
+    result = run_train_net(
+        ["--config-file", QUICKSTART, "--resume", *TINY, "OUTPUT_DIR", out], env=_env(tmp_path), timeout=600
+    )
     _assert_refused_before_training(
         result, out, marker, str(out / "model_0000001.pkl"), "refusing to load io.open", "last_checkpoint"
     )

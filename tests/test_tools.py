@@ -4,18 +4,16 @@ reporting of training (ETA in the log, TensorBoard events)."""
 import logging
 from pathlib import Path
 
+import benchmark_d2
 import cv2
 import numpy as np
 import pytest
 import torch
+import visualize_data
+from conftest import CONFIGS, make_cfg
 
 from hrnet_d2.data import register_all_shapes
 from hrnet_d2.engine import Trainer
-
-from conftest import CONFIGS, make_cfg
-
-import benchmark_d2
-import visualize_data
 
 TINY = [
     "INPUT.MIN_SIZE_TRAIN",
@@ -169,6 +167,7 @@ def test_precision_check_fp32_control_and_bf16(tmp_path):
     import json
 
     import precision_check
+
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 

@@ -2,6 +2,7 @@
 its conv inside autograd (layers.TrainFoldedConv).  Oracle: the plain graph (conv -> norm ->
 ReLU, MODEL.HRNET.TRAINING_FUSE off) with the same weights: outputs, loss and the gradient of
 every parameter must agree to fp32 rounding, with and without activation checkpointing."""
+
 import pytest
 import torch
 
@@ -73,6 +74,7 @@ def test_training_fold_equals_plain_graph(norm, checkpoint, monkeypatch):
     calls = _count_folded_calls(monkeypatch)
     x = torch.randn(2, 3, 64, 96)
     out_err, loss_err, grad_err = _compare(fold, plain, x)
+
     def n_convs(module):
         return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
 
@@ -148,6 +150,7 @@ def test_detector_training_step_equal_with_and_without_fold():
     """The config key (MODEL.HRNET.TRAINING_FUSE) reaches the body, and a whole Faster R-CNN
     training step (the COCO recipe's BNEval) gives equal losses and gradients either way."""
     from conftest import make_cfg
+
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
@@ -155,10 +158,22 @@ def test_detector_training_step_equal_with_and_without_fold():
     def model(fuse):
         cfg = make_cfg(
             "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-            "MODEL.HRNET.ARCH", "w18_small_v1", "MODEL.HRNET_PYRAMID.OUT_CHANNELS", 32,
-            "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 256,
-            "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.HRNET.TRAINING_FUSE", fuse,
+            "MODEL.HRNET.ARCH",
+            "w18_small_v1",
+            "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
+            32,
+            "MODEL.ROI_BOX_HEAD.FC_DIM",
+            64,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            32,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            64,
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+            256,
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            3,
+            "MODEL.HRNET.TRAINING_FUSE",
+            fuse,
         )
         torch.manual_seed(0)
         return build_model(cfg).train()
@@ -172,14 +187,18 @@ def test_detector_training_step_equal_with_and_without_fold():
         inst = Instances((96, 128))
         inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 30.0, 120.0, 90.0]]))
         inst.gt_classes = torch.tensor([0, 2])
-        batch.append({"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128, "instances": inst})
+        batch.append(
+            {"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128, "instances": inst}
+        )
 
     def step(m):
         torch.manual_seed(1)  # the same proposal / ROI sampling
         with EventStorage():
             losses = m(batch)
         sum(losses.values()).backward()
-        return {k: v.detach() for k, v in losses.items()}, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in losses.items()}, {
+            k: p.grad for k, p in m.named_parameters() if p.grad is not None
+        }
 
     (loss_f, grad_f), (loss_p, grad_p) = step(fold), step(plain)
     assert grad_f.keys() == grad_p.keys() and any(k.startswith("backbone.bottom_up") for k in grad_p)
@@ -189,5 +208,7 @@ def test_detector_training_step_equal_with_and_without_fold():
     # one flip among 393216 conv1 outputs); no fold error.  The strict per-tensor TOL
     # comparison is test_training_fold_equals_plain_graph's (no ReLU flips there).
     scale = max(grad_p[k].abs().max() for k in grad_p if k.startswith("backbone.bottom_up"))
-    grad_err = max(((grad_f[k] - grad_p[k]).abs().max() / torch.maximum(grad_p[k].abs().max(), scale)).item() for k in grad_p)
+    grad_err = max(
+        ((grad_f[k] - grad_p[k]).abs().max() / torch.maximum(grad_p[k].abs().max(), scale)).item() for k in grad_p
+    )
     assert _worst(loss_f, loss_p) <= TOL and grad_err <= 1e-3, (_worst(loss_f, loss_p), grad_err)

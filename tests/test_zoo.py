@@ -5,6 +5,7 @@ paths, and $HRNET_D2_ZOO_BASE_URL points the handler at it.  The table itself is
 the independent sources it copies: mmdetection 3.3.0's metafile (in the mmdet wheel, a test
 dependency) and timm's pretrained configs.
 """
+
 import dataclasses
 import hashlib
 import http.server
@@ -20,21 +21,20 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import REPO, make_cfg
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 import hrnet_d2  # noqa: F401  (registers hrnet_d2://)
-from hrnet_d2 import catalog, zoo
-from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2 import HRNet
+from hrnet_d2 import HRNet, catalog, zoo
 from hrnet_d2.arch import ARCHITECTURES
+from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.config import CONFIG_DIR
 from hrnet_d2.convert import ConversionError
 from hrnet_d2.convert import main as convert_main
 from hrnet_d2.weights import IMAGENET_CHECKPOINTS
-
-from conftest import REPO, make_cfg
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -114,8 +114,11 @@ def body_state_dict(timm_model, keep_num_batches_tracked=True):
     """The tensors of a timm / official state dict that our HRNet body holds."""
     with torch.device("meta"):
         ours = HRNet(ARCHITECTURES[SMALL], norm="BN").state_dict()
-    return {k: v for k, v in timm_model.state_dict().items()
-            if k in ours and (keep_num_batches_tracked or not k.endswith("num_batches_tracked"))}
+    return {
+        k: v
+        for k, v in timm_model.state_dict().items()
+        if k in ours and (keep_num_batches_tracked or not k.endswith("num_batches_tracked"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +147,7 @@ def _imagenet_entry(data: bytes):
     primary, alt = real.downloads
     folder = primary.url.rsplit("/", 1)[0]
     sha = _sha256(data)[:8]
-    return dataclasses.replace(
-        real, downloads=(zoo.Download(f"{folder}/hrnet_w18_small_v1-{sha}.pth", sha), alt)
-    )
+    return dataclasses.replace(real, downloads=(zoo.Download(f"{folder}/hrnet_w18_small_v1-{sha}.pth", sha), alt))
 
 
 def _path(url):
@@ -157,10 +158,14 @@ def _path(url):
 def small_detector_config(tmp_path_factory):
     """A Faster R-CNN config with the w18_small_v1 body and small heads (what a 'published' test model is for)."""
     path = tmp_path_factory.mktemp("cfg") / "faster_rcnn_hrnetv2p_w18_small_test.yaml"
-    path.write_text(yaml.safe_dump({
-        "_BASE_": str(CONFIG_DIR / FASTER),
-        "MODEL": {"HRNET": {"ARCH": SMALL}, "ROI_HEADS": {"NUM_CLASSES": 3}, "ROI_BOX_HEAD": {"FC_DIM": 32}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "_BASE_": str(CONFIG_DIR / FASTER),
+                "MODEL": {"HRNET": {"ARCH": SMALL}, "ROI_HEADS": {"NUM_CLASSES": 3}, "ROI_BOX_HEAD": {"FC_DIM": 32}},
+            }
+        )
+    )
     return path
 
 
@@ -197,8 +202,10 @@ def _coco_entry(data: bytes, config):
     folder = real.url.rsplit("/", 1)[0]
     sha = _sha256(data)[:8]
     return dataclasses.replace(
-        real, downloads=(zoo.Download(f"{folder}/faster_rcnn_hrnetv2p_w18_1x_coco_20200130-{sha}.pth", sha),),
-        config=str(config), arch=SMALL,
+        real,
+        downloads=(zoo.Download(f"{folder}/faster_rcnn_hrnetv2p_w18_1x_coco_20200130-{sha}.pth", sha),),
+        config=str(config),
+        arch=SMALL,
     )
 
 
@@ -215,7 +222,9 @@ class _RecordingAtomic(AtomicCheckpointer):  # what train_net.py loads MODEL.WEI
 
 
 # ---------------------------------------------------------------- downloads, checks, conversion, cache
-def test_imagenet_body_by_name_downloads_checks_converts_and_caches(server, cache, monkeypatch, timm_small, imagenet_bytes):
+def test_imagenet_body_by_name_downloads_checks_converts_and_caches(
+    server, cache, monkeypatch, timm_small, imagenet_bytes
+):
     entry = _imagenet_entry(imagenet_bytes)
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)
     server.files[_path(entry.url)] = imagenet_bytes
@@ -291,8 +300,11 @@ def test_imagenet_body_falls_back_to_the_hub_safetensors(server, cache, monkeypa
     # an unhashed download that does not convert is not kept: the error names it
     other = dataclasses.replace(entry, name="imagenet/w32", arch="w32")
     monkeypatch.setitem(zoo.ZOO, other.name, other)
-    with pytest.raises(ConversionError, match=r"hrnet_d2://imagenet/w32: the downloaded file .*model\.safetensors "
-                                              r"does not convert \(deleted.*found HRNet w18_small_v1.*expected w32"):
+    with pytest.raises(
+        ConversionError,
+        match=r"hrnet_d2://imagenet/w32: the downloaded file .*model\.safetensors "
+        r"does not convert \(deleted.*found HRNet w18_small_v1.*expected w32",
+    ):
         PathManager.get_local_path("hrnet_d2://imagenet/w32")
     assert not (cache / "imagenet" / "w32.pth").exists()
     assert not (cache / "downloads" / _path(hub.url).lstrip("/")).exists()
@@ -312,8 +324,10 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
     report = checkpointer.report
     assert not report.unexpected_keys and not report.incorrect_shapes
     assert not [k for k in report.missing_keys if k.startswith("backbone.")]
-    assert torch.equal(model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight,
-                       sd["backbone.stage4.0.branches.3.1.conv2.weight"])
+    assert torch.equal(
+        model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight,
+        sd["backbone.stage4.0.branches.3.1.conv2.weight"],
+    )
     assert torch.equal(model.backbone.reduction_conv.weight, sd["neck.reduction_conv.conv.weight"])
     assert torch.equal(model.backbone.fpn_convs[4].bias, sd["neck.fpn_convs.4.conv.bias"])
     assert server.requests == [_path(entry.url)]
@@ -323,13 +337,17 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
 
 
 def test_a_checked_download_that_does_not_fit_the_config_is_kept_and_nothing_converted(
-        server, cache, monkeypatch, mmdet_checkpoint):
+    server, cache, monkeypatch, mmdet_checkpoint
+):
     _, data = mmdet_checkpoint
     entry = dataclasses.replace(_coco_entry(data, CONFIG_DIR / FASTER), arch="w18")  # expects W18, file holds W18-small
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)
     server.files[_path(entry.url)] = data
-    with pytest.raises(ConversionError, match=r"hrnet_d2://coco/faster_rcnn_hrnetv2p_w18_1x: the downloaded file .* does "
-                                              r"not convert: .*w18_small_v1.*w18"):
+    with pytest.raises(
+        ConversionError,
+        match=r"hrnet_d2://coco/faster_rcnn_hrnetv2p_w18_1x: the downloaded file .* does "
+        r"not convert: .*w18_small_v1.*w18",
+    ):
         PathManager.get_local_path(f"hrnet_d2://{entry.name}")
     # the download matched its published hash: kept (converting with a fixed config needs no download)
     assert _files_in(cache) == ["downloads" + _path(entry.url)]
@@ -360,7 +378,9 @@ def test_bad_download_is_refused_and_nothing_is_left(server, cache, monkeypatch,
     assert len(server.requests) == 1  # a bad download is not retried with the unhashed mirror
 
 
-def test_no_network_gives_the_manual_commands_and_they_work(tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config):
+def test_no_network_gives_the_manual_commands_and_they_work(
+    tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config
+):
     with socket.socket() as s:  # a port where nothing listens: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -432,7 +452,9 @@ def test_unknown_name():
 
 
 # ---------------------------------------------------------------- the table
-NAME = re.compile(r"^(coco/(faster|mask|cascade|cascade_mask)_rcnn_hrnetv2p_(w\d+)_(1x|2x|20e)|imagenet/(w\d+(_small_v[12])?))$")
+NAME = re.compile(
+    r"^(coco/(faster|mask|cascade|cascade_mask)_rcnn_hrnetv2p_(w\d+)_(1x|2x|20e)|imagenet/(w\d+(_small_v[12])?))$"
+)
 HOSTS = {"coco": {"download.openmmlab.com"}, "imagenet": {"github.com", "huggingface.co"}}
 
 
@@ -450,7 +472,10 @@ def test_table_entries_are_well_formed():
         assert e.downloads[0].sha256, f"{name}: the first download must be hash-checked"
         if e.kind == "coco":
             assert e.box_ap and (e.mask_ap is not None) == ("mask_rcnn" in name), name
-            assert e.config == f"{'COCO-InstanceSegmentation' if 'mask' in name else 'COCO-Detection'}/{name[5:]}_mmdet.yaml"
+            assert (
+                e.config
+                == f"{'COCO-InstanceSegmentation' if 'mask' in name else 'COCO-Detection'}/{name[5:]}_mmdet.yaml"
+            )
         else:
             assert e.config is None and e.official_file and e.timm_name
 
@@ -488,7 +513,10 @@ def test_coco_entries_are_mmdetections_metafile(mmdet_metafile):
     assert _metafile_mismatches(zoo.ZOO.values(), mmdet_metafile) == []
     # negative controls: one AP or one URL off, one model missing
     e = zoo.ZOO["coco/mask_rcnn_hrnetv2p_w32_2x"]
-    for wrong in (dataclasses.replace(e, mask_ap=37.9), dataclasses.replace(e, downloads=(zoo.Download(e.url[:-5] + "0.pth", "0"),))):
+    for wrong in (
+        dataclasses.replace(e, mask_ap=37.9),
+        dataclasses.replace(e, downloads=(zoo.Download(e.url[:-5] + "0.pth", "0"),)),
+    ):
         table = [wrong if x is e else x for x in zoo.ZOO.values()]
         assert len(_metafile_mismatches(table, mmdet_metafile)) == 2
     assert len(_metafile_mismatches([x for x in zoo.ZOO.values() if x is not e], mmdet_metafile)) == 1
@@ -511,5 +539,6 @@ def test_readme_zoo_blocks_are_generated_from_the_table():
     assert model_zoo.current_block(text, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
     assert model_zoo.main(["--zoo-only", "--check"]) == 0
     for e in zoo.coco_models():  # every model, with its one evaluation command
-        assert (f"python train_net.py --config-file configs/{e.config} --eval-only "
-                f"MODEL.WEIGHTS hrnet_d2://{e.name}") in text
+        assert (
+            f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
+        ) in text

@@ -4,6 +4,7 @@ timm's HRNet has the official module names, so its state dict (minus the classif
 head) loads into ``hrnet_d2.HRNet`` as is.  Test-only (timm is a test dependency); random
 weights come from a private ``torch.Generator``, so making a peer leaves the global RNG alone.
 """
+
 import torch
 
 from hrnet_d2.zoo import imagenet_bodies
@@ -21,7 +22,8 @@ def body_state_dict(timm_model, keep_num_batches_tracked=True):
     return {
         k: v
         for k, v in timm_model.state_dict().items()
-        if k.split(".")[0] not in CLASSIFICATION_ONLY and (keep_num_batches_tracked or not k.endswith("num_batches_tracked"))
+        if k.split(".")[0] not in CLASSIFICATION_ONLY
+        and (keep_num_batches_tracked or not k.endswith("num_batches_tracked"))
     }
 
 

@@ -7,6 +7,7 @@ property of the config alone.  fvcore counts one fused multiply-add as one FLOP;
     python tools/analyze_model.py --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml
     python tools/analyze_model.py --config-file ... --tasks parameter --input-size 800 1333 MODEL.HRNET.ARCH w18
 """
+
 import argparse
 import sys
 
@@ -48,8 +49,10 @@ def main(argv=None):
         parts = count_flops(cfg, model, h, w)
         total = sum(parts.values())
         rows = [[k, f"{v / 1e9:.2f}"] for k, v in parts.items()] + [["total", f"{total / 1e9:.2f}"]]
-        print(f"\nFLOPs (fvcore, 1 multiply-add = 1 FLOP) at {h}x{w}; ROI heads on "
-              f"{cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals / {cfg.TEST.DETECTIONS_PER_IMAGE} detections:")
+        print(
+            f"\nFLOPs (fvcore, 1 multiply-add = 1 FLOP) at {h}x{w}; ROI heads on "
+            f"{cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals / {cfg.TEST.DETECTIONS_PER_IMAGE} detections:"
+        )
         print(_format_table(rows, ["part", "GFLOPs"]))
     return 0
 

@@ -18,6 +18,7 @@ Ratios are ours / timm (< 1: ours is faster / smaller).  Writes ``benchmark.json
   .venv/bin/python tools/benchmark.py --device cuda --amp   # GPU, fp16 autocast rows included
   .venv/bin/python tools/benchmark.py --quick               # smoke test (tiny model and input)
 """
+
 import argparse
 import copy
 import ctypes
@@ -40,8 +41,8 @@ from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
-from hrnet_d2.pyramid import HRNetV2p
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.pyramid import HRNetV2p
 from hrnet_d2.weights import IMAGENET_CHECKPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +151,10 @@ def sync(device):
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_AMP_DTYPE = {"cpu": "bf16", "cuda": "fp16"}  # what SOLVER.AMP.ENABLED uses (Detectron2's AMPTrainer / ours on CPU)
+DEFAULT_AMP_DTYPE = {
+    "cpu": "bf16",
+    "cuda": "fp16",
+}  # what SOLVER.AMP.ENABLED uses (Detectron2's AMPTrainer / ours on CPU)
 
 
 def autocast(args, enabled):
@@ -314,7 +318,9 @@ def detector_inputs(batch, h, w, device, with_gt):
 def run(args):
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu")
+        raise UserError(
+            "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = args.size
@@ -336,9 +342,18 @@ def run(args):
     peak_dtypes = ["fp32"] + ([args.amp_dtype] if args.amp else [])
     peaks = peak_gflops(args, device, peak_dtypes)
     for name, p in peaks.items():
-        results.append({"measure": f"peak: 3x3 conv / matmul, {name}", "batch": 1, "conv3x3_gflops": p["conv3x3"],
-                        "matmul_gflops": p["matmul"]})
-        print(f"{results[-1]['measure']:<70} conv3x3 {p['conv3x3']:.1f} GFLOP/s  matmul {p['matmul']:.1f} GFLOP/s", flush=True)
+        results.append(
+            {
+                "measure": f"peak: 3x3 conv / matmul, {name}",
+                "batch": 1,
+                "conv3x3_gflops": p["conv3x3"],
+                "matmul_gflops": p["matmul"],
+            }
+        )
+        print(
+            f"{results[-1]['measure']:<70} conv3x3 {p['conv3x3']:.1f} GFLOP/s  matmul {p['matmul']:.1f} GFLOP/s",
+            flush=True,
+        )
     for batch in args.batch:
         x = torch.randn(batch, 3, ph, pw, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -376,19 +391,34 @@ def run(args):
             amp = args.amp_dtype
             rows += [
                 (f"body+HRNetV2p forward, ours {amp} autocast vs timm fp32", "ours_amp", "timm", None),
-                (f"body+HRNetV2p forward, both {amp} autocast + channels_last", "ours_amp", "timm_channels_last_amp", None),
+                (
+                    f"body+HRNetV2p forward, both {amp} autocast + channels_last",
+                    "ours_amp",
+                    "timm_channels_last_amp",
+                    None,
+                ),
             ]
         for title, a, b, _ in rows:
             dtype = args.amp_dtype if a.endswith("_amp") else "fp32"
             results.append(
-                {"measure": title, "batch": batch, "ours_s": med[a], "timm_s": med[b], "ratio": med[a] / med[b],
-                 "ours_runs": times[a], "timm_runs": times[b], "max_rel_diff_fp32": err,
-                 "gflop": gflop, "ours_gflops": gflop / med[a], "peak_dtype": dtype,
-                 "ours_pct_of_conv_peak": 100 * gflop / med[a] / peaks[dtype]["conv3x3"]}
+                {
+                    "measure": title,
+                    "batch": batch,
+                    "ours_s": med[a],
+                    "timm_s": med[b],
+                    "ratio": med[a] / med[b],
+                    "ours_runs": times[a],
+                    "timm_runs": times[b],
+                    "max_rel_diff_fp32": err,
+                    "gflop": gflop,
+                    "ours_gflops": gflop / med[a],
+                    "peak_dtype": dtype,
+                    "ours_pct_of_conv_peak": 100 * gflop / med[a] / peaks[dtype]["conv3x3"],
+                }
             )
             if a == "ours_amp":  # what autocast costs in accuracy: ||amp - fp32|| / ||fp32||, worst pyramid level
                 results[-1]["amp_rel_l2_vs_fp32"] = amp_err
-        print_row(results[-len(rows):])
+        print_row(results[-len(rows) :])
     del ours, theirs, theirs_cl
 
     if args.skip_detector:
@@ -420,12 +450,29 @@ def run(args):
             variants["ours_amp"] = infer_amp
         times = interleaved(variants, args.reps, args.warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
-        new = [{"measure": "Faster R-CNN inference", "batch": batch, "ours_s": med["ours"], "timm_s": med["timm"],
-                "ratio": med["ours"] / med["timm"], "ours_runs": times["ours"], "timm_runs": times["timm"]}]
+        new = [
+            {
+                "measure": "Faster R-CNN inference",
+                "batch": batch,
+                "ours_s": med["ours"],
+                "timm_s": med["timm"],
+                "ratio": med["ours"] / med["timm"],
+                "ours_runs": times["ours"],
+                "timm_runs": times["timm"],
+            }
+        ]
         if args.amp:
-            new.append({"measure": "Faster R-CNN inference, ours autocast vs timm fp32", "batch": batch,
-                        "ours_s": med["ours_amp"], "timm_s": med["timm"], "ratio": med["ours_amp"] / med["timm"],
-                        "ours_runs": times["ours_amp"], "timm_runs": times["timm"]})
+            new.append(
+                {
+                    "measure": "Faster R-CNN inference, ours autocast vs timm fp32",
+                    "batch": batch,
+                    "ours_s": med["ours_amp"],
+                    "timm_s": med["timm"],
+                    "ratio": med["ours_amp"] / med["timm"],
+                    "ours_runs": times["ours_amp"],
+                    "timm_runs": times["timm"],
+                }
+            )
         results += new
         print_row(new)
 
@@ -450,23 +497,53 @@ def run(args):
             variants["ours_amp"] = step(det, "ours_amp", True)
         times = interleaved(variants, args.reps, args.warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {k: statistics.median(v[args.warmup:] or v) for k, v in peaks.items()}
+        mem = {k: statistics.median(v[args.warmup :] or v) for k, v in peaks.items()}
         new = [
-            {"measure": "Faster R-CNN training step (fwd+bwd)", "batch": batch, "ours_s": med["ours"],
-             "timm_s": med["timm"], "ratio": med["ours"] / med["timm"], "ours_runs": times["ours"], "timm_runs": times["timm"]},
-            {"measure": "Faster R-CNN training peak memory (MiB)", "batch": batch, "ours_s": mem["ours"] / 2**20,
-             "timm_s": mem["timm"] / 2**20, "ratio": _ratio(mem["ours"], mem["timm"])},
-            {"measure": "training step, activation checkpoint on / off (ours)", "batch": batch,
-             "ours_s": med["ours_ckpt"], "timm_s": med["ours"], "ratio": med["ours_ckpt"] / med["ours"],
-             "baseline": "ours, checkpoint off"},
-            {"measure": "training peak memory (MiB), activation checkpoint on / off (ours)", "batch": batch,
-             "ours_s": mem["ours_ckpt"] / 2**20, "timm_s": mem["ours"] / 2**20, "ratio": _ratio(mem["ours_ckpt"], mem["ours"]),
-             "baseline": "ours, checkpoint off"},
+            {
+                "measure": "Faster R-CNN training step (fwd+bwd)",
+                "batch": batch,
+                "ours_s": med["ours"],
+                "timm_s": med["timm"],
+                "ratio": med["ours"] / med["timm"],
+                "ours_runs": times["ours"],
+                "timm_runs": times["timm"],
+            },
+            {
+                "measure": "Faster R-CNN training peak memory (MiB)",
+                "batch": batch,
+                "ours_s": mem["ours"] / 2**20,
+                "timm_s": mem["timm"] / 2**20,
+                "ratio": _ratio(mem["ours"], mem["timm"]),
+            },
+            {
+                "measure": "training step, activation checkpoint on / off (ours)",
+                "batch": batch,
+                "ours_s": med["ours_ckpt"],
+                "timm_s": med["ours"],
+                "ratio": med["ours_ckpt"] / med["ours"],
+                "baseline": "ours, checkpoint off",
+            },
+            {
+                "measure": "training peak memory (MiB), activation checkpoint on / off (ours)",
+                "batch": batch,
+                "ours_s": mem["ours_ckpt"] / 2**20,
+                "timm_s": mem["ours"] / 2**20,
+                "ratio": _ratio(mem["ours_ckpt"], mem["ours"]),
+                "baseline": "ours, checkpoint off",
+            },
         ]
         if args.amp:
-            new.append({"measure": f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast", "batch": batch,
-                        "ours_s": med["ours_amp"], "timm_s": med["timm_amp"], "ratio": med["ours_amp"] / med["timm_amp"],
-                        "ours_runs": times["ours_amp"], "timm_runs": times["timm_amp"]})
+            new.append(
+                {
+                    "measure": f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast",
+                    "batch": batch,
+                    "ours_s": med["ours_amp"],
+                    "timm_s": med["timm_amp"],
+                    "ratio": med["ours_amp"] / med["timm_amp"],
+                    "ours_runs": times["ours_amp"],
+                    "timm_runs": times["timm_amp"],
+                }
+            )
         results += new
         print_row(new)
         det.eval()
@@ -479,10 +556,16 @@ def _ratio(a, b):
 
 def print_row(rows):
     for r in rows:
-        achieved = (f"  ({r['ours_gflops']:.0f} GFLOP/s, {r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']} conv peak)"
-                    if "ours_gflops" in r else "")
-        print(f"{r['measure']:<70} batch {r['batch']}: ours {r['ours_s']:.4g}  ref {r['timm_s']:.4g}  ratio {r['ratio']:.3f}"
-              + achieved, flush=True)
+        achieved = (
+            f"  ({r['ours_gflops']:.0f} GFLOP/s, {r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']} conv peak)"
+            if "ours_gflops" in r
+            else ""
+        )
+        print(
+            f"{r['measure']:<70} batch {r['batch']}: ours {r['ours_s']:.4g}  ref {r['timm_s']:.4g}  ratio {r['ratio']:.3f}"
+            + achieved,
+            flush=True,
+        )
 
 
 def markdown(results, info, args):
@@ -494,7 +577,8 @@ def markdown(results, info, args):
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, "
         f"{info['cpu_capability']}), torch {info['torch']}, load average at start {info['load_average']}.",
         f"CPU ISA flags: {', '.join(info['isa']) or 'none of ' + ', '.join(ISA_FLAGS)}"
-        + ("" if native_bf16(info) else " (no native bf16: bf16 autocast on this CPU is emulated)") + ".",
+        + ("" if native_bf16(info) else " (no native bf16: bf16 autocast on this CPU is emulated)")
+        + ".",
         "",
         "Peak (this machine, this torch build; 2 FLOPs per multiply-add):",
         "",
@@ -503,7 +587,9 @@ def markdown(results, info, args):
     ]
     for r in results:
         if r["measure"].startswith("peak: "):
-            lines.append(f"| {r['measure'].rsplit(', ', 1)[1]} | {r['conv3x3_gflops']:.0f} | {r['matmul_gflops']:.0f} |")
+            lines.append(
+                f"| {r['measure'].rsplit(', ', 1)[1]} | {r['conv3x3_gflops']:.0f} | {r['matmul_gflops']:.0f} |"
+            )
     lines += [
         "",
         "| measure | batch | ours | reference | ours / reference | ours GFLOP/s (% of conv peak) |",
@@ -517,8 +603,11 @@ def markdown(results, info, args):
         measure = r["measure"]
         if "amp_rel_l2_vs_fp32" in r:
             measure += f" (outputs vs fp32: {r['amp_rel_l2_vs_fp32']:.2%} rel. L2)"
-        achieved = (f"{r['ours_gflops']:.0f} ({r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']})"
-                    if "ours_gflops" in r else "")
+        achieved = (
+            f"{r['ours_gflops']:.0f} ({r['ours_pct_of_conv_peak']:.0f}% of {r['peak_dtype']})"
+            if "ours_gflops" in r
+            else ""
+        )
         lines.append(
             f"| {measure} | {r['batch']} | {r['ours_s']:.4g}{unit} | {r['timm_s']:.4g}{unit} ({ref}) | **{r['ratio']:.2f}** | {achieved} |"
         )
@@ -535,8 +624,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--amp", action="store_true", help="also time autocast (bf16 on CPU, fp16 on CUDA by default)")
-    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), help="autocast dtype for --amp (default: bf16 on CPU, fp16 on CUDA)")
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing (CUDNN_BENCHMARK)")
+    parser.add_argument(
+        "--amp-dtype", choices=sorted(AMP_DTYPES), help="autocast dtype for --amp (default: bf16 on CPU, fp16 on CUDA)"
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing (CUDNN_BENCHMARK)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--skip-detector", action="store_true", help="only the body + HRNetV2p forward")
     parser.add_argument("--quick", action="store_true", help="smoke test: w18_small_v1, 64x96, batch 1, 1 run")

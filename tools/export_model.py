@@ -39,8 +39,8 @@ from detectron2.utils.logger import setup_logger
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
-from hrnet_d2.predict import model_input, test_augmentations
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.predict import model_input, test_augmentations
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -120,8 +120,13 @@ def export_tracing(model, what, image, fmt, output_dir):
 
 def instance_fields(model):
     """The Instances fields a scripted R-CNN carries (RPN proposals and the predictions)."""
-    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor,
-              "pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
+    fields = {
+        "proposal_boxes": Boxes,
+        "objectness_logits": torch.Tensor,
+        "pred_boxes": Boxes,
+        "scores": torch.Tensor,
+        "pred_classes": torch.Tensor,
+    }
     roi_heads = getattr(model, "roi_heads", None)
     if getattr(roi_heads, "mask_on", False):
         fields["pred_masks"] = torch.Tensor

@@ -10,6 +10,7 @@ behind ``hrnet_d2://`` (tests/test_zoo.py compares).
     python tools/model_zoo.py            # rewrite docs/model_zoo.md and the README block
     python tools/model_zoo.py --check    # exit 1 if either is out of date
 """
+
 import argparse
 import re
 import sys
@@ -20,13 +21,11 @@ from urllib.parse import urlsplit
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
+from hrnet_d2 import zoo
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
+from hrnet_d2.errors import add_debug_argument, exit_on_user_error
 
-from hrnet_d2 import zoo  # noqa: E402
-
-from hrnet_d2.errors import add_debug_argument, exit_on_user_error  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
@@ -54,7 +53,9 @@ PUBLISHED = {
     "COCO-Detection/faster_rcnn_hrnetv2p_w40_2x.yaml": dict(box=41.4, params=60.5, gflops=314.9, src="faster"),
     "COCO-Detection/faster_rcnn_hrnetv2p_w48_1x.yaml": dict(box=40.9, params=79.4, gflops=399.1, src="faster"),
     # the source labels this row "1x"; its model file is faster_rcnn_hrnetv2p_w48_2x_20190820-79fb8bfc.pth
-    "COCO-Detection/faster_rcnn_hrnetv2p_w48_2x.yaml": dict(box=41.5, params=79.4, gflops=399.1, src="faster", note="a"),
+    "COCO-Detection/faster_rcnn_hrnetv2p_w48_2x.yaml": dict(
+        box=41.5, params=79.4, gflops=399.1, src="faster", note="a"
+    ),
     "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w18_1x.yaml": dict(box=37.3, mask=34.2, src="mask"),
     "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w18_2x.yaml": dict(box=39.2, mask=35.7, src="mask"),
     "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x.yaml": dict(box=40.7, mask=36.8, src="mask"),
@@ -65,8 +66,8 @@ PUBLISHED = {
     "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w48_2x.yaml": dict(box=42.9, mask=38.3, src="mask", note="b"),
 }
 NOTES = {
-    "a": "the source labels this W48 row \"1x\"; its model file is `faster_rcnn_hrnetv2p_w48_2x_20190820-79fb8bfc.pth`.",
-    "b": "the source lists W48 as \"Mask mAP 42.4 / Box mAP 38.1\" (2x: 42.9 / 38.3); every other row has box > mask, "
+    "a": 'the source labels this W48 row "1x"; its model file is `faster_rcnn_hrnetv2p_w48_2x_20190820-79fb8bfc.pth`.',
+    "b": 'the source lists W48 as "Mask mAP 42.4 / Box mAP 38.1" (2x: 42.9 / 38.3); every other row has box > mask, '
     "so the two columns are swapped there and are shown here as box / mask.",
 }
 # Configs with no published number for the same recipe (schedule, head, data) get "n/a":
@@ -83,7 +84,9 @@ class Row:
 
 def coco_configs() -> List[str]:
     """The training recipes (``*_mmdet.yaml`` are inference configs of converted mmdetection models)."""
-    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml") if not p.stem.endswith("_mmdet"))
+    return sorted(
+        str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("COCO-*/*.yaml") if not p.stem.endswith("_mmdet")
+    )
 
 
 def collect(configs=None, flops_for=None, log=print) -> List[Row]:
@@ -133,11 +136,11 @@ def _legend():
         f"1 multiply-add = 1 FLOP, G = 1e9, one {INPUT_SIZE[0]}x{INPUT_SIZE[1]} image, ROI heads on 1000 "
         "proposals / 100 detections; see docs/model_zoo.md). **published** columns: COCO val2017 numbers of the "
         f"model each config targets (with Detectron2's R-CNN recipe: differences in configs/Base-RCNN-HRNetV2p.yaml), copied from [HRNet-Object-Detection]({HRNET_OD}) (mmdetection v0.x, rows "
-        "without SyncBN or multi-scale training); \"n/a\": no published number for the same recipe. "
+        'without SyncBN or multi-scale training); "n/a": no published number for the same recipe. '
         "**Measured by this project: nothing yet** — no COCO training has been run here, so there is no "
         "AP of ours to report. Published #Params count units of 2^20 and exclude BatchNorm affine terms; "
         "our params exclude them too (norm weight/bias: trained with the configs' BNEval norm) and count units "
-        "of 10^6 (see docs/model_zoo.md, \"Why the published #Params differ\").\n\n" + notes
+        'of 10^6 (see docs/model_zoo.md, "Why the published #Params differ").\n\n' + notes
     )
 
 
@@ -189,8 +192,10 @@ def coco_zoo_block() -> str:
         "`$DETECTRON2_DATASETS/coco`):",
         "",
         "```bash",
-        *(f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
-          for e in zoo.coco_models()),
+        *(
+            f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
+            for e in zoo.coco_models()
+        ),
         "```",
         COCO_ZOO_MARKERS[1],
     ]
@@ -224,15 +229,26 @@ MMDET_V0_BBOX_PRED_EXTRA = 4 * 1024 + 4  # 81-class (incl. background) box regre
 
 
 def parameter_difference() -> str:
-    cols = ["backbone.bottom_up", "backbone.reduction_conv", "backbone.fpn_convs", "proposal_generator.rpn_head",
-            "roi_heads.box_head", "roi_heads.box_predictor"]
+    cols = [
+        "backbone.bottom_up",
+        "backbone.reduction_conv",
+        "backbone.fpn_convs",
+        "proposal_generator.rpn_head",
+        "roi_heads.box_head",
+        "roi_heads.box_predictor",
+    ]
     head = "| Faster R-CNN HRNetV2p | " + " | ".join(Path(c).stem.split("_")[3].upper() for c in FASTER) + " |"
     lines = [head, "|:--|" + "--:|" * len(FASTER)]
     data = []
     for c in FASTER:
         cfg, model = load_model(CONFIG_DIR / c, device="meta")
         data.append(
-            (parameter_groups(model, norms=False), count_parameters(model, norms=False), norm_affine(model), PUBLISHED[c]["params"])
+            (
+                parameter_groups(model, norms=False),
+                count_parameters(model, norms=False),
+                norm_affine(model),
+                PUBLISHED[c]["params"],
+            )
         )
     for col in cols:
         lines.append(f"| `{col}` | " + " | ".join(f"{g[col]:,}" for g, *_ in data) + " |")
@@ -240,12 +256,15 @@ def parameter_difference() -> str:
     lines.append("| total / 10^6 | " + " | ".join(f"{t / 1e6:.2f} M" for _, t, _, _ in data) + " |")
     lines.append("| total / 2^20 | " + " | ".join(f"**{t / 2**20:.2f}**" for _, t, _, _ in data) + " |")
     lines.append("| published #Params | " + " | ".join(f"**{p}M**" for *_, p in data) + " |")
-    lines.append("| difference 10^6-count - published | " + " | ".join(f"{t / 1e6 - p:+.2f} M" for _, t, _, p in data) + " |")
+    lines.append(
+        "| difference 10^6-count - published | " + " | ".join(f"{t / 1e6 - p:+.2f} M" for _, t, _, p in data) + " |"
+    )
     lines.append("| BN weight+bias (left out above) | " + " | ".join(f"{a:,}" for _, _, a, _ in data) + " |")
     lines.append("| (total + BN affine) / 2^20 | " + " | ".join(f"{(t + a) / 2**20:.2f}" for _, t, a, _ in data) + " |")
     lines.append(
         f"| (total + {MMDET_V0_BBOX_PRED_EXTRA:,}) / 2^20 | "
-        + " | ".join(f"{(t + MMDET_V0_BBOX_PRED_EXTRA) / 2**20:.2f}" for _, t, _, _ in data) + " |"
+        + " | ".join(f"{(t + MMDET_V0_BBOX_PRED_EXTRA) / 2**20:.2f}" for _, t, _, _ in data)
+        + " |"
     )
     table = "\n".join(lines)
     w18 = data[0]
@@ -340,8 +359,11 @@ def write_zoo_blocks():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
-    parser.add_argument("--zoo-only", action="store_true",
-                        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)")
+    parser.add_argument(
+        "--zoo-only",
+        action="store_true",
+        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)",
+    )
     args = add_debug_argument(parser).parse_args(argv)
     zoo_blocks = [coco_zoo_block(), imagenet_block()]
     if args.zoo_only:
@@ -356,9 +378,11 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     rows = collect()
     if args.check:
-        stale = [str(p) for p, want in ((DOC, render_doc(rows)), (README, readme_block(rows)),
-                                        *((README, b) for b in zoo_blocks))
-                 if want not in (p.read_text() if p.exists() else "")]
+        stale = [
+            str(p)
+            for p, want in ((DOC, render_doc(rows)), (README, readme_block(rows)), *((README, b) for b in zoo_blocks))
+            if want not in (p.read_text() if p.exists() else "")
+        ]
         if stale:
             print("out of date (run python tools/model_zoo.py):", ", ".join(stale))
             return 1

@@ -11,6 +11,7 @@ class with IoU >= ``--iou``, and the score difference of those pairs.  Writes a 
     # any config + weights, fp16 on a GPU:
     python tools/precision_check.py --config-file <yaml> --dtype fp16 --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cuda
 """
+
 import argparse
 import json
 import logging
@@ -24,12 +25,13 @@ from detectron2.evaluation import print_csv_format
 from detectron2.structures import pairwise_iou
 from detectron2.utils.logger import setup_logger
 
-REPO = Path(__file__).resolve().parents[1]
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer
 from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
+
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("hrnet_d2.precision_check")
 
@@ -104,16 +106,32 @@ def main(argv=None):
         logger.info("%s:", name)
         print_csv_format(results[name])
     summary = {
-        "config": args.config_file, "weights": weights, "dataset": dataset, "images": images, "device": device,
-        "dtype": args.dtype, "score_threshold": args.score, "iou_threshold": args.iou,
-        "fp32_detections": total, "matched": matched, "matched_fraction": matched / total if total else float("nan"),
-        "max_score_diff": max(diffs, default=0.0), "mean_score_diff": sum(diffs) / len(diffs) if diffs else 0.0,
+        "config": args.config_file,
+        "weights": weights,
+        "dataset": dataset,
+        "images": images,
+        "device": device,
+        "dtype": args.dtype,
+        "score_threshold": args.score,
+        "iou_threshold": args.iou,
+        "fp32_detections": total,
+        "matched": matched,
+        "matched_fraction": matched / total if total else float("nan"),
+        "max_score_diff": max(diffs, default=0.0),
+        "mean_score_diff": sum(diffs) / len(diffs) if diffs else 0.0,
         "results": {k: {task: dict(v) for task, v in r.items()} for k, r in results.items()},
     }
     logger.info(
         "%s vs fp32 on %d images: %d/%d fp32 detections (score >= %.2f) matched (same class, IoU >= %.2f), "
         "score difference max %.4f mean %.4f",
-        args.dtype, images, matched, total, args.score, args.iou, summary["max_score_diff"], summary["mean_score_diff"],
+        args.dtype,
+        images,
+        matched,
+        total,
+        args.score,
+        args.iou,
+        summary["max_score_diff"],
+        summary["mean_score_diff"],
     )
     path = args.output or out_dir + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,4 +1,5 @@
 """Generated datasets: "shapes" (instances) and its keypoint / semantic / panoptic twins."""
+
 from .shapes_extras import ensure_generated_extras, register_shapes_extras
 from .synthetic import ensure_generated, register_shapes
 

@@ -7,6 +7,7 @@ line.  Here the dataset dicts are loaded once, checked up front (fields, image f
 training boxes), and every problem is a ``DataError`` naming the dataset and the file.
 The model's class count is checked against each training dataset's categories.
 """
+
 import json
 import logging
 import os
@@ -18,9 +19,8 @@ from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from ..safe_load import UnsafeFileError, load_pickle
-
 from ..errors import UserError
+from ..safe_load import UnsafeFileError, load_pickle
 
 __all__ = [
     "DataError",
@@ -117,7 +117,9 @@ def check_dataset_dicts(dicts, names=()):
     """Fields every loader needs, and that all image (and sem-seg) files exist."""
     files = [getattr(MetadataCatalog.get(n), "json_file", None) for n in names]
     files = [str(f) for f in files if f]
-    label = (f"dataset(s) {list(names)}" if names else "dataset") + (f" (annotation file {', '.join(files)})" if files else "")
+    label = (f"dataset(s) {list(names)}" if names else "dataset") + (
+        f" (annotation file {', '.join(files)})" if files else ""
+    )
     missing_files = []
     for d in dicts:
         if "file_name" not in d:
@@ -250,7 +252,9 @@ def _classes_keys(cfg):
     if meta in ("GeneralizedRCNN", "PanopticFPN"):
         keys.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
         if cfg.MODEL.KEYPOINT_ON:
-            keys.append(("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS, "keypoint_names"))
+            keys.append(
+                ("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS, "keypoint_names")
+            )
     if meta == "RetinaNet":
         keys.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
     if meta in ("SemanticSegmentor", "PanopticFPN"):

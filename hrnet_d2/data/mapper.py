@@ -8,6 +8,7 @@ its annotation, stops training with a ``DataError`` naming the file instead of a
 exception from deep inside PIL/numpy; and the mapper never returns None, so
 Detectron2's MapDataset never silently replaces a bad sample with a random other one.
 """
+
 from PIL import UnidentifiedImageError
 
 from detectron2.data import DatasetMapper

@@ -8,6 +8,7 @@ antialiases when shrinking, and rounds the size after two scalings.  mmdetection
 one grey level between the two, shrunk ones by more; models converted from mmdetection are
 evaluated with ``INPUT.RESIZE_BACKEND "cv2"`` to see the pixels they were evaluated on.
 """
+
 import cv2
 import numpy as np
 

@@ -6,6 +6,7 @@ it continues.  ``ResumableSampler`` skips the indices that the iterations before
 checkpoint consumed (``Trainer.resume_or_load`` sets ``start``), so that the images
 after a resume are the ones an uninterrupted run would have seen.
 """
+
 import itertools
 
 from torch.utils.data import Sampler

@@ -8,6 +8,7 @@ masks, so Detectron2's stock COCO loader and COCOEvaluator handle it unchanged.
 The same (seed, split, size) always produces the same files, and a finished split
 is marked by its json, so generation runs once and is skipped afterwards.
 """
+
 import json
 import logging
 import math

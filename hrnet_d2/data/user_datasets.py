@@ -5,6 +5,7 @@ each with Detectron2's ``register_coco_instances``; ``DATASETS.TRAIN`` / ``DATAS
 select them by name, as for any registered dataset.  The model's class count is then
 taken from the categories of the selected datasets.
 """
+
 import json
 import os
 import re
