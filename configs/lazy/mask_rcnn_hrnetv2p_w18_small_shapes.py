@@ -9,9 +9,8 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
 from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .common.hrnetv2p_rcnn import model
 
