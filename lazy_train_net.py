@@ -17,14 +17,12 @@ A mistake in what was given ends with one line ``error: ...`` and exit status 2;
 """
 
 import logging
-import os
 
 from omegaconf import OmegaConf
-from torch.multiprocessing import ProcessExitedException
 
 import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.logger import setup_logger
 
@@ -34,8 +32,8 @@ from hrnet_d2.build import check_device, validate_model
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.checks import check_num_classes
-from hrnet_d2.engine import ResumeState, check_datasets, create_ddp_model, set_cpu_threads, use_checked_data
-from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
+from hrnet_d2.engine import ResumeState, check_datasets, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
+from hrnet_d2.errors import add_debug_argument
 
 logger = logging.getLogger("detectron2")
 
@@ -129,28 +127,9 @@ def main(args):
     do_train(args, cfg)
 
 
-def worker(args):
-    """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
-    return exit_on_user_error_in_worker(main, args)
-
-
 def cli(argv=None):
     args = add_debug_argument(default_argument_parser()).parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
-    try:
-        return launch(
-            worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
-        if e.exit_code == UserError.exit_code:
-            raise SystemExit(e.exit_code) from None
-        raise
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":

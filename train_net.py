@@ -21,13 +21,11 @@ A mistake in what was given (config, weights, data, device) ends with one line
 """
 
 import logging
-import os
 
-from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
@@ -36,8 +34,8 @@ from hrnet_d2.build import check_device, validate_config
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
-from hrnet_d2.engine import Trainer, check_datasets, set_cpu_threads, visualize_predictions
-from hrnet_d2.errors import DEBUG_ENV, UserError, add_debug_argument, exit_on_user_error_in_worker
+from hrnet_d2.engine import Trainer, check_datasets, launch_cli, set_cpu_threads, visualize_predictions
+from hrnet_d2.errors import add_debug_argument
 from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV
 from hrnet_d2.weights import check_pretrained_weights
 
@@ -89,11 +87,6 @@ def main(args):
     return res
 
 
-def worker(args):
-    """What ``launch`` runs in each process: a user mistake prints one line and exits 2 there."""
-    return exit_on_user_error_in_worker(main, args)
-
-
 def get_parser():
     parser = add_dataset_argument(add_debug_argument(default_argument_parser()))
     parser.add_argument(
@@ -107,22 +100,8 @@ def get_parser():
 
 def cli(argv=None):
     args = get_parser().parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
     print("Command Line Args:", args)
-    try:
-        return launch(
-            worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
-        if e.exit_code == UserError.exit_code:
-            raise SystemExit(e.exit_code) from None
-        raise
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":

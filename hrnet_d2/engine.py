@@ -7,6 +7,7 @@ import weakref
 import cv2
 import numpy as np
 import torch
+from torch.multiprocessing import ProcessExitedException
 
 from detectron2.data import (
     DatasetCatalog,
@@ -19,7 +20,7 @@ from detectron2.data import (
 from detectron2.data import detection_utils as utils
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks, launch
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
@@ -33,11 +34,12 @@ from .config import ConfigValueError
 from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
-from .errors import UserError
+from .errors import DEBUG_ENV, UserError, exit_on_user_error_in_worker
 from .predict import model_input, test_augmentations
 from .visualization import draw_predictions
 
 __all__ = [
+    "launch_cli",
     "Trainer",
     "ResumeState",
     "build_resumable_train_loader",
@@ -405,3 +407,24 @@ def visualize_predictions(
     cv2.imwrite(output_path, grid[:, :, ::-1])
     logger.info("Wrote predictions of %d %s images to %s", len(panels), dataset_name, output_path)
     return output_path
+
+
+def launch_cli(main, args):
+    """Run ``main(args)`` through Detectron2's ``launch`` (``args.num_gpus`` processes per machine,
+    NCCL on GPUs, gloo on CPU) so that a user mistake ends the command with one ``error:`` line and
+    exit status 2 from any process (``--debug``: the traceback, also in the spawned workers)."""
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # seen by the spawned workers too
+    try:
+        return launch(
+            exit_on_user_error_in_worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(main, args),
+        )
+    except ProcessExitedException as e:  # a worker stopped on a user mistake and said why
+        if e.exit_code == UserError.exit_code:
+            raise SystemExit(e.exit_code) from None
+        raise
