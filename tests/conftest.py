@@ -27,6 +27,20 @@ def make_cfg(config_file=None, *opts):
     return cfg
 
 
+# a tiny Faster R-CNN on HRNetV2p-W18-small-v1 (32-channel pyramid, small heads, 3 classes)
+TINY_RCNN_OPTS = (
+    "MODEL.HRNET.ARCH", "w18_small_v1", "MODEL.HRNET_PYRAMID.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 256, "MODEL.RPN.POST_NMS_TOPK_TEST", 64, "MODEL.RPN.PRE_NMS_TOPK_TEST", 256,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+)  # fmt: skip
+
+
+def tiny_rcnn_cfg(*opts):
+    """The config of a tiny Faster R-CNN (see TINY_RCNN_OPTS), with ``opts`` merged last."""
+    return make_cfg("COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml", *TINY_RCNN_OPTS, *opts)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (small models: faster, and no oversubscription)."""

@@ -3,33 +3,14 @@ fp16) at inference, wherever the model is used (DefaultPredictor, Trainer.test, 
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import tiny_rcnn_cfg
 
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 
 def _cfg(*opts):
-    return make_cfg(
-        "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-        "MODEL.HRNET.ARCH",
-        "w18_small_v1",
-        "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
-        32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM",
-        64,
-        "MODEL.RPN.POST_NMS_TOPK_TEST",
-        64,
-        "MODEL.RPN.PRE_NMS_TOPK_TEST",
-        256,
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        3,
-        "INPUT.MIN_SIZE_TEST",
-        96,
-        "INPUT.MAX_SIZE_TEST",
-        128,
-        *opts,
-    )
+    return tiny_rcnn_cfg("INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128, *opts)
 
 
 def _rel_l2(a, b):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_close_to_scale, make_cfg
+from conftest import assert_close_to_scale, tiny_rcnn_cfg
 from timm_peer import body_state_dict as timm_body_state_dict
 from timm_peer import calibrated_timm, timm_branches
 
@@ -290,28 +290,7 @@ def test_bf16_autocast_forward_as_accurate_as_timm():
 
 
 def _tiny_rcnn_cfg(*opts):
-    return make_cfg(
-        "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-        "MODEL.HRNET.ARCH",
-        "w18_small_v1",
-        "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
-        32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM",
-        64,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-        32,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-        64,
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
-        256,
-        "MODEL.RPN.POST_NMS_TOPK_TEST",
-        64,
-        "MODEL.RPN.PRE_NMS_TOPK_TEST",
-        256,
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        3,
-        *opts,
-    )
+    return tiny_rcnn_cfg(*opts)
 
 
 def _batch(n=2, h=96, w=128):

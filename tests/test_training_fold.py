@@ -149,32 +149,14 @@ def test_training_fold_off_when_exporting_or_switched_off(monkeypatch):
 def test_detector_training_step_equal_with_and_without_fold():
     """The config key (MODEL.HRNET.TRAINING_FUSE) reaches the body, and a whole Faster R-CNN
     training step (the COCO recipe's BNEval) gives equal losses and gradients either way."""
-    from conftest import make_cfg
+    from conftest import tiny_rcnn_cfg
 
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
     def model(fuse):
-        cfg = make_cfg(
-            "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml",
-            "MODEL.HRNET.ARCH",
-            "w18_small_v1",
-            "MODEL.HRNET_PYRAMID.OUT_CHANNELS",
-            32,
-            "MODEL.ROI_BOX_HEAD.FC_DIM",
-            64,
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-            32,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-            64,
-            "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
-            256,
-            "MODEL.ROI_HEADS.NUM_CLASSES",
-            3,
-            "MODEL.HRNET.TRAINING_FUSE",
-            fuse,
-        )
+        cfg = tiny_rcnn_cfg("MODEL.HRNET.TRAINING_FUSE", fuse)
         torch.manual_seed(0)
         return build_model(cfg).train()
 
