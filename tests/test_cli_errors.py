@@ -154,8 +154,6 @@ def _in_process(main, argv, capsys):
 def test_demo_and_tools(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HRNET_D2_DEBUG", raising=False)
     monkeypatch.setenv("HRNET_D2_DATASETS", str(tmp_path / "datasets"))
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tools"))
     import export_model
 
     import demo
@@ -185,8 +183,6 @@ def test_demo_and_tools(tmp_path, capsys, monkeypatch):
 def test_every_entry_point_accepts_debug(script, capsys):
     import importlib
 
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tools"))
     module = importlib.import_module(script)
     entry = getattr(module, "cli", None) or module.main
     with pytest.raises(SystemExit) as e:

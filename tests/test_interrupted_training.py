@@ -124,7 +124,6 @@ class _Big(nn.Module):
 _KILL_DURING_SAVE = textwrap.dedent(
     """
     import sys, time, torch
-    sys.path.insert(0, {tests!r})
     from test_interrupted_training import _Big
     from hrnet_d2.checkpoint import AtomicCheckpointer
     ckpt = AtomicCheckpointer(_Big(), {out!r})
@@ -145,9 +144,9 @@ _KILL_DURING_SAVE = textwrap.dedent(
 
 
 def test_sigkill_during_save_leaves_no_truncated_checkpoint(tmp_path):
-    code = _KILL_DURING_SAVE.format(tests=str(REPO / "tests"), out=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **ENV))  # fmt: skip
+    code = _KILL_DURING_SAVE.format(out=str(tmp_path))
+    env = dict(os.environ, **ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "HALF"
     finally:

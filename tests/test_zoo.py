@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import socket
-import sys
 import threading
 from urllib.parse import urlsplit
 
@@ -21,7 +20,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import REPO, make_cfg
+from conftest import make_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -35,8 +34,6 @@ from hrnet_d2.config import CONFIG_DIR
 from hrnet_d2.convert import ConversionError
 from hrnet_d2.convert import main as convert_main
 from hrnet_d2.weights import IMAGENET_CHECKPOINTS
-
-sys.path.insert(0, str(REPO / "tools"))
 
 SMALL = "w18_small_v1"
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
