@@ -173,13 +173,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
             f"{self._weights_key} {self._loading} does not hold the whole model, which inference needs (those "
             f"tensors would be random): " + "; ".join(problems)
         )
+        self._stop_unless_allowed(
+            message, "Use the checkpoint of a model trained with this config (e.g. OUTPUT_DIR/model_final.pth)"
+        )
+
+    def _stop_unless_allowed(self, message, advice):
+        """Raise CheckpointError(message + advice), or only warn where the config allows partial weights."""
         if self._allow_partial():
             self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
             return
-        raise CheckpointError(
-            f"{message}. Use the checkpoint of a model trained with this config (e.g. OUTPUT_DIR/model_final.pth), "
-            f"or set {self._allow_key} if this is intended."
-        )
+        raise CheckpointError(f"{message}. {advice}, or set {self._allow_key} if this is intended.")
 
     def _hrnet_target(self):
         """(backbone name, stage specs, stem width, where the specs come from) or None."""
@@ -255,7 +258,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """Stop when the loaded checkpoint does not fit or fill the HRNet backbone."""
         name, specs, _, where = target
         body = BODY_PREFIX[name]
-        allow_partial = self._allow_partial()
         source = f"{self._weights_key} {self._loading}"
         ours = "backbone."
         wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith(ours)]
@@ -306,12 +308,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             + (f"{where}: " if self._lazy else f"the config (MODEL.BACKBONE.NAME = {name!r}, {where}): ")
             + "; ".join(problems)
         )
-        if allow_partial:
-            self.logger.warning("%s. Loading it anyway (%s).", message, self._allow_key)
-            return
-        raise CheckpointError(
-            f"{message}. Use a checkpoint of this architecture (or convert one: python -m hrnet_d2.convert), "
-            f"or set {self._allow_key} if this is intended."
+        self._stop_unless_allowed(
+            message, "Use a checkpoint of this architecture (or convert one: python -m hrnet_d2.convert)"
         )
 
     def _load_model(self, checkpoint):
