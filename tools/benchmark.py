@@ -402,13 +402,7 @@ def run(args):
             dtype = args.amp_dtype if a.endswith("_amp") else "fp32"
             results.append(
                 {
-                    "measure": title,
-                    "batch": batch,
-                    "ours_s": med[a],
-                    "timm_s": med[b],
-                    "ratio": med[a] / med[b],
-                    "ours_runs": times[a],
-                    "timm_runs": times[b],
+                    **timed_row(title, batch, times, a, b),
                     "max_rel_diff_fp32": err,
                     "gflop": gflop,
                     "ours_gflops": gflop / med[a],
@@ -449,29 +443,10 @@ def run(args):
 
             variants["ours_amp"] = infer_amp
         times = interleaved(variants, args.reps, args.warmup, device)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        new = [
-            {
-                "measure": "Faster R-CNN inference",
-                "batch": batch,
-                "ours_s": med["ours"],
-                "timm_s": med["timm"],
-                "ratio": med["ours"] / med["timm"],
-                "ours_runs": times["ours"],
-                "timm_runs": times["timm"],
-            }
-        ]
+        new = [timed_row("Faster R-CNN inference", batch, times, "ours", "timm")]
         if args.amp:
             new.append(
-                {
-                    "measure": "Faster R-CNN inference, ours autocast vs timm fp32",
-                    "batch": batch,
-                    "ours_s": med["ours_amp"],
-                    "timm_s": med["timm"],
-                    "ratio": med["ours_amp"] / med["timm"],
-                    "ours_runs": times["ours_amp"],
-                    "timm_runs": times["timm"],
-                }
+                timed_row("Faster R-CNN inference, ours autocast vs timm fp32", batch, times, "ours_amp", "timm")
             )
         results += new
         print_row(new)
@@ -499,15 +474,7 @@ def run(args):
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: statistics.median(v[args.warmup :] or v) for k, v in peaks.items()}
         new = [
-            {
-                "measure": "Faster R-CNN training step (fwd+bwd)",
-                "batch": batch,
-                "ours_s": med["ours"],
-                "timm_s": med["timm"],
-                "ratio": med["ours"] / med["timm"],
-                "ours_runs": times["ours"],
-                "timm_runs": times["timm"],
-            },
+            timed_row("Faster R-CNN training step (fwd+bwd)", batch, times, "ours", "timm"),
             {
                 "measure": "Faster R-CNN training peak memory (MiB)",
                 "batch": batch,
@@ -534,20 +501,25 @@ def run(args):
         ]
         if args.amp:
             new.append(
-                {
-                    "measure": f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast",
-                    "batch": batch,
-                    "ours_s": med["ours_amp"],
-                    "timm_s": med["timm_amp"],
-                    "ratio": med["ours_amp"] / med["timm_amp"],
-                    "ours_runs": times["ours_amp"],
-                    "timm_runs": times["timm_amp"],
-                }
+                timed_row(
+                    f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast",
+                    batch,
+                    times,
+                    "ours_amp",
+                    "timm_amp",
+                )
             )
         results += new
         print_row(new)
         det.eval()
     return results
+
+
+def timed_row(measure, batch, times, ours, ref):
+    """One result row: median times of the variants ``ours`` and ``ref`` from ``interleaved``'s ``times``."""
+    a, b = statistics.median(times[ours]), statistics.median(times[ref])
+    return {"measure": measure, "batch": batch, "ours_s": a, "timm_s": b, "ratio": a / b,
+            "ours_runs": times[ours], "timm_runs": times[ref]}  # fmt: skip
 
 
 def _ratio(a, b):
