@@ -41,6 +41,23 @@ def tiny_rcnn_cfg(*opts):
     return make_cfg("COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml", *TINY_RCNN_OPTS, *opts)
 
 
+@pytest.fixture(scope="module")
+def timm_small():
+    """timm hrnet_w18_small (= our w18_small_v1) with random weights and non-trivial BN statistics:
+    an official / timm-layout ImageNet checkpoint for conversion and loading tests."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (small models: faster, and no oversubscription)."""

@@ -5,7 +5,6 @@ import copy
 import os
 
 import pytest
-import timm
 import torch
 from conftest import REPO, assert_close_to_scale, make_cfg, max_rel_err, run_train_net
 from safetensors.torch import save_file
@@ -19,20 +18,6 @@ from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights,
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
-
-
-@pytest.fixture(scope="module")
-def timm_small():
-    """timm hrnet_w18_small with random weights and non-trivial BN statistics."""
-    torch.manual_seed(0)
-    model = timm.create_model("hrnet_w18_small", pretrained=False).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -119,20 +119,6 @@ def body_state_dict(timm_model, keep_num_batches_tracked=True):
 
 
 @pytest.fixture(scope="module")
-def timm_small():
-    """timm hrnet_w18_small (= our w18_small_v1) with random weights and non-trivial BN statistics."""
-    torch.manual_seed(0)
-    model = timm.create_model(zoo.imagenet_bodies()[SMALL].timm_name, pretrained=False).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
-@pytest.fixture(scope="module")
 def imagenet_bytes(timm_small):
     """An official-layout ImageNet checkpoint (a plain state dict with the classifier)."""
     return _serialized(timm_small.state_dict())
