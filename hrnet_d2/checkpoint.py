@@ -40,6 +40,7 @@ from .convert import (
     convert_state_dict,
     describe_specs,
     detect_stage_specs,
+    strip_module_prefix,
     unwrap_state_dict,
 )
 from .errors import UserError
@@ -226,7 +227,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         sd = checkpoint["model"]
         if isinstance(sd.get("state_dict"), dict):  # a whole mmdetection / mmcv file
             sd = sd["state_dict"]
-        if checkpoint_layout({k[len("module.") :] if k.startswith("module.") else k: None for k in sd}) is None:
+        if checkpoint_layout({strip_module_prefix(k): None for k in sd}) is None:
             return
         name, specs, stem, where = target
         source = f"{self._weights_key} {self._loading}"
@@ -317,7 +318,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if target is not None:
             self._convert_foreign(checkpoint, target)
         # fvcore pops "model" and deletes the tensors of other shapes from it: keep a view
-        given = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+        given = {strip_module_prefix(k): v for k, v in checkpoint["model"].items()}
         incompatible = super()._load_model(checkpoint)
         if target is not None:
             self._check_fit(incompatible, given, target)

@@ -43,6 +43,7 @@ __all__ = [
     "detect_detector",
     "load_state_dict",
     "unwrap_state_dict",
+    "strip_module_prefix",
     "detect_stage_specs",
     "arch_name",
     "checkpoint_layout",
@@ -203,6 +204,11 @@ def _arrays_to_tensors(data):
     return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
 
 
+def strip_module_prefix(key: str) -> str:
+    """``key`` without the ``module.`` prefix that (Distributed)DataParallel adds."""
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
 def unwrap_state_dict(data, source=""):
     """The flat state dict of tensors inside a loaded checkpoint (``state_dict`` / ``model``
     containers unwrapped, ``module.`` prefixes removed); ConversionError if there is none."""
@@ -219,7 +225,7 @@ def unwrap_state_dict(data, source=""):
             raise ConversionError(
                 f"{_describe(source)}entry {k!r} is a {type(v).__name__}, not a tensor: not a state dict"
             )
-        out[k[len("module.") :] if k.startswith("module.") else k] = v
+        out[strip_module_prefix(k)] = v
     return out
 
 
