@@ -28,6 +28,7 @@ from .blocks import BLOCKS
 from .config import ConfigError, ConfigValueError, check_feature_names
 from .data.resize import RESIZE_BACKENDS
 from .hrnet import HRNet
+from .htc import MASK_TEST_STAGES, SEMANTIC_FUSION
 from .layers import NORMS as HRNET_NORMS
 from .layers import get_norm
 from .pyramid import AUTOCAST_DTYPES, HRNetV2p
@@ -361,6 +362,39 @@ def _check_consecutive_levels(key, names, shapes):
         )
 
 
+def _check_htc(cfg, shapes, what):
+    """MODEL.HTC (hrnet_d2/htc.py): one loss weight per stage, known test mode, semantic levels that exist."""
+    h = cfg.MODEL.HTC
+    stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+    if len(h.STAGE_LOSS_WEIGHTS) != stages:
+        raise ConfigValueError(
+            "MODEL.HTC.STAGE_LOSS_WEIGHTS",
+            h.STAGE_LOSS_WEIGHTS,
+            f"needs one weight per stage ({stages}: MODEL.ROI_BOX_CASCADE_HEAD.IOUS)",
+        )
+    _check_choice("MODEL.HTC.MASK_TEST_STAGES", h.MASK_TEST_STAGES, MASK_TEST_STAGES)
+    if not h.SEMANTIC.ON:
+        return
+    check_feature_names("MODEL.HTC.SEMANTIC.IN_FEATURES", h.SEMANTIC.IN_FEATURES, shapes, what)
+    if h.SEMANTIC.FUSION_FEATURE not in h.SEMANTIC.IN_FEATURES:
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.FUSION_FEATURE",
+            h.SEMANTIC.FUSION_FEATURE,
+            f"must be one of MODEL.HTC.SEMANTIC.IN_FEATURES {list(h.SEMANTIC.IN_FEATURES)}",
+        )
+    channels = shapes[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+    if h.SEMANTIC.CONV_DIM != channels:
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.CONV_DIM",
+            h.SEMANTIC.CONV_DIM,
+            f"must be the RoI features' channels ({channels}): it is added to them",
+        )
+    if not h.SEMANTIC.FUSION or any(f not in SEMANTIC_FUSION for f in h.SEMANTIC.FUSION):
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.FUSION", list(h.SEMANTIC.FUSION), f"a non-empty subset of {list(SEMANTIC_FUSION)}"
+        )
+
+
 def validate_config(cfg):
     """Check every key hrnet_d2 models use, before anything is built or read.
 
@@ -379,6 +413,8 @@ def validate_config(cfg):
     if meta in _USES_ROI_HEADS:
         check_feature_names("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes, what)
         _check_consecutive_levels("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes)
+        if cfg.MODEL.ROI_HEADS.NAME == "HybridTaskCascadeROIHeads":
+            _check_htc(cfg, shapes, what)
     if meta == "RetinaNet":
         check_feature_names("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)

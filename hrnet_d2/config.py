@@ -20,7 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, MODEL.HTC, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -82,6 +82,28 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+
+    # Hybrid Task Cascade (MODEL.ROI_HEADS.NAME "HybridTaskCascadeROIHeads", hrnet_d2/htc.py); the cascade's
+    # stages are MODEL.ROI_BOX_CASCADE_HEAD's.  Defaults: mmdetection's htc_r50_fpn_1x_coco / HRNet HTC configs.
+    _C.MODEL.HTC = CN()
+    _C.MODEL.HTC.STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)  # one per stage, box and mask losses
+    _C.MODEL.HTC.INTERLEAVED = True  # stage k's mask head trained on stage k's regressed boxes
+    _C.MODEL.HTC.MASK_INFO_FLOW = True  # mask head k receives mask head k-1's features (conv_res)
+    # Test-time masks: "last" = the last stage's probabilities (mmdetection 3.x); "mean" = all stages'
+    # probabilities averaged (mmdetection 1.x/2.x, the HTC paper)
+    _C.MODEL.HTC.MASK_TEST_STAGES = "last"
+    _C.MODEL.HTC.SEMANTIC = CN()
+    _C.MODEL.HTC.SEMANTIC.ON = True  # mmdetection FusedSemanticHead + semantic_roi_extractor
+    _C.MODEL.HTC.SEMANTIC.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # num_ins=5
+    _C.MODEL.HTC.SEMANTIC.FUSION_FEATURE = "p3"  # fusion_level=1 (stride 8)
+    _C.MODEL.HTC.SEMANTIC.NUM_CONVS = 4
+    _C.MODEL.HTC.SEMANTIC.CONV_DIM = 256
+    _C.MODEL.HTC.SEMANTIC.NUM_CLASSES = 183  # COCO-stuff things + stuff (+ "other")
+    _C.MODEL.HTC.SEMANTIC.FUSION = ["bbox", "mask"]  # RoI features the pooled embedding is added to
+    # semantic_roi_extractor: RoIAlign(output_size=14, sampling_ratio=0), aligned=True, at the fusion stride
+    _C.MODEL.HTC.SEMANTIC.POOLER_TYPE = "ROIAlignV2"
+    _C.MODEL.HTC.SEMANTIC.POOLER_RESOLUTION = 14
+    _C.MODEL.HTC.SEMANTIC.POOLER_SAMPLING_RATIO = 0
 
     # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
     # that leaves body tensors at their random init (a partial file, another backbone's weights)

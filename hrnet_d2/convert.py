@@ -4,9 +4,9 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
   * official HRNet-Image-Classification ImageNet checkpoints (``hrnetv2_w32_imagenet_pretrained.pth``,
     ``hrnet_w18_small_model_v1.pth``, ...): a plain state dict;
   * timm ``hrnet_*`` state dicts (``.pth`` or ``.safetensors``), which use the same names;
-  * mmdetection HRNet detection checkpoints: Faster R-CNN, Mask R-CNN, Cascade R-CNN and
-    Cascade Mask R-CNN, whole (body, HRFPN neck -> HRNetV2p, RPN head, shared-2fc box
-    head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
+  * mmdetection HRNet detection checkpoints: Faster R-CNN, Mask R-CNN, Cascade R-CNN,
+    Cascade Mask R-CNN and Hybrid Task Cascade, whole (body, HRFPN neck -> HRNetV2p, RPN head,
+    shared-2fc box head(s), mask head(s) with HTC's conv_res, HTC's fused semantic head), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
     and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
     first: moved last, its regression and mask channels dropped).  The detector kind, stages
     and number of classes are read from the tensors and checked against ``--config-file``.
@@ -113,8 +113,22 @@ _HEAD_RULES = [
         re.compile(r"^mask_head\.(\d+\.)?conv_logits\.(weight|bias)$"),
         lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}predictor.{m[2]}",
     ),
+    # Hybrid Task Cascade (hrnet_d2/htc.py): HTCMaskHead's conv_res, FusedSemanticHead (ConvModules: conv + ReLU)
+    (
+        re.compile(r"^mask_head\.(\d+)\.conv_res\.conv\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.heads.{m[1]}.conv_res.{m[2]}",
+    ),
+    (
+        re.compile(r"^semantic_head\.((?:lateral_convs|convs)\.\d+|conv_embedding)\.conv\.(weight|bias)$"),
+        lambda m: f"roi_heads.semantic_head.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^semantic_head\.conv_logits\.(weight|bias)$"),
+        lambda m: f"roi_heads.semantic_head.conv_logits.{m[1]}",
+    ),
 ]
-CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads")
+CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads", "HybridTaskCascadeROIHeads")
+HTC_HEADS = "HybridTaskCascadeROIHeads"
 
 
 class Detector(NamedTuple):
@@ -125,9 +139,17 @@ class Detector(NamedTuple):
     mask_heads: int  # 0: no mask; Cascade Mask R-CNN has one per stage
     class_agnostic: bool  # box regression
     background_first: bool  # mmdetection v1.x / HRNet-Object-Detection class order
+    conv_res_heads: int = 0  # Hybrid Task Cascade: mask heads taking the previous stage's features
+    semantic_classes: int = 0  # Hybrid Task Cascade: FusedSemanticHead's classes (0: none)
+
+    @property
+    def htc(self):
+        return bool(self.conv_res_heads or self.semantic_classes)
 
     @property
     def kind(self):
+        if self.htc:
+            return "Hybrid Task Cascade"
         if self.cascade_stages:
             return "Cascade Mask R-CNN" if self.mask_heads else "Cascade R-CNN"
         return "Mask R-CNN" if self.mask_heads else "Faster R-CNN"
@@ -138,6 +160,11 @@ class Detector(NamedTuple):
             parts.append(f"{self.cascade_stages} stages")
         if self.mask_heads > 1:
             parts.append(f"{self.mask_heads} mask heads")
+        if self.htc:
+            parts.append(f"mask information flow into {self.conv_res_heads} heads")
+            parts.append(
+                f"semantic head of {self.semantic_classes} classes" if self.semantic_classes else "no semantic head"
+            )
         parts.append("class-agnostic" if self.class_agnostic else "class-specific")
         parts[-1] += " box regression"
         layout = (
@@ -343,6 +370,7 @@ class Conversion:
             lines.append(
                 f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
                 + (", roi_heads.mask_head*" if self.detector and self.detector.mask_heads else "")
+                + (", roi_heads.semantic_head*" if self.detector and self.detector.semantic_classes else "")
             )
         if self.detector and self.detector.background_first:
             lines.append(
@@ -451,7 +479,14 @@ def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, sour
                     f"for the {num_classes} classes of the box head (or 1: class-agnostic masks)"
                 )
         mask_heads = len(mprefixes)
-    return Detector(num_classes, len(stages), mask_heads, agnostic, background_first)
+    conv_res = sum(f"mask_head.{i}.conv_res.conv.weight" in keys for i in _indices(keys, "mask_head."))
+    semantic = heads["semantic_head.conv_logits.weight"].shape[0] if "semantic_head.conv_logits.weight" in keys else 0
+    if (conv_res or semantic) and not (stages and mask_heads):
+        raise ConversionError(
+            f"{_describe(source)}HTC layers (mask_head.*.conv_res / semantic_head) without cascade mask heads: not a "
+            "Hybrid Task Cascade checkpoint"
+        )
+    return Detector(num_classes, len(stages), mask_heads, agnostic, background_first, conv_res, semantic)
 
 
 def _fix_class_order(name, value, detector):
@@ -602,7 +637,8 @@ def _convert_heads(conv, heads, target, expected, source):
         else:
             raise ConversionError(
                 f"{_describe(source)}{original[k]}: a head tensor with no Detectron2 counterpart (only RPNHead, "
-                "Shared2FCBBoxHead and FCNMaskHead layers convert); refusing to leave it out silently"
+                "Shared2FCBBoxHead, FCNMaskHead / HTCMaskHead and FusedSemanticHead layers convert); refusing to "
+                "leave it out silently"
             )
 
 
@@ -655,12 +691,29 @@ def _detector_check(cfg, config_file, source):
                 f"{'a' if m.MASK_ON else 'no'} mask head",
                 f"MODEL.MASK_ON = {m.MASK_ON}",
             )
-        if det.mask_heads > 1 and m.ROI_HEADS.NAME != "MMDetCascadeROIHeads":
+        if det.htc != (m.ROI_HEADS.NAME == HTC_HEADS):
+            fail(
+                "detector",
+                det.kind,
+                "Hybrid Task Cascade"
+                if m.ROI_HEADS.NAME == HTC_HEADS
+                else f"no Hybrid Task Cascade ({m.ROI_HEADS.NAME})",
+                f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}"
+                + ("" if det.htc else f"; {HTC_HEADS!r} needs HTC heads"),
+            )
+        if det.mask_heads > 1 and m.ROI_HEADS.NAME not in ("MMDetCascadeROIHeads", HTC_HEADS):
             fail(
                 "mask head",
                 f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
                 "one mask head",
                 f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage",
+            )
+        if det.htc and bool(det.semantic_classes) != m.HTC.SEMANTIC.ON:
+            fail(
+                "semantic head",
+                f"{det.kind} {'with' if det.semantic_classes else 'without'} a semantic head",
+                f"{'a' if m.HTC.SEMANTIC.ON else 'no'} semantic head",
+                f"MODEL.HTC.SEMANTIC.ON = {m.HTC.SEMANTIC.ON}",
             )
         if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
             fail(
@@ -751,7 +804,7 @@ def _parser():
     p = argparse.ArgumentParser(
         prog="python -m hrnet_d2.convert",
         description="Convert an HRNet checkpoint (official ImageNet .pth, timm .pth/.safetensors, or "
-        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
+        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN or Hybrid Task Cascade .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
     )
     p.add_argument("src", help="input checkpoint")
     p.add_argument("dst", help="output .pth (Detectron2 format)")

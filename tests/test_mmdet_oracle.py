@@ -36,6 +36,7 @@ KINDS = {
         "cascade-mask-rcnn_hrnetv2p-w18_20e_coco",
         "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
     ),
+    "htc": ("htc_hrnetv2p-w18_20e_coco", "COCO-InstanceSegmentation/htc_hrnetv2p_w18_20e_mmdet.yaml"),
 }
 FIGURES = {}  # measured agreement, written to $HRNET_D2_ORACLE_FIGURES (JSON) when set
 
