@@ -1,12 +1,13 @@
 """Converted mmdetection detectors against mmdetection 3.3 itself (the oracle, tests/mmdet_oracle.py).
 
-mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN and Cascade Mask R-CNN, built from its
+mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade, built from its
 shipped configs/hrnet/*_w18_* with random weights, are saved as mmdetection checkpoints, converted
 with ``python -m hrnet_d2.convert --config-file configs/.../*_mmdet.yaml`` and run by Detectron2 on
 the same image files.  Targets (issue 10): every mmdetection detection with score >= 0.05 has one of
 ours with the same class, box IoU >= 0.99, score within 1e-3, mask IoU >= 0.98 (or at most 2 pixels
 differing, for masks of a few tens of pixels), and the converse;
-RPN proposals agree too.  Negative controls: one head tensor perturbed, the class order not fixed.
+RPN proposals agree too.  Negative controls: one head tensor perturbed, the class order not fixed; for HTC
+a conv_res or semantic tensor perturbed, the mask information flow off, mmdetection 2.x's mask ensemble.
 """
 
 import json
@@ -80,6 +81,7 @@ class Pair:
         self.d2_ckpt = root / f"{kind}_d2.pth"
         assert main([str(self.mm_ckpt), str(self.d2_ckpt), "--config-file", str(CONFIGS / self.config)]) == 0
         self.model = self.build(self.d2_ckpt)
+        self.references = {}  # image path -> mmdetection's outputs (the oracle is deterministic)
 
     def cfg(self, weights="", *opts):
         return make_cfg(
@@ -112,7 +114,9 @@ class Pair:
             "proposals_matched": 1.0,
         }
         for path, rgb in images:
-            ref, ref_rpn = mo.mmdet_predict(self.mm, path)
+            if path not in self.references:
+                self.references[path] = mo.mmdet_predict(self.mm, path)
+            ref, ref_rpn = self.references[path]
             ours, our_rpn = mo.d2_predict(model or self.model, self.cfg(), rgb)
             assert ours["image_shape"] == ref["image_shape"]  # same resize and rounding
             s = mo.match_detections(ref, ours)
@@ -181,6 +185,39 @@ def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thre
     pair = pairs("cascade")
     figures = pair.compare(images[1][1:], pair.build(pair.d2_ckpt, "MODEL.ROI_HEADS.NAME", "CascadeROIHeads"))
     FIGURES["negative_control_detectron2_cascade_heads"] = figures
+    assert not figures["agree"], figures
+
+
+def _perturbed(model, name, fraction):
+    """``model`` with the tensor ``name`` perturbed by ``fraction`` of its std (fixed seed)."""
+    with torch.no_grad():
+        w = model.state_dict()[name]
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std() * fraction)
+    return model
+
+
+HTC_CONTROLS = {
+    # stage 2's conv_res (the mask information flow into the last mask head), 5% of its std
+    "conv_res": lambda pair: _perturbed(pair.build(pair.d2_ckpt), "roi_heads.mask_head.heads.2.conv_res.weight", 0.05),
+    # the semantic embedding added to every box and mask RoI feature, 2% of its std
+    "semantic": lambda pair: _perturbed(
+        pair.build(pair.d2_ckpt), "roi_heads.semantic_head.conv_embedding.weight", 0.02
+    ),
+    # no mask information flow: each mask head on the RoI features alone
+    "no_info_flow": lambda pair: pair.build(pair.d2_ckpt, "MODEL.HTC.MASK_INFO_FLOW", False),
+    # mmdetection 1.x/2.x's mask ensemble (all stages' probabilities averaged) is not what 3.3 computes
+    "mean_of_stages": lambda pair: pair.build(pair.d2_ckpt, "MODEL.HTC.MASK_TEST_STAGES", "mean"),
+}
+
+
+@pytest.mark.parametrize("control", list(HTC_CONTROLS))
+def test_negative_controls_hybrid_task_cascade(control, pairs, images, one_torch_thread):
+    """The HTC comparison can fail: a perturbed conv_res or semantic tensor, the information flow off, or
+    the stages' masks averaged (mmdetection 2.x) instead of the last stage's (3.3) each break the agreement."""
+    pair = pairs("htc")
+    model = HTC_CONTROLS[control](pair)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES[f"negative_control_htc_{control}"] = figures
     assert not figures["agree"], figures
 
 
@@ -290,6 +327,31 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_tor
         ),
         ("faster", None, ["MODEL.MASK_ON", "True"], r"mask head mismatch: found Faster R-CNN \(no mask head\)"),
         (
+            "htc",
+            "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
+            [],
+            r"detector mismatch: found Hybrid Task Cascade .*expected no Hybrid Task Cascade .*HTC needs "
+            r"'HybridTaskCascadeROIHeads'",
+        ),
+        (
+            "cascade_mask",
+            "COCO-InstanceSegmentation/htc_hrnetv2p_w18_20e_mmdet.yaml",
+            [],
+            r"detector mismatch: found Cascade Mask R-CNN .*expected a Hybrid Task Cascade",
+        ),
+        (
+            "htc",
+            None,
+            ["MODEL.HTC.SEMANTIC_ON", "False"],
+            r"semantic head mismatch: found Hybrid Task Cascade with a semantic head .*MODEL.HTC.SEMANTIC_ON = False",
+        ),
+        (
+            "htc",
+            None,
+            ["MODEL.HTC.SEMANTIC.NUM_CLASSES", "182"],
+            r"roi_heads.semantic_head.conv_logits.weight: found shape \(183, 256, 1, 1\) .*expected \(182, 256, 1, 1\)",
+        ),
+        (
             "cascade",
             "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml",
             [],
@@ -330,6 +392,10 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_tor
         "num_classes",
         "mask_on_false",
         "mask_on_true",
+        "htc_vs_cascade_mask",
+        "cascade_mask_vs_htc",
+        "htc_semantic_off",
+        "htc_semantic_classes",
         "cascade_vs_faster",
         "faster_vs_cascade",
         "cascade_stages",

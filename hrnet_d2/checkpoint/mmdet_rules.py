@@ -267,12 +267,16 @@ def detector_check(cfg, config_file, source):
         )
 
     def check(det):
-        if m.META_ARCHITECTURE != "GeneralizedRCNN" or m.PROPOSAL_GENERATOR.NAME not in ("RPN", "MMDetRPN"):
+        if m.META_ARCHITECTURE not in ("GeneralizedRCNN", "HybridTaskCascade") or m.PROPOSAL_GENERATOR.NAME not in (
+            "RPN",
+            "MMDetRPN",
+        ):
             fail(
                 "detector",
                 det.kind,
                 f"{m.META_ARCHITECTURE} with {m.PROPOSAL_GENERATOR.NAME}",
-                "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN with RPN or MMDetRPN",
+                "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN (or HybridTaskCascade) "
+                "with RPN or MMDetRPN",
             )
         cascade = m.ROI_HEADS.NAME in CASCADE_HEADS
         stages = len(m.ROI_BOX_CASCADE_HEAD.IOUS) if cascade else 0
@@ -305,12 +309,12 @@ def detector_check(cfg, config_file, source):
                 "one mask head",
                 f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage",
             )
-        if det.htc and bool(det.semantic_classes) != m.HTC.SEMANTIC.ON:
+        if det.htc and bool(det.semantic_classes) != m.HTC.SEMANTIC_ON:
             fail(
                 "semantic head",
                 f"{det.kind} {'with' if det.semantic_classes else 'without'} a semantic head",
-                f"{'a' if m.HTC.SEMANTIC.ON else 'no'} semantic head",
-                f"MODEL.HTC.SEMANTIC.ON = {m.HTC.SEMANTIC.ON}",
+                f"{'a' if m.HTC.SEMANTIC_ON else 'no'} semantic head",
+                f"MODEL.HTC.SEMANTIC_ON = {m.HTC.SEMANTIC_ON}",
             )
         if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
             fail(

@@ -4,8 +4,8 @@ Facts only; fetching, checking and converting is ``hrnet_d2/catalog.py``.  Two k
 
 * ``coco/<detector>``: the HRNetV2p COCO detectors published by mmdetection.  Name, URL,
   box / mask AP are copied verbatim from mmdetection 3.3.0's ``configs/hrnet/metafile.yml``
-  (Faster / Mask / Cascade / Cascade Mask R-CNN; HTC and FCOS are not Detectron2 architectures
-  and are left out); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
+  (Faster / Mask / Cascade / Cascade Mask R-CNN, and Hybrid Task Cascade with
+  ``hrnet_d2.modeling.htc``); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
   ``config`` is the Detectron2 config that reproduces the checkpoint's test-time settings.
 * ``imagenet/<arch>``: the ImageNet-pretrained HRNet bodies of HRNet-Image-Classification
   (whose own links are OneDrive share pages, not downloadable files), as published by timm: the
@@ -226,11 +226,32 @@ _MMDET_MODELS = [
         45.1,
         39.3,
     ),
+    (
+        "htc_hrnetv2p_w18_20e",
+        "htc_hrnetv2p-w18_20e_coco",
+        "htc_hrnetv2p_w18_20e_coco/htc_hrnetv2p_w18_20e_coco_20200210-b266988c.pth",
+        42.8,
+        37.9,
+    ),
+    (
+        "htc_hrnetv2p_w32_20e",
+        "htc_hrnetv2p-w32_20e_coco",
+        "htc_hrnetv2p_w32_20e_coco/htc_hrnetv2p_w32_20e_coco_20200207-7639fa12.pth",
+        45.4,
+        39.9,
+    ),
+    (
+        "htc_hrnetv2p_w40_20e",
+        "htc_hrnetv2p-w40_20e_coco",
+        "htc_hrnetv2p_w40_20e_coco/htc_hrnetv2p_w40_20e_coco_20200529_183411-417c4d5b.pth",
+        46.4,
+        40.8,
+    ),
 ]
 
 
 def _coco_entry(name, mmdet_name, path, box, mask):
-    folder = "COCO-InstanceSegmentation" if "mask_rcnn" in name else "COCO-Detection"
+    folder = "COCO-InstanceSegmentation" if "mask_rcnn" in name or name.startswith("htc_") else "COCO-Detection"
     return ZooEntry(
         name=f"coco/{name}",
         arch=re.search(r"_hrnetv2p_(w\d+)_", name).group(1),

@@ -87,8 +87,8 @@ def add_hrnet_config(cfg):
     # Test-time masks: "last" = the last stage's probabilities (mmdetection 3.x); "mean" = all stages'
     # probabilities averaged (mmdetection 1.x/2.x, the HTC paper)
     _C.MODEL.HTC.MASK_TEST_STAGES = "last"
+    _C.MODEL.HTC.SEMANTIC_ON = True  # mmdetection FusedSemanticHead + semantic_roi_extractor
     _C.MODEL.HTC.SEMANTIC = CN()
-    _C.MODEL.HTC.SEMANTIC.ON = True  # mmdetection FusedSemanticHead + semantic_roi_extractor
     _C.MODEL.HTC.SEMANTIC.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # num_ins=5
     _C.MODEL.HTC.SEMANTIC.FUSION_FEATURE = "p3"  # fusion_level=1 (stride 8)
     _C.MODEL.HTC.SEMANTIC.NUM_CONVS = 4
@@ -99,6 +99,10 @@ def add_hrnet_config(cfg):
     _C.MODEL.HTC.SEMANTIC.POOLER_TYPE = "ROIAlignV2"
     _C.MODEL.HTC.SEMANTIC.POOLER_RESOLUTION = 14
     _C.MODEL.HTC.SEMANTIC.POOLER_SAMPLING_RATIO = 0
+    # loss_seg: CrossEntropyLoss(ignore_index=255, loss_weight=0.2), label maps passed by MODEL.META_ARCHITECTURE
+    # "HybridTaskCascade" (a dataset's sem_seg_file_name, e.g. COCO-stuff's stuffthingmaps)
+    _C.MODEL.HTC.SEMANTIC.LOSS_WEIGHT = 0.2
+    _C.MODEL.HTC.SEMANTIC.IGNORE_VALUE = 255
 
     # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
     # that leaves body tensors at their random init (a partial file, another backbone's weights)

@@ -24,8 +24,8 @@ __all__ = ["validate_config", "validate_model", "INPUT_FORMATS"]
 # Whole-model checks: heads and anchors against what the backbone produces.
 
 INPUT_FORMATS = ("RGB", "BGR", "YUV-BT.601")  # 3-channel formats of detection_utils.read_image
-_USES_RPN = ("GeneralizedRCNN", "ProposalNetwork", "PanopticFPN")
-_USES_ROI_HEADS = ("GeneralizedRCNN", "PanopticFPN")
+_USES_RPN = ("GeneralizedRCNN", "ProposalNetwork", "PanopticFPN", "HybridTaskCascade")
+_USES_ROI_HEADS = ("GeneralizedRCNN", "PanopticFPN", "HybridTaskCascade")
 _USES_SEM_SEG_HEAD = ("SemanticSegmentor", "PanopticFPN")
 
 
@@ -87,7 +87,7 @@ def _check_htc(cfg, shapes, what):
         )
     check_choice("MODEL.HTC.MASK_TEST_STAGES", h.MASK_TEST_STAGES, MASK_TEST_STAGES)
     s = h.SEMANTIC
-    if not s.ON:
+    if not h.SEMANTIC_ON:
         return
     check_feature_names("MODEL.HTC.SEMANTIC.IN_FEATURES", s.IN_FEATURES, shapes, what)
     if s.FUSION_FEATURE not in s.IN_FEATURES:

@@ -11,7 +11,7 @@ stage ensemble):
 * the mask information flow (``MODEL.HTC.MASK_INFO_FLOW``): mask head k receives the features of
   mask heads 0..k-1, run in turn on the same RoI features, through its ``conv_res`` (1x1 conv + ReLU),
   added to its input;
-* the semantic branch (``MODEL.HTC.SEMANTIC.ON``): :class:`FusedSemanticHead` fuses all pyramid
+* the semantic branch (``MODEL.HTC.SEMANTIC_ON``): :class:`FusedSemanticHead` fuses all pyramid
   levels at the stride of ``MODEL.HTC.SEMANTIC.FUSION_FEATURE``; its embedding, RoI-aligned
   (14x14, average-pooled to 7x7 for the box heads), is added to the box and mask RoI features;
 * test time: class logits of all stages averaged, then soft-maxed; the mask heads run in turn on the
@@ -23,10 +23,17 @@ stage ensemble):
 Training differs from mmdetection's in the sampling of later stages (Detectron2's cascade: stage 0
 samples 512 RoIs with 25% positives and the ground truth appended; later stages, and the interleaved
 mask targets, take all regressed boxes of the previous step, relabelled; mmdetection samples 512 afresh
-at every stage and for every interleaved mask step).  The semantic segmentation loss needs per-pixel
-stuff+thing maps (COCO-stuff), which Detectron2's ``GeneralizedRCNN`` does not pass to ROI heads: the
-semantic branch is trained through the box and mask losses only and its classifier (``conv_logits``,
-used by no output) is frozen; a log line says so when training starts.
+at every stage and for every interleaved mask step).
+
+The semantic branch's own loss (``loss_semantic_seg``: cross-entropy of ``conv_logits`` against the
+per-pixel label map, nearest-downsampled to the fusion stride, ignored pixels counted in the mean as
+mmdetection's ``CrossEntropyLoss`` does, times ``MODEL.HTC.SEMANTIC.LOSS_WEIGHT``) needs a per-pixel
+stuff+thing map per image (COCO-stuff's ``stuffthingmaps`` for COCO: a dataset's ``sem_seg_file_name``).
+The :class:`HybridTaskCascade` meta-architecture passes those maps to the ROI heads; without them
+(Detectron2's ``GeneralizedRCNN``, or a dataset without ``sem_seg_file_name``) the semantic branch is
+trained through the box and mask losses only, its classifier (used by no output) learns nothing, and a
+log line says so when training starts.  With ``GeneralizedRCNN`` the classifier is frozen (no gradient
+ever reaches it).
 """
 
 import logging
@@ -39,16 +46,25 @@ from torch.nn import functional as F
 import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, cat
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, MaskRCNNConvUpsampleHead
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .mmdet_heads import MMDetCascadeROIHeads
 
-__all__ = ["FusedSemanticHead", "HTCMaskHead", "HTCMaskHeads", "HybridTaskCascadeROIHeads", "MASK_TEST_STAGES"]
+__all__ = [
+    "FusedSemanticHead",
+    "HTCMaskHead",
+    "HTCMaskHeads",
+    "HybridTaskCascadeROIHeads",
+    "HybridTaskCascade",
+    "MASK_TEST_STAGES",
+    "SEMANTIC_FUSION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +210,9 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         semantic_in_features: Sequence[str] = (),
         semantic_pooler: Optional[ROIPooler] = None,
         semantic_fusion: Sequence[str] = SEMANTIC_FUSION,
+        semantic_loss_weight: float = 0.2,
+        semantic_ignore_value: int = 255,
+        semantic_maps: bool = False,
         **kwargs,
     ):
         """
@@ -206,6 +225,10 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
             semantic_in_features: the pyramid levels it fuses.
             semantic_pooler: RoI-aligns its embedding (one level, at the fusion level's stride).
             semantic_fusion: where the pooled embedding is added: "bbox" and/or "mask" RoI features.
+            semantic_loss_weight: weight of the semantic segmentation loss.
+            semantic_ignore_value: label of pixels the segmentation loss ignores (also the padding).
+            semantic_maps: whether the meta-architecture passes label maps (:class:`HybridTaskCascade`);
+                if not, the semantic classifier is frozen.
             kwargs: ``CascadeROIHeads``'.
         """
         super().__init__(**kwargs)
@@ -221,9 +244,11 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         self.semantic_in_features = list(semantic_in_features)
         self.semantic_pooler = semantic_pooler
         self.semantic_fusion = tuple(semantic_fusion)
+        self.semantic_loss_weight = semantic_loss_weight
+        self.semantic_ignore_value = semantic_ignore_value
         self._told_no_semantic_loss = False
-        if semantic_head is not None:
-            # no segmentation maps reach the ROI heads (module doc): the classifier has no loss to learn from
+        if semantic_head is not None and not semantic_maps:
+            # no segmentation maps can reach the ROI heads (module doc): the classifier has no loss to learn from
             semantic_head.conv_logits.requires_grad_(False)
 
     @classmethod
@@ -236,7 +261,7 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
             mask_info_flow=h.MASK_INFO_FLOW,
             mask_test_stages=h.MASK_TEST_STAGES,
         )
-        if h.SEMANTIC.ON:
+        if h.SEMANTIC_ON:
             ret.update(cls._init_semantic_head(cfg, input_shape))
         return ret
 
@@ -279,6 +304,9 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
             "semantic_in_features": in_features,
             "semantic_pooler": pooler,
             "semantic_fusion": tuple(s.FUSION),
+            "semantic_loss_weight": s.LOSS_WEIGHT,
+            "semantic_ignore_value": s.IGNORE_VALUE,
+            "semantic_maps": cfg.MODEL.META_ARCHITECTURE == "HybridTaskCascade",
         }
 
     # ---- shared by training and inference
@@ -287,6 +315,13 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         if self.semantic_head is None:
             return None
         return self.semantic_head([features[f] for f in self.semantic_in_features], with_logits=False)[1]
+
+    def _semantic_loss(self, features, sem_seg):
+        """(embedding, mmdetection's ``loss_semantic_seg``) from the (N, H, W) label maps of the padded batch."""
+        logits, embedding = self.semantic_head([features[f] for f in self.semantic_in_features])
+        labels = F.interpolate(sem_seg[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        loss = F.cross_entropy(logits, labels, ignore_index=self.semantic_ignore_value, reduction="none")
+        return embedding, loss.mean() * self.semantic_loss_weight  # mmdetection: mean over all pixels
 
     def _fuse_semantic(self, x, semantic, boxes: List[Boxes], where: str):
         """``x`` + the semantic embedding RoI-aligned on ``boxes`` (average-pooled to ``x``'s size)."""
@@ -310,19 +345,26 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
 
     # ---- forward
 
-    def forward(self, images, features, proposals, targets=None):
+    def forward(self, images, features, proposals, targets=None, sem_seg=None):
+        """``ROIHeads.forward``; ``sem_seg``: (N, H, W) label maps of the padded batch (training), or None."""
         del images
-        semantic = self._semantic_features(features)
         if self.training:
-            if self.semantic_head is not None and not self._told_no_semantic_loss:
-                logger.info(
-                    "HTC semantic branch: no segmentation maps (COCO-stuff) reach the ROI heads, so it is trained "
-                    "through the box and mask losses only, without mmdetection's loss_semantic_seg "
-                    "(its conv_logits frozen)"
-                )
-                self._told_no_semantic_loss = True
+            losses = {}
+            if self.semantic_head is not None and sem_seg is not None:
+                semantic, losses["loss_semantic_seg"] = self._semantic_loss(features, sem_seg)
+            else:
+                semantic = self._semantic_features(features)
+                if self.semantic_head is not None and not self._told_no_semantic_loss:
+                    logger.info(
+                        "HTC semantic branch: no segmentation maps (COCO-stuff; a dataset's sem_seg_file_name, passed "
+                        "by MODEL.META_ARCHITECTURE 'HybridTaskCascade') reach the ROI heads, so it is trained "
+                        "through the box and mask losses only, without mmdetection's loss_semantic_seg"
+                    )
+                    self._told_no_semantic_loss = True
             proposals = self.label_and_sample_proposals(proposals, targets)
-            return proposals, self._forward_train(features, semantic, proposals, targets)
+            losses.update(self._forward_train(features, semantic, proposals, targets))
+            return proposals, losses
+        semantic = self._semantic_features(features)
         box_features = [features[f] for f in self.box_in_features]
         instances = self._cascade_inference(
             box_features, proposals, lambda f, p, k: self._run_semantic_stage(f, p, k, semantic)
@@ -398,3 +440,29 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
                 props.gt_classes = torch.full_like(matched, self.num_classes)
                 props.gt_boxes = Boxes(gt.gt_boxes.tensor.new_zeros((len(props), 4)))
         return proposals
+
+
+@META_ARCH_REGISTRY.register()
+class HybridTaskCascade(GeneralizedRCNN):
+    """Detectron2's ``GeneralizedRCNN`` (mmdetection's ``HybridTaskCascade`` detector) that, in training,
+    also gives the ROI heads the images' per-pixel label maps (``sem_seg`` of the mapped inputs, loaded from
+    a dataset's ``sem_seg_file_name``), padded like the images with the ignore value, for the semantic
+    branch's loss.  Inference is ``GeneralizedRCNN``'s."""
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        sem_seg = None
+        if all("sem_seg" in x for x in batched_inputs):
+            sem_seg = ImageList.from_tensors(
+                [x["sem_seg"].to(self.device) for x in batched_inputs],
+                self.backbone.size_divisibility,
+                getattr(self.roi_heads, "semantic_ignore_value", 255),
+                self.backbone.padding_constraints,
+            ).tensor
+        features = self.backbone(images.tensor)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances, sem_seg=sem_seg)
+        return {**detector_losses, **proposal_losses}
