@@ -3,7 +3,8 @@
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
 BACKBONE_REGISTRY, and the heads with mmdetection's test-time conventions (``MMDetRPN``,
-``MMDetROIHeads``, ``MMDetCascadeROIHeads``: ``mmdet_heads.py``) for converted models.
+``MMDetROIHeads``, ``MMDetCascadeROIHeads``: ``mmdet_heads.py``) for converted models, and
+Detectron2's FCOS as a YAML-buildable meta-architecture (``FCOSDetector``: ``fcos.py``).
 """
 
 from .arch import ARCHITECTURES, StageSpec
@@ -15,6 +16,7 @@ from .build import (
 )
 from .catalog import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in Detectron2's PathManager
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
+from .fcos import FCOSDetector, FCOSDetectorHead
 from .hrnet import HighResolutionModule, HRNet
 from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
 from .pyramid import HRNetV2p
@@ -40,4 +42,6 @@ __all__ = [
     "MMDetRPN",
     "MMDetROIHeads",
     "MMDetCascadeROIHeads",
+    "FCOSDetector",
+    "FCOSDetectorHead",
 ]
