@@ -40,10 +40,10 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
+from hrnet_d2.checkpoint.pretrained import IMAGENET_CHECKPOINTS
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
-from hrnet_d2.pyramid import HRNetV2p
-from hrnet_d2.weights import IMAGENET_CHECKPOINTS
+from hrnet_d2.modeling.pyramid import HRNetV2p
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
 
-from .config import ConfigValueError, check_feature_names
+from ..utils.errors import ConfigValueError, check_feature_names
 
 __all__ = ["FCOSDetector", "FCOSDetectorHead", "REG_ACTIVATIONS", "TEST_CONVENTIONS"]
 
@@ -76,7 +76,9 @@ class FCOSDetectorHead(nn.Module):
         super().__init__()
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
-            raise ConfigValueError("MODEL.FCOS.IN_FEATURES", [s.channels for s in input_shape], "levels need equal channels")
+            raise ConfigValueError(
+                "MODEL.FCOS.IN_FEATURES", [s.channels for s in input_shape], "levels need equal channels"
+            )
         if reg_activation not in REG_ACTIVATIONS:
             raise ConfigValueError("MODEL.FCOS.REG_ACTIVATION", reg_activation, f"allowed: {list(REG_ACTIVATIONS)}")
         (c,) = channels
@@ -104,9 +106,7 @@ class FCOSDetectorHead(nn.Module):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.scales = (
-            nn.ParameterList([nn.Parameter(torch.tensor(1.0)) for _ in input_shape]) if level_scales else None
-        )
+        self.scales = nn.ParameterList([nn.Parameter(torch.tensor(1.0)) for _ in input_shape]) if level_scales else None
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -173,11 +173,15 @@ class FCOSDetector(FCOS):
         f = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
-        check_feature_names("MODEL.FCOS.IN_FEATURES", f.IN_FEATURES, shapes, f"the backbone ({cfg.MODEL.BACKBONE.NAME})")
+        check_feature_names(
+            "MODEL.FCOS.IN_FEATURES", f.IN_FEATURES, shapes, f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
+        )
         if not 0.0 <= f.ANCHOR_OFFSET < 1.0:
             raise ConfigValueError("MODEL.FCOS.ANCHOR_OFFSET", f.ANCHOR_OFFSET, "must be in [0, 1)")
         if f.CENTER_SAMPLING_RADIUS < 0:
-            raise ConfigValueError("MODEL.FCOS.CENTER_SAMPLING_RADIUS", f.CENTER_SAMPLING_RADIUS, "must be >= 0 (0: off)")
+            raise ConfigValueError(
+                "MODEL.FCOS.CENTER_SAMPLING_RADIUS", f.CENTER_SAMPLING_RADIUS, "must be >= 0 (0: off)"
+            )
         head = FCOSDetectorHead(cfg, [shapes[k] for k in f.IN_FEATURES])
         return {
             "backbone": backbone,

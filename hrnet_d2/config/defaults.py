@@ -4,20 +4,15 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-from .errors import UserError
-
 __all__ = [
     "add_hrnet_config",
     "add_fcos_config",
     "get_config_file",
     "get_hrnet_cfg",
     "CONFIG_DIR",
-    "ConfigError",
-    "ConfigValueError",
-    "check_feature_names",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
@@ -141,30 +136,6 @@ def add_fcos_config(cfg):
     # detections per image: TEST.DETECTIONS_PER_IMAGE (mmdetection max_per_img)
 
 
-class ConfigError(UserError, ValueError):
-    """A config that cannot work; the message says which key and why (one line at the CLI)."""
-
-
-class ConfigValueError(ConfigError):
-    """A bad config value, in one line: the key, the value and what is allowed."""
-
-    def __init__(self, key, value, allowed):
-        super().__init__(f"{key} = {value!r} is invalid: {allowed}")
-
-
-def check_feature_names(key, names, available, what):
-    """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
-    distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
-    names = list(names)
-    if not names:
-        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
-    for name in names:
-        if name not in available:
-            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
-    if len(set(names)) != len(names):
-        raise ConfigValueError(key, names, "lists a feature twice")
-
-
 def get_config_file(name: str) -> str:
     """Absolute path of a config shipped with hrnet_d2, e.g. ``"faster_rcnn_hrnetv2p_w32.yaml"``."""
     path = CONFIG_DIR / name
@@ -184,7 +155,7 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     """
     from detectron2.config import get_cfg
 
-    from .safe_load import merge_yaml_file
+    from ..utils.safe_load import merge_yaml_file
 
     cfg = get_cfg()
     add_hrnet_config(cfg)
