@@ -15,10 +15,10 @@ from .checkpoint import UnknownZooName, ZooDownloadError  # importing it registe
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .modeling import (
     ARCHITECTURES,
-    HighResolutionModule,
-    HRNet,
     FCOSDetector,
     FCOSDetectorHead,
+    HighResolutionModule,
+    HRNet,
     HRNetV2p,
     MMDetCascadeROIHeads,
     MMDetROIHeads,
