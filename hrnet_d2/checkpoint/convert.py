@@ -23,11 +23,12 @@ safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``)
 import os
 import re
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..modeling.arch import ARCHITECTURES
+from .fcos_rules import FCOSHeadSpec
 from .layouts import ConversionError, arch_name, describe_source, describe_specs, detect_stage_specs, load_state_dict
 from .mmdet_rules import HEAD_ROOTS, Detector, check_heads_against_model, convert_heads, detector_check
 
@@ -67,7 +68,7 @@ class Conversion:
         self.stem_channels = None
         self.source_format = ""
         self.body_prefix = ""
-        self.detector: Optional[Detector] = None
+        self.detector: Optional[Union[Detector, FCOSHeadSpec]] = None
 
     @property
     def arch(self):
@@ -79,7 +80,9 @@ class Conversion:
             lines.append(f"Detector: {self.detector.describe()}")
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
         heads = Counter(
-            dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads."))
+            dst.split(".")[0]
+            for _, dst in self.mapped
+            if dst.startswith(("proposal_generator.", "roi_heads.", "head."))
         )
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck - sum(heads.values())}) -> {self.body_prefix}*")
@@ -87,6 +90,8 @@ class Conversion:
             lines.append(f"  HRFPN neck ({neck}) -> {PYRAMID_PREFIX}reduction_conv.*, {PYRAMID_PREFIX}fpn_convs.*")
         if heads["proposal_generator"]:
             lines.append(f"  RPN head ({heads['proposal_generator']}) -> proposal_generator.rpn_head.*")
+        if heads["head"]:
+            lines.append(f"  FCOS head ({heads['head']}) -> head.cls_subnet*, head.bbox_subnet*, head.cls_score*, ...")
         if heads["roi_heads"]:
             lines.append(
                 f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
