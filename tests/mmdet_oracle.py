@@ -304,6 +304,25 @@ def d2_predict(model, cfg, image_rgb):
     return out, captured
 
 
+@torch.no_grad()
+def dense_head_differences(mm_model, d2_model, batched_image):
+    """Dense detectors (FCOS): per pyramid level, the largest difference between mmdetection's head outputs and
+    ours on the same normalised, padded input (1, 3, H, W), relative to the std of mmdetection's output:
+    ``(class logits, box distances in pixels, centerness logits)``.  It covers every level, also those
+    that the detections of a test image happen not to come from."""
+    cls, reg, ctr = mm_model.bbox_head(mm_model.extract_feat(batched_image))
+    features = d2_model.backbone(batched_image)
+    logits, distances, ctrness = d2_model.head([features[f] for f in d2_model.head_in_features])
+
+    def rel(ref, ours):
+        return float((ref - ours).abs().max() / ref.std().clamp_min(1e-12))
+
+    return [
+        (rel(cls[i], logits[i]), rel(reg[i], distances[i] * stride), rel(ctr[i], ctrness[i]))
+        for i, stride in enumerate(d2_model.head.strides)
+    ]
+
+
 def _mask_iou(a, b):
     inter = (a & b).sum().item()
     union = (a | b).sum().item()

@@ -28,6 +28,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from hrnet_d2.checkpoint.convert import ConversionError, convert_file, load_state_dict
 from hrnet_d2.convert import main
+from hrnet_d2.data.resize import resize_augmentation
 
 TEST_SCALE = (448, 256)  # mmdetection Resize(scale=(long, short)) = INPUT.MAX_SIZE_TEST / MIN_SIZE_TEST
 KINDS = {
@@ -81,6 +82,7 @@ class Pair:
         self.d2_ckpt = root / f"{kind}_d2.pth"
         assert main([str(self.mm_ckpt), str(self.d2_ckpt), "--config-file", str(CONFIGS / self.config)]) == 0
         self.model = self.build(self.d2_ckpt)
+        self._references = {}
 
     def cfg(self, weights="", *opts):
         return make_cfg(
@@ -100,6 +102,12 @@ class Pair:
         DetectionCheckpointer(model).load(str(weights))
         return model
 
+    def reference(self, path):
+        """mmdetection's detections on an image file, computed once per pair."""
+        if path not in self._references:
+            self._references[path] = mo.mmdet_predict(self.mm, path)
+        return self._references[path]
+
     def compare(self, images, model=None):
         """Agreement figures over the test images (summed / worst)."""
         total = {
@@ -113,7 +121,7 @@ class Pair:
             "proposals_matched": 1.0,
         }
         for path, rgb in images:
-            ref, ref_rpn = mo.mmdet_predict(self.mm, path)
+            ref, ref_rpn = self.reference(path)
             ours, our_rpn = mo.d2_predict(model or self.model, self.cfg(), rgb)
             assert ours["image_shape"] == ref["image_shape"]  # same resize and rounding
             s = mo.match_detections(ref, ours)
@@ -474,6 +482,34 @@ def test_fcos_negative_control_one_level_scale_perturbed(pairs, images, one_torc
     assert not figures["agree"], figures
 
 
+DENSE_TOLERANCE = 1e-3  # largest head-output difference, relative to the output's std
+
+
+def _fcos_batched_input(pair, model, rgb):
+    """The normalised, padded input our FCOS gives its backbone for a test image (its BGR, as the mapper's)."""
+    cfg = pair.cfg()
+    resized = resize_augmentation(cfg).get_transform(rgb).apply_image(rgb)[:, :, ::-1]
+    return model.preprocess_image([{"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))}]).tensor
+
+
+def test_fcos_every_level_matches_mmdetection(pairs, images, one_torch_thread):
+    """The detections of a test image come from the finer levels only (p3, p4 here): the class, box and
+    centerness outputs of all five levels (p3..p7, strides 8..128: HRFPN's stride-2 convs, each level's
+    scale) agree with mmdetection's own head on the same input; a 1% change of p5's scale is seen."""
+    pair = pairs("fcos")
+    _, rgb = images[1][1]
+    batched = _fcos_batched_input(pair, pair.model, rgb)
+    diffs = mo.dense_head_differences(pair.mm, pair.model, batched)
+    FIGURES["fcos_dense_head_max_relative_difference"] = max(max(d) for d in diffs)
+    assert len(diffs) == 5 and all(max(d) <= DENSE_TOLERANCE for d in diffs), diffs
+    model = pair.build(pair.d2_ckpt)
+    with torch.no_grad():
+        model.head.scales[2].mul_(1.01)
+    perturbed = mo.dense_head_differences(pair.mm, model, batched)
+    FIGURES["fcos_dense_negative_control_p5_scale"] = perturbed[2][1]
+    assert perturbed[2][1] > DENSE_TOLERANCE and max(perturbed[0] + perturbed[1]) <= DENSE_TOLERANCE, perturbed
+
+
 # each of mmdetection's FCOS conventions (Base-FCOS-HRNetV2p-mmdet.yaml), switched back to Detectron2's
 FCOS_WRONG_SWITCHES = {
     "anchor_offset": ("MODEL.FCOS.ANCHOR_OFFSET", 0.0),
@@ -499,7 +535,7 @@ def test_fcos_negative_control_wrong_convention(switch, pairs, images, one_torch
     model = pair.build(pair.d2_ckpt, *opts)
     total = {"matched": 0, "unmatched": 0}
     for path, rgb in images[1][1:]:
-        ref, _ = mo.mmdet_predict(pair.mm, path)
+        ref, _ = pair.reference(path)
         ours, _ = mo.d2_predict(model, pair.cfg("", *opts), rgb)
         s = mo.match_detections(ref, ours)
         total["matched"] += s["matched"]
