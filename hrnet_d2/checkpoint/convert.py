@@ -9,7 +9,9 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
     head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
     and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
     first: moved last, its regression and mask channels dropped).  The detector kind, stages
-    and number of classes are read from the tensors and checked against ``--config-file``.
+    and number of classes are read from the tensors and checked against ``--config-file``;
+  * mmdetection HRNet FCOS checkpoints (``bbox_head.conv_centerness``: body, HRFPN neck, FCOSHead ->
+    ``FCOSDetector``'s ``head.*``; ``fcos_rules.py``).
 
 Files are read without running pickled code (``torch.load(weights_only=True)``,
 safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
