@@ -436,13 +436,13 @@ def test_unknown_name():
 
 # ---------------------------------------------------------------- the table
 NAME = re.compile(
-    r"^(coco/((?:faster|mask|cascade|cascade_mask)_rcnn|htc)_hrnetv2p_(w\d+)_(1x|2x|20e)|imagenet/(w\d+(_small_v[12])?))$"
+    r"^(coco/((?:faster|mask|cascade|cascade_mask)_rcnn|fcos|htc)_hrnetv2p_(w\d+)_(1x|2x|20e|ms_2x)|imagenet/(w\d+(_small_v[12])?))$"
 )
 HOSTS = {"coco": {"download.openmmlab.com"}, "imagenet": {"github.com", "huggingface.co"}}
 
 
 def test_table_entries_are_well_formed():
-    assert len(zoo.coco_models()) == 21 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
+    assert len(zoo.coco_models()) == 28 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
     for name, e in zoo.ZOO.items():
         m = NAME.match(name)
         assert m and e.name == name, name
@@ -468,10 +468,10 @@ def test_every_coco_model_has_its_config():
 
 
 def _metafile_mismatches(table, metafile_text):
-    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN, HTC)."""
+    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN, HTC, FCOS)."""
     published = {}
     for m in yaml.safe_load(metafile_text)["Models"]:
-        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "HTC"):
+        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "HTC", "FCOS"):
             metrics = {k: v for r in m["Results"] for k, v in r["Metrics"].items()}
             published[m["Name"]] = (m["Weights"], metrics.get("box AP"), metrics.get("mask AP"))
     ours = {e.source_name: (e.url, e.box_ap, e.mask_ap) for e in table if e.kind == "coco"}
