@@ -627,3 +627,59 @@ def test_fcos_conversion_refuses_what_does_not_fit(pairs, tmp_path):
             convert_file(str(src), str(tmp_path / f"{i}.pth"), config_file=cfg_file, opts=opts)
         assert "\n" not in str(info.value)
         assert not (tmp_path / f"{i}.pth").exists()
+
+
+def test_semantic_head_and_its_loss_are_mmdetections(one_torch_thread):
+    """The semantic branch in training (no detector needed): mmdetection's own ``FusedSemanticHead`` with our
+    head's weights gives the same logits, embedding and ``loss_semantic_seg`` (ignored pixels, padding with 255,
+    labels nearest-downsampled to stride 8) on the same 5 pyramid levels; a perturbed label map is the control."""
+    from mmdet.registry import MODELS
+
+    cfg = make_cfg("shapes/htc_hrnetv2p_w18_small_shapes.yaml")
+    roi_heads = build_model(cfg).roi_heads.eval()
+    ours = roi_heads.semantic_head
+    s = cfg.MODEL.HTC.SEMANTIC
+    theirs = MODELS.build(
+        dict(
+            type="FusedSemanticHead",
+            num_ins=len(s.IN_FEATURES),
+            fusion_level=s.IN_FEATURES.index(s.FUSION_FEATURE),
+            seg_scale_factor=1 / 8,
+            num_convs=s.NUM_CONVS,
+            in_channels=s.CONV_DIM,
+            conv_out_channels=s.CONV_DIM,
+            num_classes=s.NUM_CLASSES,
+            loss_seg=dict(type="CrossEntropyLoss", ignore_index=255, loss_weight=s.LOSS_WEIGHT),
+        )
+    ).eval()
+    mapped = {
+        k.replace(".weight", ".conv.weight").replace(".bias", ".conv.bias"): v for k, v in ours.state_dict().items()
+    }
+    mapped = {k.replace("conv_logits.conv.", "conv_logits."): v for k, v in mapped.items()}
+    theirs.load_state_dict(mapped)
+    g = torch.Generator().manual_seed(0)
+    h, w = 64, 96  # a padded batch (multiple of 32)
+    names = list(s.IN_FEATURES)
+    feats = [torch.randn(2, s.CONV_DIM, -(-h // 2**k), -(-w // 2**k), generator=g) for k in range(2, 2 + len(names))]
+    labels = torch.randint(0, s.NUM_CLASSES, (2, h, w), generator=g)
+    labels[:, :, 80:] = 255  # padding
+    labels[0, :8, :8] = 255  # ignored pixels
+    with torch.no_grad():
+        logits, embedding = theirs(feats)
+        our_logits, our_embedding = ours(feats)
+        reference = theirs.loss(logits, labels[:, None])
+        _, loss = roi_heads._semantic_loss(dict(zip(names, feats)), labels)
+        flipped = labels.clone()
+        flipped[labels == 0], flipped[labels == 1] = 1, 0
+        _, control = roi_heads._semantic_loss(dict(zip(names, feats)), flipped)
+    FIGURES["semantic_head"] = {
+        "max_abs_logit_diff": float((logits - our_logits).abs().max()),
+        "max_abs_embedding_diff": float((embedding - our_embedding).abs().max()),
+        "loss_mmdetection": float(reference),
+        "loss_ours": float(loss),
+        "loss_control": float(control),
+    }
+    torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_embedding, embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+    assert abs(float(control) - float(reference)) > 1e-3, FIGURES["semantic_head"]
