@@ -36,6 +36,7 @@ README = REPO / "README.md"
 WEIGHTS_DOC = REPO / "docs" / "weights.md"
 COCO_ZOO_MARKERS = ("<!-- coco-model-zoo:start -->", "<!-- coco-model-zoo:end -->")
 IMAGENET_MARKERS = ("<!-- imagenet-weights:start -->", "<!-- imagenet-weights:end -->")
+EVAL_MARKERS = ("<!-- coco-eval-commands:start -->", "<!-- coco-eval-commands:end -->")
 INPUT_SIZE = (800, 1333)
 
 HRNET_OD = "https://github.com/HRNet/HRNet-Object-Detection"
@@ -171,8 +172,13 @@ def _dash(value):
     return "–" if value is None else f"{value:.1f}"
 
 
+def eval_command(e) -> str:
+    return f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
+
+
 def coco_zoo_block() -> str:
-    """README block: every published COCO model, its config, name, published AP and evaluation command."""
+    """README block: every published COCO model, its config, name and published AP, and how to evaluate one
+    (every model's command: ``eval_block``, in docs/weights.md)."""
     lines = [
         COCO_ZOO_MARKERS[0],
         "| `hrnet_d2://` name | config | body | published box AP | published mask AP | source: mmdetection 3.3.0 model (checkpoint) |",
@@ -188,17 +194,22 @@ def coco_zoo_block() -> str:
         f"**Published** = COCO val2017 AP copied from {zoo.MMDET_METAFILE} ([mmdetection configs/hrnet]({zoo.MMDET_HRNET})): "
         "mmdetection's own evaluation of these checkpoints. **Measured here: none** — the machine this project is built on has "
         "no COCO and no network access, so no AP of a converted model has been measured. Evaluate one (COCO under "
-        "`$DETECTRON2_DATASETS/coco`):",
+        "`$DETECTRON2_DATASETS/coco`; every model's command: "
+        "[docs/weights.md](docs/weights.md#evaluate-a-published-detector)):",
         "",
         "```bash",
-        *(
-            f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
-            for e in zoo.coco_models()
-        ),
+        eval_command(zoo.coco_models()[0]),
         "```",
         COCO_ZOO_MARKERS[1],
     ]
     return "\n".join(lines)
+
+
+def eval_block() -> str:
+    """docs/weights.md block: the evaluation command of every published COCO model."""
+    return "\n".join(
+        [EVAL_MARKERS[0], "```bash", *(eval_command(e) for e in zoo.coco_models()), "```", EVAL_MARKERS[1]]
+    )
 
 
 def imagenet_block() -> str:
@@ -224,7 +235,11 @@ def _replace_block(text, markers, block, path=README):
 
 # (file, markers, block) of every block rendered from hrnet_d2.checkpoint.zoo
 def zoo_blocks():
-    return [(README, COCO_ZOO_MARKERS, coco_zoo_block()), (WEIGHTS_DOC, IMAGENET_MARKERS, imagenet_block())]
+    return [
+        (README, COCO_ZOO_MARKERS, coco_zoo_block()),
+        (WEIGHTS_DOC, IMAGENET_MARKERS, imagenet_block()),
+        (WEIGHTS_DOC, EVAL_MARKERS, eval_block()),
+    ]
 
 
 # ---------------------------------------------------------------- parameter difference
