@@ -14,6 +14,8 @@ names they are given against what they produce); ``validate_config`` (called by
 Detectron2's default head keys.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from detectron2.layers import ShapeSpec
@@ -29,10 +31,14 @@ from .layers import get_norm
 from .pyramid import AUTOCAST_DTYPES, HRNetV2p
 
 __all__ = [
+    "BACKBONES",
+    "BackboneKind",
+    "backbone_name",
     "build_hrnet_backbone",
     "build_hrnetv2p_backbone",
     "build_hrnetv2p_with_body_backbone",
     "build_hrnet_fpn_backbone",
+    "DETECTOR_BACKBONE",
     "check_choice",
     "check_device",
     "check_pixel_stats",
@@ -40,6 +46,34 @@ __all__ = [
 ]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+class BackboneKind(NamedTuple):
+    """What a registered hrnet_d2 backbone holds, as the checkpoint wing needs to know it."""
+
+    body_prefix: str  # where the HRNet body's tensors sit in a detector's state dict
+    hrnetv2p: bool  # whether it has the HRNetV2p pyramid (``backbone.reduction_conv`` / ``fpn_convs``)
+
+
+# MODEL.BACKBONE.NAME -> what it builds; one entry per builder registered below.
+BACKBONES = {
+    "build_hrnet_backbone": BackboneKind("backbone.", hrnetv2p=False),
+    "build_hrnetv2p_backbone": BackboneKind("backbone.bottom_up.", hrnetv2p=True),
+    "build_hrnetv2p_with_body_backbone": BackboneKind("backbone.bottom_up.", hrnetv2p=True),
+    "build_hrnet_fpn_backbone": BackboneKind("backbone.bottom_up.", hrnetv2p=False),
+}
+DETECTOR_BACKBONE = "build_hrnetv2p_backbone"  # what the detectors use (the converter's default target)
+
+
+def backbone_name(backbone):
+    """The ``BACKBONES`` name that builds a model's ``backbone`` module, or None when it is none of ours."""
+    if isinstance(backbone, HRNet):
+        return "build_hrnet_backbone"
+    if isinstance(backbone, HRNetV2p) and isinstance(backbone.bottom_up, HRNet):
+        return "build_hrnetv2p_with_body_backbone" if backbone.keep_body_outputs else "build_hrnetv2p_backbone"
+    if isinstance(backbone, FPN) and isinstance(backbone.bottom_up, HRNet):
+        return "build_hrnet_fpn_backbone"
+    return None
 
 
 def _fail(key, value, allowed):
