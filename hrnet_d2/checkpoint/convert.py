@@ -228,7 +228,7 @@ def convert_state_dict(
 
 def _target_from_config(config_file, opts):
     from ..config import get_hrnet_cfg
-    from ..modeling.build import stage_specs_from_cfg
+    from ..config.validate import stage_specs_from_cfg
 
     cfg = get_hrnet_cfg(config_file, opts)
     name = cfg.MODEL.BACKBONE.NAME

@@ -146,7 +146,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return self._hrnet_target_from_model()
         if cfg.MODEL.BACKBONE.NAME not in BACKBONES:
             return None
-        from ..modeling.build import stage_specs_from_cfg
+        from ..config.validate import stage_specs_from_cfg
 
         h = cfg.MODEL.HRNET
         where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
