@@ -11,9 +11,7 @@ behind ``hrnet_d2://`` (tests/test_zoo.py compares).
     python tools/model_zoo.py --check    # exit 1 if either is out of date
 """
 
-import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +21,8 @@ import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
 from hrnet_d2.checkpoint import zoo
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser
+from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,29 +341,34 @@ and the README block match the code).
 
 def write(rows: List[Row]):
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render_doc(rows))
+    _write_text(DOC, render_doc(rows))
     text = README.read_text()
     text = text.replace(current_readme_block(text), readme_block(rows))
     text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
-    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+    _write_text(README, _replace_block(text, IMAGENET_MARKERS, imagenet_block()))
 
 
 def write_zoo_blocks():
     """Only the hrnet_d2:// tables (no model is built): ``--zoo-only``."""
     text = README.read_text()
     text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
-    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+    _write_text(README, _replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+
+
+def _write_text(path, text):
+    """The whole file or, if interrupted, the old one (never a half-written README)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_argument_parser(__doc__.split("\n\n")[0], config=False)
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
     parser.add_argument(
         "--zoo-only",
         action="store_true",
         help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)",
     )
-    args = add_debug_argument(parser).parse_args(argv)
+    args = parser.parse_args(argv)
     zoo_blocks = [coco_zoo_block(), imagenet_block()]
     if args.zoo_only:
         if args.check:
@@ -393,4 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main))
+    run_tool(main)
