@@ -29,6 +29,7 @@ import torch
 
 from ..modeling.arch import ARCHITECTURES
 from ..modeling.build import BACKBONES, DETECTOR_BACKBONE
+from ..utils.file_io import atomic_write
 from .layouts import ConversionError, arch_name, describe_source, describe_specs, detect_stage_specs, load_state_dict
 from .mmdet_rules import HEAD_ROOTS, Detector, check_heads_against_model, convert_heads, detector_check
 
@@ -271,12 +272,10 @@ def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=Non
     if conv.detector is not None and cfg is not None:
         check_heads_against_model(conv, cfg, config_file, src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    torch.save(
-        {
-            "model": {k: v.contiguous() for k, v in conv.state_dict.items()},
-            "__author__": f"hrnet_d2.convert from {os.path.basename(src)}",
-            "matching_heuristics": False,
-        },
-        dst,
-    )
+    data = {
+        "model": {k: v.contiguous() for k, v in conv.state_dict.items()},
+        "__author__": f"hrnet_d2.convert from {os.path.basename(src)}",
+        "matching_heuristics": False,
+    }
+    atomic_write(dst, lambda f: torch.save(data, f))  # whole or not at all (hrnet_d2:// caches it)
     return conv
