@@ -1,5 +1,5 @@
-"""hrnet_d2.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
-hrnet_d2.weights: a missing converted file stops training with the command that makes it."""
+"""hrnet_d2.checkpoint.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
+hrnet_d2.checkpoint.pretrained: a missing converted file stops training with the command that makes it."""
 
 import copy
 import os

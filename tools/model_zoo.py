@@ -4,7 +4,7 @@
 Parameters and GFLOPs are computed from the code (hrnet_d2/analysis.py), published
 AP comes from the table below with its source, so the README cannot drift from the
 configs: tests/test_model_zoo.py regenerates the table and compares.  The README's
-"COCO model zoo" and ImageNet-weights tables are rendered from hrnet_d2.zoo, the table
+"COCO model zoo" and ImageNet-weights tables are rendered from hrnet_d2.checkpoint.zoo, the table
 behind ``hrnet_d2://`` (tests/test_zoo.py compares).
 
     python tools/model_zoo.py            # rewrite docs/model_zoo.md and the README block
@@ -166,7 +166,7 @@ def current_readme_block(text: str) -> str:
     return current_block(text, BLOCK_START, BLOCK_END)
 
 
-# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.zoo)
+# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.checkpoint.zoo)
 def _dash(value):
     return "–" if value is None else f"{value:.1f}"
 
@@ -366,7 +366,7 @@ def main(argv=None):
     parser.add_argument(
         "--zoo-only",
         action="store_true",
-        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)",
+        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.checkpoint.zoo (fast)",
     )
     args = parser.parse_args(argv)
     zoo_blocks = [coco_zoo_block(), imagenet_block()]

@@ -1,8 +1,8 @@
 """``hrnet_d2://<name>``: published weights by name, for ``MODEL.WEIGHTS`` (Detectron2's PathManager).
 
 ``MODEL.WEIGHTS hrnet_d2://coco/faster_rcnn_hrnetv2p_w32_1x`` (or ``hrnet_d2://imagenet/w32``)
-downloads the checkpoint named in ``hrnet_d2.zoo.ZOO`` from its official URL, checks its SHA-256
-prefix, converts it with ``hrnet_d2.convert.convert_file`` and returns the converted file, cached:
+downloads the checkpoint named in ``hrnet_d2.checkpoint.zoo.ZOO`` from its official URL, checks its SHA-256
+prefix, converts it with ``hrnet_d2.checkpoint.convert.convert_file`` and returns the converted file, cached:
 
     <cache>/downloads/<URL path>      the downloaded file (kept: converting again needs no download)
     <cache>/<name>.pth                the Detectron2 checkpoint

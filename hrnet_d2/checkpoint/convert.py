@@ -12,7 +12,7 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
     and number of classes are read from the tensors and checked against ``--config-file``.
 
 Files are read without running pickled code (``torch.load(weights_only=True)``,
-safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
+safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.utils.safe_load``).  Usage::
 
     python -m hrnet_d2.convert hrnetv2_w32_imagenet_pretrained.pth pretrained/hrnetv2_w32_imagenet_d2.pth \\
         --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml

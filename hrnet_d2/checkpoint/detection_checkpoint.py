@@ -7,7 +7,7 @@ same folder, fsyncs it and renames it over the target (``os.replace`` is atomic 
 POSIX): a reader sees the old file or the complete new one, never a partial one.
 Loading a file that is not a readable checkpoint raises ``CheckpointError`` naming it.
 
-Files are read without running code in them (``hrnet_d2.safe_load``): ``.pth`` / ``.pyth``
+Files are read without running code in them (``hrnet_d2.utils.safe_load``): ``.pth`` / ``.pyth``
 with ``torch.load(weights_only=True)``, Detectron2 / Caffe2 ``.pkl`` files with a restricted
 unpickler; a file that references anything else raises ``UnsafeFileError`` naming the
 file and the refused global.
@@ -15,7 +15,7 @@ file and the refused global.
 Given the config (``cfg=``), it also checks what MODEL.WEIGHTS gives the HRNet backbone,
 where Detectron2 only logs skipped keys and trains on from random weights:
   * official / timm ImageNet and mmdetection HRNet checkpoints are recognised by their
-    key layout and converted on the fly (``hrnet_d2.convert``), as Detectron2 does for
+    key layout and converted on the fly (``hrnet_d2.checkpoint.convert``), as Detectron2 does for
     Caffe2 ``.pkl`` files; a log line says so;
   * a checkpoint whose backbone does not fit the config (another width or architecture,
     another pyramid layout) stops with what was found and what was expected;
@@ -76,7 +76,7 @@ def _listed(items):
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose saves are atomic, whose loads run no code from the file
-    (``hrnet_d2.safe_load``) and whose load errors name the file.
+    (``hrnet_d2.utils.safe_load``) and whose load errors name the file.
 
     Args:
         model, save_dir, checkpointables: as DetectionCheckpointer.

@@ -1,6 +1,6 @@
 """Keypoint, semantic and panoptic versions of the generated "shapes" dataset.
 
-Everything is derived from the instance annotations that ``synthetic.py`` writes (the
+Everything is derived from the instance annotations that ``shapes.py`` writes (the
 polygon of each shape), so the extra datasets need no generator of their own and stay
 consistent with the instance one:
 
@@ -14,7 +14,7 @@ consistent with the instance one:
 * ``{split}_panoptic_separated`` — instances + a stuff map ``0 = things, 1 = background``,
   Detectron2's "panoptic separated" layout used to train ``PanopticFPN``.
 
-``{split}`` is any name of ``synthetic.SPLITS`` (``shapes_train``, ``shapes_tiny_train``, ...).
+``{split}`` is any name of ``shapes.SPLITS`` (``shapes_train``, ``shapes_tiny_train``, ...).
 Files are written next to the instance split on first use and reused afterwards.
 """
 

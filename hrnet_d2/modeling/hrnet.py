@@ -259,7 +259,6 @@ class HRNet(FoldsConvNorms, Backbone):
         if len(stages) != 4:
             raise ValueError(f"HRNet has 4 stages (strides 4/8/16/32), got {len(stages)} stage specs")
         self.activation_checkpoint = activation_checkpoint
-        self.checkpoint_stem = True  # with activation_checkpoint: also the stem + stage 1 (stride 2/4)
         self.inference_fuse = inference_fuse
         self.training_fuse = training_fuse
         self.channels_last = channels_last
@@ -364,10 +363,7 @@ class HRNet(FoldsConvNorms, Backbone):
         backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad); ``fold``:
         each piece runs (and is recomputed) on weights folded in autograd."""
         stem = self._stem_and_layer1_fused if fold else self._stem_and_layer1
-        if self.checkpoint_stem:
-            xs = [checkpoint(stem, x, use_reentrant=False, context_fn=recompute_context(self))]
-        else:
-            xs = [stem(x)]
+        xs = [checkpoint(stem, x, use_reentrant=False, context_fn=recompute_context(self))]
         for k in range(1, self.num_stages):
             transition = getattr(self, f"transition{k}")
             xs = transition.forward_fused(xs) if fold else transition(xs)
@@ -419,7 +415,7 @@ class HRNet(FoldsConvNorms, Backbone):
 
     def uses_training_fold(self) -> bool:
         """Whether ``forward`` with gradients folds the norms into the convs inside autograd
-        (layers.TrainFoldedConv): gradients enabled, MODEL.HRNET.TRAINING_FUSE on, every norm
+        (fold.TrainFoldedConv): gradients enabled, MODEL.HRNET.TRAINING_FUSE on, every norm
         an affine map (FrozenBN, BNEval, eval-mode BN; never BN/SyncBN in training), and not
         exporting."""
         if not self.training_fuse or not torch.is_grad_enabled() or exporting():

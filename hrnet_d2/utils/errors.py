@@ -66,7 +66,7 @@ def exit_on_user_error_in_worker(fn, *args, **kwargs):
     Every rank usually meets the same mistake (same config, same files): rank 0 prints it and
     exits 2 at once; the others hold their message back a moment, during which ``launch``'s
     parent ends them, so the message is printed once.  A mistake only one other rank meets is
-    printed by that rank after the delay.  The parent then exits 2 (see ``train_net.cli``).
+    printed by that rank after the delay.  The parent then exits 2 (see ``engine.launch.launch_cli``).
     """
     try:
         return fn(*args, **kwargs)
