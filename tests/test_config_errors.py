@@ -159,3 +159,9 @@ def test_modules_name_their_own_arguments_and_validation_names_the_key():
     with pytest.raises(ConfigValueError, match=r"^model\.backbone\.pooling = 'MEDIAN' is invalid"):
         with lazy_argument_errors(cfg.model):
             instantiate(cfg.model)
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.pooling=AVG", "model.backbone.bottom_up.stages.arch=w99"])
+    with pytest.raises(
+        ConfigValueError, match=r"^model\.backbone\.bottom_up\.stages\.arch = 'w99' is invalid: allowed"
+    ):
+        with lazy_argument_errors(cfg.model):
+            instantiate(cfg.model)
