@@ -33,6 +33,7 @@ __all__ = [
     "check_choice",
     "check_device",
     "check_world_size",
+    "lazy_argument_errors",
     "stage_specs_from_cfg",
     "validate_config",
     "validate_model",
