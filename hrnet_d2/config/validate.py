@@ -22,6 +22,7 @@ from ..data.resize import RESIZE_BACKENDS
 from ..modeling.arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS
 from ..modeling.blocks import BLOCKS
 from ..modeling.build import BACKBONES
+from ..modeling.fcos import check_fcos_config
 from ..modeling.hrnet import stage_specs_from_cfg as read_stage_specs
 from ..modeling.layers import NORMS as HRNET_NORMS
 from ..modeling.layers import get_norm
@@ -52,6 +53,7 @@ ARGUMENT_KEYS = {
     ("HRNetV2p", "in_features"): "MODEL.HRNET_PYRAMID.IN_FEATURES",
     ("HRNetV2p", "pooling"): "MODEL.HRNET_PYRAMID.POOLING",
     ("HRNetV2p", "inference_autocast"): "MODEL.HRNET.INFERENCE_AUTOCAST",
+    ("HRNetV2p", "conv_stride"): "MODEL.HRNET_PYRAMID.CONV_STRIDE",
     ("FPN", "in_features"): "MODEL.FPN.IN_FEATURES",
 }
 
@@ -364,6 +366,8 @@ def validate_config(cfg):
         _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)
     if meta in _USES_SEM_SEG_HEAD:
         check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
+    if meta == "FCOSDetector":
+        check_fcos_config(cfg, shapes)
     _validated.clear()
     _validated[dump] = dict(shapes)
     return shapes
