@@ -93,6 +93,8 @@ CASES = [
     ("FCOS level the pyramid does not produce", FCOS, ["MODEL.FCOS.IN_FEATURES", "['p2', 'p3']"],
      "MODEL.FCOS.IN_FEATURES", "'p2'"),
     ("FCOS regression activation", FCOS, ["MODEL.FCOS.REG_ACTIVATION", "softplus"], "MODEL.FCOS.REG_ACTIVATION", "'softplus'"),
+    ("FCOS levels of unequal channels", FCOS, ["MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.OUT_FEATURES",
+     "['hr2', 'hr3']", "MODEL.FCOS.IN_FEATURES", "['hr2', 'hr3']"], "MODEL.FCOS.IN_FEATURES", "['hr2', 'hr3']"),
     ("FCOS test convention", FCOS, ["MODEL.FCOS.TEST_CONVENTION", "mmdet"], "MODEL.FCOS.TEST_CONVENTION", "'mmdet'"),
     ("FCOS anchor offset", FCOS, ["MODEL.FCOS.ANCHOR_OFFSET", "1.5"], "MODEL.FCOS.ANCHOR_OFFSET", "1.5"),
     ("pyramid conv stride", FCOS, ["MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"], "MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"),

@@ -22,7 +22,7 @@ from ..data.resize import RESIZE_BACKENDS
 from ..modeling.arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS
 from ..modeling.blocks import BLOCKS
 from ..modeling.build import BACKBONES
-from ..modeling.fcos import check_fcos_config
+from ..modeling.fcos import REG_ACTIVATIONS, TEST_CONVENTIONS
 from ..modeling.hrnet import stage_specs_from_cfg as read_stage_specs
 from ..modeling.layers import NORMS as HRNET_NORMS
 from ..modeling.layers import get_norm
@@ -327,6 +327,39 @@ def _check_consecutive_levels(key, names, shapes):
         )
 
 
+def _check_fcos_keys(cfg, shapes):
+    """Raise :class:`ConfigValueError` (one line: key, value, what is allowed) for a ``MODEL.FCOS`` key that cannot
+    work with a backbone producing ``shapes`` (its ``output_shape()``)."""
+    f = cfg.MODEL.FCOS
+    check_feature_names("MODEL.FCOS.IN_FEATURES", f.IN_FEATURES, shapes, f"the backbone ({cfg.MODEL.BACKBONE.NAME})")
+    channels = [shapes[k].channels for k in f.IN_FEATURES]
+    if len(set(channels)) != 1:
+        raise ConfigValueError(
+            "MODEL.FCOS.IN_FEATURES",
+            list(f.IN_FEATURES),
+            f"the levels need equal channels (one shared head): {channels}",
+        )
+    strides = [shapes[k].stride for k in f.IN_FEATURES]
+    if any(s <= 0 or s & (s - 1) for s in strides):
+        raise ConfigValueError("MODEL.FCOS.IN_FEATURES", list(f.IN_FEATURES), f"strides {strides} must be powers of 2")
+    for key, value, allowed in (
+        ("REG_ACTIVATION", f.REG_ACTIVATION, REG_ACTIVATIONS),
+        ("TEST_CONVENTION", f.TEST_CONVENTION, TEST_CONVENTIONS),
+    ):
+        if value not in allowed:
+            raise ConfigValueError(f"MODEL.FCOS.{key}", value, f"allowed: {list(allowed)}")
+    for key in ("NUM_CLASSES", "NUM_CONVS", "TOPK_CANDIDATES_TEST"):
+        value = getattr(f, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigValueError(f"MODEL.FCOS.{key}", value, "must be a positive integer")
+    if not 0.0 <= f.ANCHOR_OFFSET < 1.0:
+        raise ConfigValueError("MODEL.FCOS.ANCHOR_OFFSET", f.ANCHOR_OFFSET, "must be in [0, 1)")
+    if f.CENTER_SAMPLING_RADIUS < 0:
+        raise ConfigValueError("MODEL.FCOS.CENTER_SAMPLING_RADIUS", f.CENTER_SAMPLING_RADIUS, "must be >= 0 (0: off)")
+    if not 0.0 < f.PRIOR_PROB < 1.0:
+        raise ConfigValueError("MODEL.FCOS.PRIOR_PROB", f.PRIOR_PROB, "must be in (0, 1)")
+
+
 _validated = {}  # the MODEL and INPUT keys of the last config validate_config passed -> output shapes
 
 
@@ -367,7 +400,7 @@ def validate_config(cfg):
     if meta in _USES_SEM_SEG_HEAD:
         check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
     if meta == "FCOSDetector":
-        check_fcos_config(cfg, shapes)
+        _check_fcos_keys(cfg, shapes)
     _validated.clear()
     _validated[dump] = dict(shapes)
     return shapes
