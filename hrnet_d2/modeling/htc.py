@@ -3,7 +3,7 @@
 Registered as ``HybridTaskCascadeROIHeads`` in ROI_HEADS_REGISTRY (``MODEL.ROI_HEADS.NAME``), options
 under ``MODEL.HTC`` (``add_hrnet_config``).  It is mmdetection 3.3's ``HybridTaskCascadeRoIHead`` with
 ``HTCMaskHead`` and ``FusedSemanticHead`` on Detectron2's cascade machinery
-(:class:`~hrnet_d2.mmdet_heads.MMDetCascadeROIHeads`: mmdetection's box-delta clamp and logit-averaged
+(:class:`~hrnet_d2.modeling.mmdet_heads.MMDetCascadeROIHeads`: mmdetection's box-delta clamp and logit-averaged
 stage ensemble):
 
 * one box head and one mask head per stage; with ``MODEL.HTC.INTERLEAVED`` each stage's mask head is
