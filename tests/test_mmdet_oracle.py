@@ -17,10 +17,10 @@ import mmdet_oracle as mo
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, make_cfg
+from conftest import CONFIGS, make_cfg, oracle_missing
 
 if not mo.install_ext_stand_in():
-    pytest.skip("mmdetection (the oracle) is not installed: scripts/setup_env.sh installs it", allow_module_level=True)
+    oracle_missing("mmdetection (the oracle) is not installed: scripts/setup_env.sh installs it")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
