@@ -2,8 +2,8 @@
 
 No network here: an HTTP server on 127.0.0.1 serves generated checkpoints under the official URL
 paths, and $HRNET_D2_ZOO_BASE_URL points the handler at it.  The table itself is checked against
-the independent sources it copies: mmdetection 3.3.0's metafile (in the mmdet wheel, a test
-dependency) and timm's pretrained configs.
+the independent sources it copies: mmdetection 3.3.0's metafile (a copy in tests/data, checked
+against the mmdet wheel, a test dependency, where installed) and timm's pretrained configs.
 """
 
 import dataclasses
@@ -14,13 +14,14 @@ import re
 import shlex
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import timm
 import torch
 import yaml
-from conftest import make_cfg
+from conftest import make_cfg, oracle_missing
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -480,20 +481,20 @@ def _metafile_mismatches(table, metafile_text):
     return sorted(set(published.items()) ^ set(ours.items()))
 
 
-@pytest.fixture(scope="module")
-def mmdet_metafile():
-    import importlib.util
-
-    spec = importlib.util.find_spec("mmdet")  # the package is not imported (it needs mmcv's compiled ops)
-    if spec is None:
-        pytest.skip("mmdet (a test dependency, the oracle for the table) is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], ".mim", "configs", "hrnet", "metafile.yml")
-    with open(path) as f:
-        return f.read()
+METAFILE_COPY = Path(__file__).parent / "data" / "mmdet-3.3.0_configs_hrnet_metafile.yml"
 
 
-def test_coco_entries_are_mmdetections_metafile(mmdet_metafile):
-    assert _metafile_mismatches(zoo.ZOO.values(), mmdet_metafile) == []
+def _copy_body_and_recorded_sha256():
+    """The checked-in metafile without its header comment, and the sha256 the header records for it."""
+    lines = METAFILE_COPY.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[: len(header)] == header  # the added comments are the header, nothing else
+    (sha,) = re.findall(r"sha256 ([0-9a-f]{64})", "".join(header))
+    return "".join(lines[len(header) :]), sha
+
+
+def _assert_table_is(metafile_text):
+    assert _metafile_mismatches(zoo.ZOO.values(), metafile_text) == []
     # negative controls: one AP or one URL off, one model missing
     e = zoo.ZOO["coco/mask_rcnn_hrnetv2p_w32_2x"]
     for wrong in (
@@ -501,8 +502,31 @@ def test_coco_entries_are_mmdetections_metafile(mmdet_metafile):
         dataclasses.replace(e, downloads=(zoo.Download(e.url[:-5] + "0.pth", "0"),)),
     ):
         table = [wrong if x is e else x for x in zoo.ZOO.values()]
-        assert len(_metafile_mismatches(table, mmdet_metafile)) == 2
-    assert len(_metafile_mismatches([x for x in zoo.ZOO.values() if x is not e], mmdet_metafile)) == 1
+        assert len(_metafile_mismatches(table, metafile_text)) == 2
+    assert len(_metafile_mismatches([x for x in zoo.ZOO.values() if x is not e], metafile_text)) == 1
+
+
+def test_coco_entries_are_mmdetections_metafile():
+    """Against the checked-in copy of mmdetection 3.3.0's metafile (tests/data; always run)."""
+    body, sha = _copy_body_and_recorded_sha256()
+    assert hashlib.sha256(body.encode()).hexdigest() == sha  # verbatim, as the header says
+    assert "mmdetection 3.3.0" in METAFILE_COPY.read_text().splitlines()[0]
+    _assert_table_is(body)
+
+
+def test_coco_entries_are_the_installed_mmdetections_metafile():
+    """Against the metafile in the installed mmdet wheel (the test dependency), which is the copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mmdet")  # the package is not imported (it needs mmcv's compiled ops)
+    if spec is None:
+        oracle_missing("mmdet (a test dependency, the oracle for the table) is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], ".mim", "configs", "hrnet", "metafile.yml")
+    with open(path, "rb") as f:
+        installed = f.read()
+    body, sha = _copy_body_and_recorded_sha256()
+    assert hashlib.sha256(installed).hexdigest() == sha and installed.decode() == body
+    _assert_table_is(installed.decode())
 
 
 def test_imagenet_entries_are_timms_weights():
