@@ -303,17 +303,23 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
 
     cfg = make_cfg(str(small_detector_config), "MODEL.WEIGHTS", f"hrnet_d2://{entry.name}")
     model = build_model(cfg).eval()
-    checkpointer = _RecordingAtomic(model)
+    checkpointer = _RecordingAtomic(model, cfg=cfg, complete=True)  # as train_net.py --eval-only loads it
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     report = checkpointer.report
     assert not report.unexpected_keys and not report.incorrect_shapes
-    assert not [k for k in report.missing_keys if k.startswith("backbone.")]
-    assert torch.equal(
-        model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight,
-        sd["backbone.stage4.0.branches.3.1.conv2.weight"],
-    )
-    assert torch.equal(model.backbone.reduction_conv.weight, sd["neck.reduction_conv.conv.weight"])
-    assert torch.equal(model.backbone.fpn_convs[4].bias, sd["neck.fpn_convs.4.conv.bias"])
+    assert report.missing_keys == []  # body, pyramid and every head tensor come from the download
+    pairs = [
+        (model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight, "backbone.stage4.0.branches.3.1.conv2.weight"),
+        (model.backbone.reduction_conv.weight, "neck.reduction_conv.conv.weight"),
+        (model.backbone.fpn_convs[4].bias, "neck.fpn_convs.4.conv.bias"),
+        (model.proposal_generator.rpn_head.anchor_deltas.weight, "rpn_head.rpn_reg.weight"),
+        (model.proposal_generator.rpn_head.objectness_logits.bias, "rpn_head.rpn_cls.bias"),
+        (model.roi_heads.box_head.fc1.weight, "roi_head.bbox_head.shared_fcs.0.weight"),
+        (model.roi_heads.box_predictor.cls_score.weight, "roi_head.bbox_head.fc_cls.weight"),
+        (model.roi_heads.box_predictor.bbox_pred.bias, "roi_head.bbox_head.fc_reg.bias"),
+    ]
+    for ours, key in pairs:
+        assert torch.equal(ours, sd[key]), key
     assert server.requests == [_path(entry.url)]
     assert _files_in(cache) == sorted(["coco/faster_rcnn_hrnetv2p_w18_1x.pth", "downloads" + _path(entry.url)])
     PathManager.get_local_path(f"hrnet_d2://{entry.name}")
