@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from conftest import assert_close_to_scale, tiny_rcnn_cfg
+from timm_peer import CLASSIFICATION_ONLY, calibrated_timm, timm_branches
 from timm_peer import body_state_dict as timm_body_state_dict
-from timm_peer import calibrated_timm, timm_branches
 
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
@@ -329,17 +329,32 @@ def test_faster_rcnn_trains_with_amp_on_cpu():
 
 
 def test_bf16_detector_features_match_fp32():
-    """The bf16 inference path: the detector's pyramid features (what RPN and ROI heads see)
-    stay within 15% (relative L2) of fp32 with random weights (see the test above)."""
+    """The bf16 inference path: the detector's pyramid features (what RPN and ROI heads see) are
+    off fp32 by no more than 3x what timm's own body is off under the same autocast, with the
+    detector's body weights, on the same input (measured here, Sapphire Rapids / AMX: timm 0.0076,
+    ours p2..p6 0.003-0.0065 relative L2; bf16 numerics differ by CPU, so the bound follows timm's)."""
+    import timm
+
+    torch.manual_seed(0)
     model = build_model(_tiny_rcnn_cfg()).eval()
     images = model.preprocess_image([{k: v for k, v in d.items() if k != "instances"} for d in _batch(1)])
+    x = images.tensor
     with torch.no_grad():
-        ref = model.backbone(images.tensor)
+        ref = model.backbone(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.backbone(images.tensor)
+            out = model.backbone(x)
             dets = model([{"image": _batch(1)[0]["image"]}])
+    peer = timm.create_model("hrnet_w18_small", pretrained=False).eval()  # = w18_small_v1
+    loaded = peer.load_state_dict(model.backbone.bottom_up.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(k.startswith(CLASSIFICATION_ONLY) for k in loaded.missing_keys)
+    with torch.no_grad():
+        timm_ref = timm_branches(peer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            timm_out = timm_branches(peer, x)
+    timm_error = max(rel_l2(o, r) for o, r in zip(timm_out, timm_ref))
     errors = {k: rel_l2(out[k], ref[k]) for k in ref}
-    assert max(errors.values()) < 0.15, errors
+    assert 0 < timm_error < 0.05, timm_error  # bf16 did run, and the peer is in a sane range
+    assert max(errors.values()) <= 3 * timm_error, (errors, timm_error)
     assert len(dets[0]["instances"]) > 0
 
 
