@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, make_cfg, run_train_net
+from conftest import REPO, make_cfg, retry_if_port_taken, run_train_net
 from test_e2e_train_net import _metrics as _copypaste_metrics
 from test_interrupted_training import _assert_state_close, _last_checkpoint
 from test_interrupted_training import _metrics as _iteration_metrics
@@ -184,7 +184,9 @@ def _trace(tmp_path, name, num_gpus, *opts):
            "--dist-url", "auto", "--config-file", str(QUICKSTART), *opts,
            "OUTPUT_DIR", str(tmp_path / name)]  # fmt: skip
     env = dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    )
     _check(proc)
     return json.loads(out.read_text())
 

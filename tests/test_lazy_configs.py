@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, retry_if_port_taken
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
@@ -122,7 +122,9 @@ def test_lazy_train_net_trains_and_evaluates(tmp_path):
         "dataloader.test.num_workers=0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "World size: 2" in log and (out / "log.txt.rank1").is_file()
@@ -164,7 +166,9 @@ def _lazy(out, *args, code=None):
     cmd = [sys.executable, *(("-c", code) if code else ()), str(REPO / "lazy_train_net.py"), "--config-file",
            LAZY_SHAPES, *args, *LAZY_TINY, f"train.output_dir={out}"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HRNET_D2_DATASETS=str(out.parent / "datasets"))
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    )
     return proc, proc.stdout + proc.stderr
 
 

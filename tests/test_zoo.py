@@ -369,11 +369,12 @@ def test_bad_download_is_refused_and_nothing_is_left(server, cache, monkeypatch,
 
 
 def test_no_network_gives_the_manual_commands_and_they_work(
-    tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config
+    tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config, request
 ):
-    with socket.socket() as s:  # a port where nothing listens: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    closed = socket.socket()  # a port bound (kept, so no other process takes it) where nothing listens: refused
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    request.addfinalizer(closed.close)
     root = tmp_path / "cache"
     monkeypatch.setenv("HRNET_D2_CACHE", str(root))
     monkeypatch.setenv("HRNET_D2_ZOO_BASE_URL", f"http://127.0.0.1:{port}")
