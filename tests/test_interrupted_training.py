@@ -191,6 +191,32 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert oct(os.stat(tmp_path / "model_0000000.pth").st_mode & 0o777) != oct(0o600)
 
 
+def test_atomic_path_for_any_writer(tmp_path, monkeypatch):
+    """utils.file_io.atomic_path (the hrnet_d2:// download, converted checkpoints, dataset jsons):
+    the target appears whole and fsynced or not at all; a stale temp file of a killed run is removed."""
+    from hrnet_d2.utils import file_io
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(file_io.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    target = tmp_path / "model.pth"
+    with pytest.raises(OSError, match="cut short"):
+        with file_io.atomic_path(target) as tmp:
+            assert not tmp.endswith(".pth") and os.path.dirname(tmp) == str(tmp_path)
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise OSError("download cut short")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / ".model.pth.download").write_bytes(b"left by a killed run")
+    with file_io.atomic_path(target, tmp_name=".model.pth.download") as tmp:
+        assert not os.path.exists(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"whole")
+    assert os.listdir(tmp_path) == ["model.pth"] and target.read_bytes() == b"whole" and synced
+    file_io.atomic_write(target, lambda f: f.write("text"), mode="w")
+    assert os.listdir(tmp_path) == ["model.pth"] and target.read_text() == "text"
+
+
 @pytest.mark.parametrize("content", ["truncated", "garbage", "empty", "not_a_state_dict"])
 def test_unreadable_checkpoint_error_names_the_file(tmp_path, content):
     good = AtomicCheckpointer(_Big(), str(tmp_path))

@@ -144,7 +144,7 @@ LAZY_TINY = [
     "dataloader.train.mapper.augmentations.0.max_size=80",
     "dataloader.test.mapper.augmentations.0.short_edge_length=64", "dataloader.test.mapper.augmentations.0.max_size=64",
     "train.seed=7", "train.max_iter=8", "train.checkpointer.period=3", "train.log_period=1",
-    "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.amp.CPUAMPTrainer)
+    "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.engine.train_loop.CPUAMPTrainer)
 ]  # fmt: skip
 # The second checkpoint save (iteration 5) writes half a file, then fails like a full disk.
 _FAIL_SECOND_SAVE = """

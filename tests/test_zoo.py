@@ -1,4 +1,4 @@
-"""hrnet_d2://<name>: published weights by name (hrnet_d2/catalog.py) and the table behind it (hrnet_d2/zoo.py).
+"""hrnet_d2://<name>: published weights by name (hrnet_d2/checkpoint/catalog.py) and the table behind it (hrnet_d2/checkpoint/zoo.py).
 
 No network here: an HTTP server on 127.0.0.1 serves generated checkpoints under the official URL
 paths, and $HRNET_D2_ZOO_BASE_URL points the handler at it.  The table itself is checked against
@@ -474,7 +474,7 @@ def test_table_entries_are_well_formed():
 def test_every_coco_model_has_its_config():
     """The inference configs come with the whole-detector conversion (issue 10, items 1-2)."""
     missing = [e.config for e in zoo.coco_models() if not (CONFIG_DIR / e.config).is_file()]
-    assert not missing, f"configs named by hrnet_d2.zoo are missing: {missing}"
+    assert not missing, f"configs named by hrnet_d2.checkpoint.zoo are missing: {missing}"
 
 
 def _metafile_mismatches(table, metafile_text):

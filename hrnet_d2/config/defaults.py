@@ -19,7 +19,7 @@ def add_hrnet_config(cfg):
     """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
-    # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
+    # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
     # w32, w40, w44, w48, w64), or "" to use the explicit MODEL.HRNET.STAGE{1..4} specs.
     _C.MODEL.HRNET.ARCH = "w32"
     for k in range(1, 5):
@@ -47,7 +47,7 @@ def add_hrnet_config(cfg):
     # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
-    # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
+    # the convs and add/ReLU fused (hrnet_d2/modeling/fold.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Training fast path: when every norm has frozen statistics (FrozenBN, BNEval), each norm is
     # folded into its conv inside autograd at every step (gradients reach the conv and the
@@ -82,7 +82,7 @@ def add_hrnet_config(cfg):
     # (mmdetection's HRFPN stride=2, used by its HRNet FCOS: NUM_LEVELS 5 gives p3..p7, strides 8..128).
     _C.MODEL.HRNET_PYRAMID.CONV_STRIDE = 1
 
-    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/): a checkpoint
     # that leaves body tensors at their random init (a partial file, another backbone's weights)
     # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
     # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
@@ -149,7 +149,7 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides.
 
     The file (and its ``_BASE_`` files) is read with ``yaml.safe_load``: a python tag raises
-    ``hrnet_d2.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
+    ``hrnet_d2.utils.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
     (default: the ``HRNET_D2_ALLOW_UNSAFE_YAML`` environment variable) restores Detectron2's
     ``yaml.unsafe_load`` fallback, for files you trust.
     """
