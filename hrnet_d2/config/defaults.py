@@ -15,7 +15,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND, DATALOADER.DROP_INVALID_BOXES
+    and DIST keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -89,6 +90,14 @@ def add_hrnet_config(cfg):
     # outside its image are an error (DataError naming the json and annotation id);
     # True drops them with a warning that counts them (Detectron2 drops them silently).
     _C.DATALOADER.DROP_INVALID_BOXES = False
+
+    # Several processes (docs/distributed.md): how long a collective (gradient all-reduce,
+    # barrier, metrics gather) waits for the other processes before the job ends with one line
+    # naming the rank that was lost; finding that rank takes at most as long again.  Must exceed
+    # the longest time one process works alone (rank 0 saving a checkpoint, generating data).
+    # Detectron2's launch uses 30 minutes.
+    _C.DIST = CN()
+    _C.DIST.TIMEOUT_SECONDS = 1800
 
 
 def get_config_file(name: str) -> str:
