@@ -5,8 +5,8 @@ JSON-lines file; train_net.py's writers log them every 20 iterations only.
     python tests/loss_trace.py OUT.jsonl --num-gpus 2 --dist-url auto --config-file ... KEY VALUE ...
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/loss_trace.py OUT.jsonl --config-file ...
 
-A restarted or resumed run appends again from where it continues; :func:`read_trace` keeps
-the last line of each iteration.  ``HRNET_D2_TEST_SAME_DATA=1`` (negative control of the
+A restarted or resumed run appends again from where it continues (tests read the last line of
+each iteration).  ``HRNET_D2_TEST_SAME_DATA=1`` (negative control of the
 parity tests): every rank reads rank 0's share of the training data.
 """
 
@@ -28,19 +28,9 @@ class LossTrace(hooks.HookBase):
         if comm.is_main_process():
             storage = self.trainer.storage
             names = [k for k in storage.histories() if k == "total_loss" or k.startswith("loss_")]
-            row = {k: storage.history(k).latest() for k in names}
-            row["world_size"] = comm.get_world_size()
+            row = {"iteration": self.trainer.iter, **{k: storage.history(k).latest() for k in names}}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"iteration": self.trainer.iter, **row}) + "\n")
-
-
-def read_trace(path):
-    """[losses of iteration 0, 1, ...] (dicts), the last record of each iteration."""
-    rows = {}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        rows[row.pop("iteration")] = row
-    return [rows[i] for i in sorted(rows)]
+                f.write(json.dumps(row) + "\n")
 
 
 def _same_data_for_every_rank():
@@ -53,11 +43,10 @@ def _same_data_for_every_rank():
     samplers.TrainingSampler.__init__ = rank_zero_share
 
 
-if __name__ == "__main__":
+def _install(out):
+    """Make train_net.py's Trainer trace to ``out`` (and, on request, read the same data on every rank)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_net.py
     import train_net
-
-    out = sys.argv[1]
 
     class TracingTrainer(train_net.Trainer):
         def build_hooks(self):
@@ -66,4 +55,11 @@ if __name__ == "__main__":
     train_net.Trainer = TracingTrainer
     if os.environ.get("HRNET_D2_TEST_SAME_DATA") == "1":
         _same_data_for_every_rank()
-    train_net.cli(sys.argv[2:])
+    return train_net
+
+
+# the script, and the workers Detectron2's launch spawns (they import it as __mp_main__, argv kept)
+if __name__ in ("__main__", "__mp_main__"):
+    _train_net = _install(sys.argv[1])
+if __name__ == "__main__":
+    _train_net.cli(sys.argv[2:])

@@ -178,15 +178,25 @@ def test_evaluation_across_two_ranks_equals_one_rank(full, tmp_path):
     assert gathered == single
 
 
+def read_trace(path):
+    """The losses of iterations 0, 1, ... that tests/loss_trace.py wrote (the last record of
+    each iteration: a restarted run writes those after its checkpoint again)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row.pop("iteration")] = row
+    return [rows[i] for i in sorted(rows)]
+
+
 def _trace(tmp_path, name, num_gpus, *opts):
-    out = tmp_path / f"{name}.json"
+    out = tmp_path / f"{name}.jsonl"
     cmd = [sys.executable, str(REPO / "tests/loss_trace.py"), str(out), "--num-gpus", str(num_gpus),
            "--dist-url", "auto", "--config-file", str(QUICKSTART), *opts,
            "OUTPUT_DIR", str(tmp_path / name)]  # fmt: skip
     env = dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     _check(proc)
-    return json.loads(out.read_text())
+    return read_trace(out)
 
 
 # Exhaustive sampling (every anchor and every proposal is a training sample), fixed input

@@ -252,6 +252,29 @@ def detect_job_environment(environ=None):
     return job
 
 
+def _attempt_store(job, timeout):
+    """After a torchrun restart on one machine, the store the agent shares with its workers
+    (TORCHELASTIC_USE_AGENT_STORE) still holds the keys of the failed attempt, and a worker that
+    reads them before rank 0 has written its new address connects to a dead process
+    (pytorch/pytorch#135712): each attempt gets keys of its own.  The restart count is the same
+    for all workers of one agent only; across machines torch's remedy is to start torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per attempt), which docs/distributed.md uses."""
+    env = os.environ
+    if not (job.launcher == "torchrun" and job.restart_count and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if job.rank == 0:
+            logger.warning(
+                "torchrun restart %d across %s machines with the agents' shared store: if the workers cannot "
+                "join, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (pytorch/pytorch#135712)",
+                job.restart_count,
+                env["GROUP_WORLD_SIZE"],
+            )
+        return None
+    store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"hrnet_d2/attempt_{job.restart_count}", store)
+
+
 def join_process_group(job, timeout):
     """Join the job's process group (``env://``) as Detectron2's ``launch`` does for its
     workers: NCCL and the local rank's GPU when there is CUDA, else gloo; then Detectron2's
@@ -272,8 +295,13 @@ def join_process_group(job, timeout):
                 f"which has {torch.cuda.device_count()} GPUs: one process per GPU"
             )
         torch.cuda.set_device(job.local_rank)
+    backend = "nccl" if has_gpu else "gloo"
     try:
-        dist.init_process_group("nccl" if has_gpu else "gloo", init_method="env://", timeout=timeout)
+        store = _attempt_store(job, timeout)
+        if store is None:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=job.rank, world_size=job.world_size, timeout=timeout)
     except Exception as e:  # nobody at MASTER_ADDR:MASTER_PORT, or not everybody came
         raise LaunchError(
             f"rank {job.rank} of {job.world_size} ({job.launcher}) could not join the process group at "
