@@ -158,7 +158,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return self._hrnet_target_from_model()
         if cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
             return None
-        from .build import stage_specs_from_cfg
+        from ..modeling.build import stage_specs_from_cfg
 
         h = cfg.MODEL.HRNET
         where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
@@ -166,8 +166,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _hrnet_target_from_model(self):
         """As _hrnet_target, read from the model (LazyConfig models have no MODEL.* keys)."""
-        from .hrnet import HRNet
-        from .pyramid import HRNetV2p
+        from ..modeling.hrnet import HRNet
+        from ..modeling.pyramid import HRNetV2p
 
         found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HRNet)]
         if len(found) != 1:
