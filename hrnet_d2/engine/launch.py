@@ -409,7 +409,10 @@ def _run(main, args, timeout):
         if comm.get_rank() != 0:
             time.sleep(WORKER_MESSAGE_DELAY_S)  # a launcher that saw the loss too may end this process first
         print(f"error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        # an orderly exit would close the process groups, which can wait on the lost peer
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         train_loop_logger.removeFilter(quiet)
 
