@@ -104,10 +104,13 @@ def create_ddp_model(model, **kwargs):
 
     Detectron2 gives DistributedDataParallel ``device_ids=[local rank]``, which only a
     single-GPU module accepts; a CPU module (``launch`` picks the gloo backend when
-    there is no CUDA) takes none.
+    there is no CUDA) takes none.  On GPUs the process's current device (the same as the
+    local rank's unless the launcher gave each process one GPU of its own).
     """
-    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
-        kwargs.setdefault("device_ids", None)
+    if comm.get_world_size() > 1:
+        device = next(model.parameters()).device
+        # the process's own GPU: the local rank's, or the only one a launcher left it (CUDA_VISIBLE_DEVICES)
+        kwargs.setdefault("device_ids", None if device.type == "cpu" else [torch.cuda.current_device()])
     return d2_create_ddp_model(model, **kwargs)
 
 
@@ -289,12 +292,16 @@ def join_process_group(job, timeout):
     )
     has_gpu = torch.cuda.is_available()
     if has_gpu:
-        if job.local_world_size > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if count == 1:  # srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES per process: this process's GPU
+            torch.cuda.set_device(0)
+        elif job.local_world_size <= count:
+            torch.cuda.set_device(job.local_rank)
+        else:
             raise LaunchError(
-                f"{job.launcher} starts {job.local_world_size} processes on this machine, "
-                f"which has {torch.cuda.device_count()} GPUs: one process per GPU"
+                f"{job.launcher} starts {job.local_world_size} processes on this machine, which has {count} "
+                "GPUs: start one process per GPU"
             )
-        torch.cuda.set_device(job.local_rank)
     backend = "nccl" if has_gpu else "gloo"
     try:
         store = _attempt_store(job, timeout)
