@@ -143,12 +143,26 @@ _KILL_DURING_SAVE = textwrap.dedent(
 )
 
 
+def _readline(proc, timeout):
+    """The child's next stdout line ("" at its end), or None if none came within ``timeout`` seconds:
+    a stuck child fails the test instead of hanging the suite (the caller kills it)."""
+    import threading
+
+    line = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0] if line else None
+
+
 def test_sigkill_during_save_leaves_no_truncated_checkpoint(tmp_path):
     code = _KILL_DURING_SAVE.format(out=str(tmp_path))
     env = dict(os.environ, **ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert proc.stdout.readline().strip() == "HALF"
+        line = _readline(proc, timeout=180)
+        assert line is not None, "the child printed nothing within 180 s (stuck before the save?)"
+        assert line.strip() == "HALF"
     finally:
         proc.kill()
         proc.wait()

@@ -50,6 +50,7 @@ __all__ = [
     "AtomicCheckpointer",
     "CheckpointError",
     "CheckpointNotFound",
+    "CheckpointWriteError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,18 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A local checkpoint path that does not exist."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (disk full, quota, file-size limit); the message names
+    the file and the OS error.  The previous checkpoint stays the one ``--resume`` reads."""
+
+
+def _os_error(error):
+    """The OSError behind a failed save: itself, or what torch's zip writer met while writing."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 # BatchNorm statistics a checkpoint may hold for a model whose norm has none (GN, FrozenBN): harmless
@@ -280,7 +293,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         os.makedirs(self.save_dir, exist_ok=True)
         self.logger.info("Saving checkpoint to {}".format(save_file))
-        atomic_write(save_file, lambda f: torch.save(data, f))
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        except (OSError, RuntimeError) as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            last = self.get_checkpoint_file() if self.has_checkpoint() else None
+            kept = f"; {last} stays the last complete checkpoint" if last else ""
+            reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno and cause.strerror else str(cause)
+            raise CheckpointWriteError(f"Cannot write checkpoint {save_file}: {reason}{kept}") from e
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):

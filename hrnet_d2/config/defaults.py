@@ -16,7 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, MODEL.HTC, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, MODEL.HTC, INPUT.RESIZE_BACKEND, DATALOADER.DROP_INVALID_BOXES
+    and DIST keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -160,6 +161,14 @@ def add_fcos_config(cfg):
     _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level; mmdetection nms_pre
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # mmdetection nms.iou_threshold (class-wise NMS in both)
     # detections per image: TEST.DETECTIONS_PER_IMAGE (mmdetection max_per_img)
+
+    # Several processes (docs/distributed.md): how long a collective (gradient all-reduce,
+    # barrier, metrics gather) waits for the other processes before the job ends with one line
+    # naming the rank that was lost; finding that rank takes at most as long again.  Must exceed
+    # the longest time one process works alone (rank 0 saving a checkpoint, generating data).
+    # Detectron2's launch uses 30 minutes.
+    _C.DIST = CN()
+    _C.DIST.TIMEOUT_SECONDS = 1800
 
 
 def get_config_file(name: str) -> str:

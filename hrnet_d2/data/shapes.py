@@ -128,7 +128,9 @@ def generate_split(root, split, num_images, size=128, max_objects=4, seed=0):
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)],
     }
-    atomic_write(json_path, lambda f: f.write(json.dumps(data)), mode="w")  # marks a complete split: written last
+    # the json marks a complete split: written last, atomically (a temporary file of its own, so
+    # that the machines of a job sharing this folder can generate it at the same time)
+    atomic_write(json_path, lambda f: f.write(json.dumps(data)), mode="w")
     logger.info("Generated %d images in %s", num_images, image_dir)
     return json_path
 
