@@ -229,21 +229,17 @@ def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thre
     assert not figures["agree"], figures
 
 
-def _perturbed(model, name, fraction):
-    """``model`` with the tensor ``name`` perturbed by ``fraction`` of its std (fixed seed)."""
-    with torch.no_grad():
-        w = model.state_dict()[name]
-        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std() * fraction)
-    return model
+def _built_and_perturbed(pair, name, fraction):
+    """The pair's converted model with its tensor ``name`` perturbed (:func:`_perturbed`)."""
+    model = pair.build(pair.d2_ckpt)
+    return _perturbed(model, model.state_dict()[name], fraction)  # state_dict tensors share the parameters' storage
 
 
 HTC_CONTROLS = {
     # stage 2's conv_res (the mask information flow into the last mask head), 5% of its std
-    "conv_res": lambda pair: _perturbed(pair.build(pair.d2_ckpt), "roi_heads.mask_head.heads.2.conv_res.weight", 0.05),
+    "conv_res": lambda pair: _built_and_perturbed(pair, "roi_heads.mask_head.heads.2.conv_res.weight", 0.05),
     # the semantic embedding added to every box and mask RoI feature, 2% of its std
-    "semantic": lambda pair: _perturbed(
-        pair.build(pair.d2_ckpt), "roi_heads.semantic_head.conv_embedding.weight", 0.02
-    ),
+    "semantic": lambda pair: _built_and_perturbed(pair, "roi_heads.semantic_head.conv_embedding.weight", 0.02),
     # no mask information flow: each mask head on the RoI features alone
     "no_info_flow": lambda pair: pair.build(pair.d2_ckpt, "MODEL.HTC.MASK_INFO_FLOW", False),
     # mmdetection 1.x/2.x's mask ensemble (all stages' probabilities averaged) is not what 3.3 computes
