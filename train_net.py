@@ -40,6 +40,7 @@ from hrnet_d2.engine import Trainer, launch_cli, set_cpu_threads
 from hrnet_d2.engine.predictor import visualize_predictions
 from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import add_debug_argument
+from hrnet_d2.utils.file_io import check_output_dir
 from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV
 
 logger = logging.getLogger("hrnet_d2")
@@ -48,8 +49,10 @@ logger = logging.getLogger("hrnet_d2")
 def setup(args):
     allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
     cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
-    note = apply_user_datasets(cfg, args.dataset)  # --dataset: registered here, i.e. in every worker
+    note = apply_user_datasets(cfg, args.dataset, args.opts)  # --dataset: registered here, i.e. in every worker
     check_device(cfg.MODEL.DEVICE)  # before anything is generated or built
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
