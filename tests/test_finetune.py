@@ -1,0 +1,212 @@
+"""Fine-tuning a detector on other classes (issue 18): class-specific layers re-initialised and named,
+every other tensor loaded, the whole-detector fit rule, class-name transfer, OUTPUT_DIR checks."""
+
+import logging
+import uuid
+
+import pytest
+import torch
+from conftest import tiny_rcnn_cfg
+
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+
+from hrnet_d2.checkpoint import AtomicCheckpointer, CheckpointError
+from hrnet_d2.checkpoint.class_transfer import coco_class_names, is_class_specific
+
+SHAPES = ["circle", "square", "triangle", "star"]
+MASK = ("MODEL.MASK_ON", True, "MODEL.ROI_MASK_HEAD.NUM_CONV", 1, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16)
+CASCADE = ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True)
+
+
+def _dataset(classes):
+    """A registered (metadata-only) training dataset with these class names."""
+    name = f"ft_{uuid.uuid4().hex[:8]}"
+    MetadataCatalog.get(name).thing_classes = list(classes)
+    return name
+
+
+def _model(classes, *opts, seed=0):
+    cfg = tiny_rcnn_cfg(
+        "MODEL.ROI_HEADS.NUM_CLASSES", len(classes), "DATASETS.TRAIN", f"('{_dataset(classes)}',)", *opts
+    )
+    torch.manual_seed(seed)
+    return cfg, build_model(cfg)
+
+
+def _save(model, path, classes=None):
+    data = {"model": model.state_dict()}
+    if classes is not None:
+        data["thing_classes"] = list(classes)
+    torch.save(data, path)
+    return str(path)
+
+
+def _fine_tune_load(cfg, model, path):
+    """What train_net.py does with MODEL.WEIGHTS: a copy of the fresh model's tensors, then the load."""
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    AtomicCheckpointer(model, cfg=cfg).load(path)
+    return fresh, model.state_dict()
+
+
+def test_other_class_count_reinitialises_only_class_specific_layers(tmp_path, caplog):
+    _, source = _model(coco_class_names(), *MASK, seed=1)
+    path = _save(source, tmp_path / "coco80.pth")  # no class names: nothing to transfer
+    cfg, model = _model(["widget", "gadget"], *MASK)
+    with caplog.at_level(logging.INFO, logger="fvcore"):
+        fresh, loaded = _fine_tune_load(cfg, model, path)
+    old = source.state_dict()
+    reinit = sorted(k for k in loaded if is_class_specific(k))
+    assert reinit == sorted(
+        f"roi_heads.{m}.{p}"
+        for m in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.predictor")
+        for p in ("weight", "bias")
+    )
+    for k, v in loaded.items():  # the class-specific layers are the model's init, everything else the checkpoint's
+        assert torch.equal(v, fresh[k] if k in reinit else old[k]), k
+    assert loaded["roi_heads.box_predictor.cls_score.weight"].shape[0] == 3
+    lines = [r.getMessage() for r in caplog.records if "re-initialised" in r.getMessage()]
+    assert len(lines) == 1 and "Fine-tuning to 2 classes" in lines[0], lines
+    for layer in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.predictor"):
+        assert f"roi_heads.{layer}" in lines[0]
+
+
+def test_class_name_transfer_copies_exactly_the_named_rows(tmp_path, caplog):
+    _, source = _model(SHAPES, *MASK, seed=1)
+    path = _save(source, tmp_path / "shapes.pth", SHAPES)
+    new = ["square", "hexagon", "circle"]  # two names shared (in another order), one new
+    cfg, model = _model(new, *MASK)
+    with caplog.at_level(logging.INFO, logger="fvcore"):
+        fresh, loaded = _fine_tune_load(cfg, model, path)
+    old = source.state_dict()
+    rows = {"square": 1, "circle": 0}  # new class -> row in the checkpoint
+    for layer, per in (("box_predictor.cls_score", 1), ("box_predictor.bbox_pred", 4), ("mask_head.predictor", 1)):
+        for p in ("weight", "bias"):
+            k = f"roi_heads.{layer}.{p}"
+            for j, name in enumerate(new):
+                got = loaded[k][per * j : per * (j + 1)]
+                want = (
+                    old[k][per * rows[name] : per * (rows[name] + 1)]
+                    if name in rows
+                    else fresh[k][per * j : per * (j + 1)]
+                )
+                assert torch.equal(got, want), (k, name)
+            if layer.endswith("cls_score"):  # background: the checkpoint's
+                assert torch.equal(loaded[k][-1], old[k][-1])
+            assert loaded[k].shape[0] == per * len(new) + layer.endswith("cls_score")
+    lines = [r.getMessage() for r in caplog.records if "Class-name transfer" in r.getMessage()]
+    assert len(lines) == 1 and "2 of the 3 classes" in lines[0] and "square, circle; fresh: hexagon" in lines[0]
+    assert "MODEL.CLASS_NAME_TRANSFER False" in lines[0]
+
+    # the switch: every class-specific row fresh, the rest still loaded
+    cfg, model = _model(new, *MASK, "MODEL.CLASS_NAME_TRANSFER", False)
+    fresh, loaded = _fine_tune_load(cfg, model, path)
+    for k, v in loaded.items():
+        assert torch.equal(v, fresh[k] if is_class_specific(k) else old[k]), k
+    # negative control: no names in the checkpoint, nothing is transferred
+    cfg, model = _model(new, *MASK)
+    fresh, loaded = _fine_tune_load(cfg, model, _save(source, tmp_path / "anonymous.pth"))
+    assert torch.equal(
+        loaded["roi_heads.box_predictor.cls_score.weight"], fresh["roi_heads.box_predictor.cls_score.weight"]
+    )
+
+
+def test_same_classes_in_another_order_are_permuted(tmp_path):
+    _, source = _model(SHAPES, seed=1)
+    path = _save(source, tmp_path / "shapes.pth", SHAPES)
+    cfg, model = _model(SHAPES[::-1])
+    _, loaded = _fine_tune_load(cfg, model, path)
+    old = source.state_dict()["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(loaded["roi_heads.box_predictor.cls_score.weight"], old[[3, 2, 1, 0, 4]])
+
+
+def _drop(state, prefix):
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+@pytest.mark.parametrize(
+    "opts, drop, layers",
+    [
+        (MASK, "roi_heads.mask_head.", ["roi_heads.mask_head"]),
+        (CASCADE, "roi_heads.box_", ["roi_heads.box_head.2", "roi_heads.box_predictor.2"]),
+        ((), "proposal_generator.", ["proposal_generator.rpn_head"]),
+    ],
+    ids=["mask_head", "cascade_stage", "rpn_head"],
+)
+def test_fit_rule_stops_a_checkpoint_missing_a_layer(tmp_path, opts, drop, layers):
+    cfg, source = _model(["a", "b", "c"], *opts, seed=1)
+    state = source.state_dict()
+    if "box_" in drop:  # the third cascade stage only
+        state = {k: v for k, v in state.items() if not (k.startswith(drop) and ".2." in k)}
+    else:
+        state = _drop(state, drop)
+    path = str(tmp_path / "partial.pth")
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as e:
+        AtomicCheckpointer(build_model(cfg), cfg=cfg).load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"MODEL.WEIGHTS {path} would leave layers" in msg
+    assert all(layer in msg for layer in layers), msg
+    assert "MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS True" in msg
+    # negative control: the switch lets the same checkpoint load
+    cfg.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = True
+    AtomicCheckpointer(build_model(cfg), cfg=cfg).load(path)
+
+
+def test_fit_rule_lets_a_backbone_checkpoint_through(tmp_path):
+    cfg, source = _model(["a", "b", "c"], *MASK, seed=1)
+    path = str(tmp_path / "body.pth")
+    torch.save({"model": {k: v for k, v in source.state_dict().items() if k.startswith("backbone.")}}, path)
+    AtomicCheckpointer(build_model(cfg), cfg=cfg).load(path)  # ImageNet-style: heads start from init
+
+
+def test_fit_rule_for_a_lazy_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg, source = _model(["a", "b", "c"], *MASK, seed=1)
+    path = str(tmp_path / "no_mask.pth")
+    torch.save({"model": _drop(source.state_dict(), "roi_heads.mask_head.")}, path)
+    lazy = OmegaConf.create({"train": {"init_checkpoint": path}, "dataloader": {}})
+    with pytest.raises(
+        CheckpointError, match=r"train.init_checkpoint .* roi_heads.mask_head .*train.allow_partial_weights=True"
+    ):
+        AtomicCheckpointer(build_model(cfg), cfg=lazy).load(path)
+    lazy.train.allow_partial_weights = True
+    AtomicCheckpointer(build_model(cfg), cfg=lazy).load(path)
+
+
+def test_our_checkpoints_store_the_class_names(tmp_path):
+    cfg, model = _model(["a", "b", "c"])
+    AtomicCheckpointer(model, str(tmp_path), cfg=cfg).save("model_x")
+    assert torch.load(tmp_path / "model_x.pth", weights_only=True)["thing_classes"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("script", ["train_net.py", "lazy_train_net.py"])
+def test_output_dir_that_cannot_be_created(tmp_path, script):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    if script == "train_net.py":
+        args = ["--config-file", REPO / "configs/shapes/Base-HRNetV2p-shapes.yaml", "OUTPUT_DIR", blocker / "out"]
+        key = "OUTPUT_DIR"
+    else:
+        args = [
+            "--config-file",
+            REPO / "configs/lazy/mask_rcnn_hrnetv2p_w18_small_shapes.py",
+            f"train.output_dir={blocker / 'out'}",
+        ]
+        key = "train.output_dir"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {key} = '{blocker / 'out'}' cannot be created or written: Not a directory. "
+        f"Choose another folder (e.g. {key} ./output/run1)"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
