@@ -210,3 +210,44 @@ def test_output_dir_that_cannot_be_created(tmp_path, script):
         f"Choose another folder (e.g. {key} ./output/run1)"
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- Cascade Mask R-CNN: per-stage mask heads train
+MMDET_CASCADE = (
+    "MODEL.ROI_HEADS.NAME", "MMDetCascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True,
+    "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", (0.5, 0.6, 0.7), *MASK,
+)  # fmt: skip
+
+
+def _training_losses(weights, seed=0):
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    cfg = tiny_rcnn_cfg(*MMDET_CASCADE, "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", weights)
+    torch.manual_seed(seed)
+    model = build_model(cfg).train()
+    image = torch.zeros(3, 96, 128)
+    masks = torch.zeros(2, 96, 128, dtype=torch.bool)
+    masks[0, 10:50, 10:60] = True
+    masks[1, 40:90, 70:120] = True
+    image[:, masks[0]] = 200
+    image[1:, masks[1]] = 120
+    gt = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10, 60, 50], [70, 40, 120, 90]])))
+    gt.gt_classes = torch.tensor([0, 2])
+    gt.gt_masks = BitMasks(masks)
+    torch.manual_seed(seed + 1)
+    with EventStorage():
+        losses = model([{"image": image, "instances": gt, "height": 96, "width": 128}])
+    return model, losses
+
+
+def test_cascade_per_stage_mask_heads_train_with_the_stage_loss_weights():
+    model, ones = _training_losses((1.0, 1.0, 1.0))
+    assert {f"loss_mask_stage{k}" for k in range(3)} <= set(ones), sorted(ones)
+    sum(ones.values()).backward()
+    for k, head in enumerate(model.roi_heads.mask_head.heads):  # every stage's head is trained
+        assert head.predictor.weight.grad is not None and head.predictor.weight.grad.abs().sum() > 0, k
+    _, weighted = _training_losses((1.0, 0.5, 0.25))
+    for name, v in ones.items():  # the same forward, each stage's losses scaled by its weight
+        w = {"stage1": 0.5, "stage2": 0.25}.get(name.rsplit("_", 1)[-1], 1.0)
+        torch.testing.assert_close(weighted[name], v * w, msg=name)

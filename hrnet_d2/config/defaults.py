@@ -89,6 +89,9 @@ def add_hrnet_config(cfg):
     # the rest as a warning (when that is intended).  Backbone-only checkpoints (ImageNet weights:
     # no heads, maybe no pyramid) are normal: they never stop.
     _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
+    # MMDetCascadeROIHeads (hrnet_d2/modeling/mmdet_heads.py): the weight of each cascade stage's box
+    # and mask losses in training (mmdetection's stage_loss_weights); [] = 1 for every stage.
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
     # Fine-tuning a detector on other classes: a class of the training data with the name of a class
     # the checkpoint was trained on (names saved with our checkpoints; COCO's for hrnet_d2://coco/...)
     # starts from that class's rows of the classifier, box regression and mask predictor; the others
