@@ -26,10 +26,10 @@ from detectron2.structures import pairwise_iou
 from detectron2.utils.logger import setup_logger
 
 from hrnet_d2 import get_hrnet_cfg
-from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer
-from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,11 +70,8 @@ def main(argv=None):
     register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     ensure_all_generated(list(cfg.DATASETS.TEST))
-    weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if not os.path.isfile(weights):
-        raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     model = Trainer.build_model(cfg).eval()
-    AtomicCheckpointer(model, cfg=cfg, complete=True).load(weights)
+    weights = load_inference_weights(model, cfg)  # MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth
     device = torch.device(cfg.MODEL.DEVICE).type
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
