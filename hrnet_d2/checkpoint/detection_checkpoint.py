@@ -360,12 +360,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return not k.startswith("backbone.") and not k.endswith("num_batches_tracked")
 
         reinit = [k for k, _, _ in incompatible.incorrect_shapes if is_class_specific(k)]
+        reinit += transferred[0] if transferred else []  # re-sized, some rows then copied by name
         if reinit:
             self.logger.info(
                 "Fine-tuning to %s classes: the class-specific layers (classifier, box regression, mask predictor) "
-                "of the checkpoint have another class count and are re-initialised: %s; every other tensor of "
-                "the checkpoint is loaded",
+                "are re-initialised for the new class count%s: %s; every other tensor of the checkpoint is loaded",
                 _num_classes(self.model),
+                " (rows of classes named as in the checkpoint copied, see above)" if transferred else "",
                 ", ".join(sorted({k.rsplit(".", 1)[0] for k in reinit})),
             )
         if not any(counted(k) for k in given):
