@@ -42,7 +42,7 @@ $PY train_net.py "${COMMON[@]}" MODEL.WEIGHTS "$OUT/pre/model_final.pth" MODEL.C
 $PY train_net.py "${COMMON[@]}" MODEL.WEIGHTS "$OUT/pre/model_final.pth" OUTPUT_DIR "$OUT/transfer"
 
 # box AP (and per class) at every evaluation, from metrics.json
-$PY - "$OUT" <<'PYEOF'
+$PY - "$OUT" "$ITERS" <<'PYEOF'
 import json, sys, os
 for run in ("scratch", "no_transfer", "transfer"):
     path = os.path.join(sys.argv[1], run, "metrics.json")
@@ -50,5 +50,6 @@ for run in ("scratch", "no_transfer", "transfer"):
     for r in rows:
         if "bbox/AP" in r:
             per = ", ".join(f"{k[8:]} {r[k]:.1f}" for k in sorted(r) if k.startswith("bbox/AP-"))
-            print(f"{run:12s} iter {r['iteration'] + 1:4d}: AP {r['bbox/AP']:.1f}  AP50 {r['bbox/AP50']:.1f}  ({per})")
+            it = min(r["iteration"] + 1, int(sys.argv[2]))  # the final evaluation is logged one past the end
+            print(f"{run:12s} iter {it:4d}: AP {r['bbox/AP']:.1f}  AP50 {r['bbox/AP50']:.1f}  ({per})")
 PYEOF

@@ -2,8 +2,10 @@
 every other tensor loaded, the whole-detector fit rule, class-name transfer, OUTPUT_DIR checks."""
 
 import logging
+import os
 import uuid
 
+import cv2
 import pytest
 import torch
 from conftest import make_cfg, run_train_net, tiny_rcnn_cfg
@@ -365,14 +367,19 @@ def test_cascade_mask_rcnn_fine_tunes_from_its_mmdetection_checkpoint(tmp_path):
         pytest.skip("mmdetection (the oracle) is not installed")
     import numpy as np
 
-    calibration = np.random.default_rng(0).integers(0, 255, (128, 160, 3), dtype=np.uint8)
-    mm = mo.randomly_initialised_detector(mo.mmdet_config("cascade-mask-rcnn_hrnetv2p-w18_20e_coco"), calibration)
+    datasets = _two_class_splits(tmp_path / "data", ("circle", "square"))
+    image_dir = datasets[0].rsplit(":", 1)[1]
+    calibration = cv2.imread(os.path.join(image_dir, sorted(os.listdir(image_dir))[0]))[:, :, ::-1]
+    # BN statistics from an image like the training data (frozen in training: BNEval), heads that detect
+    name = "cascade-mask-rcnn_hrnetv2p-w18_20e_coco"
+    mm = mo.randomly_initialised_detector(
+        mo.mmdet_config(name, test_scale=(160, 96)), np.ascontiguousarray(calibration)
+    )
     weights = tmp_path / "cascade_mask_rcnn_hrnetv2p_w18_20e_coco.pth"
     mo.save_mmdet_checkpoint(mm, weights)
     from conftest import CONFIGS
 
     config = CONFIGS / "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml"
-    datasets = _two_class_splits(tmp_path / "data", ("circle", "square"))
     args = _fine_tune_args(tmp_path, datasets, config, weights, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()")
     proc = run_train_net(args, cwd=tmp_path, env=ENV, timeout=900)
     log = proc.stdout + proc.stderr
