@@ -11,6 +11,7 @@ from hrnet_d2.engine import Trainer
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
 SEMANTIC = "shapes/semantic_hrnetv2_w18_small_shapes.yaml"
+FCOS = "shapes/fcos_hrnetv2p_w18_small_shapes.yaml"
 YAML_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("Base-"))
 
 
@@ -89,6 +90,12 @@ CASES = [
     ("one-channel PIXEL_MEAN", QUICKSTART, ["MODEL.PIXEL_MEAN", "[120.0]", "MODEL.PIXEL_STD", "[58.0]"],
      "MODEL.PIXEL_MEAN", "[120.0]"),
     ("grayscale INPUT.FORMAT", QUICKSTART, ["INPUT.FORMAT", "L"], "INPUT.FORMAT", "'L'"),
+    ("FCOS level the pyramid does not produce", FCOS, ["MODEL.FCOS.IN_FEATURES", "['p2', 'p3']"],
+     "MODEL.FCOS.IN_FEATURES", "'p2'"),
+    ("FCOS regression activation", FCOS, ["MODEL.FCOS.REG_ACTIVATION", "softplus"], "MODEL.FCOS.REG_ACTIVATION", "'softplus'"),
+    ("FCOS test convention", FCOS, ["MODEL.FCOS.TEST_CONVENTION", "mmdet"], "MODEL.FCOS.TEST_CONVENTION", "'mmdet'"),
+    ("FCOS anchor offset", FCOS, ["MODEL.FCOS.ANCHOR_OFFSET", "1.5"], "MODEL.FCOS.ANCHOR_OFFSET", "1.5"),
+    ("pyramid conv stride", FCOS, ["MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"], "MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"),
 ]  # fmt: skip
 
 

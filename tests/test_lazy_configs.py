@@ -177,3 +177,25 @@ def test_lazy_train_net_validates_the_model_before_reading_data(tmp_path, overri
     assert proc.returncode != 0
     assert re.search(message, log), log[-3000:]
     assert "Loaded 8 images" not in log  # stopped before the training data was read
+
+
+def test_lazy_fcos_equals_yaml_model():
+    """The FCOS LazyConfig (FCOSDetector with mmdetection's conventions) is the model of its YAML twin: same
+    tensors, same detections from the same weights."""
+    torch.manual_seed(0)
+    lazy_model = instantiate(LazyConfig.load(get_config_file("lazy/fcos_hrnetv2p_w18_1x_mmdet.py")).model).eval()
+    yaml_model = build_model(make_cfg("COCO-Detection/fcos_hrnetv2p_w18_1x_mmdet.yaml")).eval()
+    yaml_sd = yaml_model.state_dict()
+    assert {k: v.shape for k, v in lazy_model.state_dict().items()} == {k: v.shape for k, v in yaml_sd.items()}
+    assert lazy_model.backbone.output_shape() == yaml_model.backbone.output_shape()
+    assert torch.equal(lazy_model.pixel_mean, yaml_model.pixel_mean)
+    lazy_model.load_state_dict(yaml_sd)
+    for m in (lazy_model, yaml_model):  # random weights score ~0.01: keep every location
+        m.test_score_thresh = 0.0
+    image = torch.rand(3, 128, 160) * 255
+    with torch.no_grad():
+        a = lazy_model([{"image": image}])[0]["instances"]
+        b = yaml_model([{"image": image}])[0]["instances"]
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(a.scores, b.scores)

@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
 from detectron2.modeling.roi_heads import CascadeROIHeads
 
-from hrnet_d2 import HRNetV2p
+from hrnet_d2 import FCOSDetector, HRNetV2p
 from hrnet_d2.data.shapes import register_shapes
 from hrnet_d2.data.shapes_extras import KEYPOINT_NAMES, keypoints_from_polygon, register_shapes_extras
 from hrnet_d2.engine import Trainer
@@ -28,6 +28,7 @@ COCO_CONFIGS = {
         ["hr2", "hr3", "hr4", "hr5", "hrv2", "p2", "p3", "p4", "p5", "p6"],
     ),
     "Cityscapes/semantic_hrnetv2_w48.yaml": (SemanticSegmentor, ["hrv2"]),
+    "COCO-Detection/fcos_hrnetv2p_w18_1x_mmdet.yaml": (FCOSDetector, ["p3", "p4", "p5", "p6", "p7"]),
 }
 
 
@@ -56,7 +57,7 @@ def test_coco_config_builds(config):
     shapes = model.backbone.output_shape()
     if features is not None:
         assert sorted(shapes) == sorted(features)
-    if cls is RetinaNet:
+    if cls in (RetinaNet, FCOSDetector):
         assert [shapes[f].stride for f in model.head_in_features] == [8, 16, 32, 64, 128]
     if "cascade" in config:
         assert isinstance(model.roi_heads, CascadeROIHeads) and len(model.roi_heads.box_predictor) == 3
@@ -108,6 +109,7 @@ SHAPES_CONFIGS = {
     "cascade_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
     "cascade_mask_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "segm"],
     "retinanet_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
+    "fcos_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
     "keypoint_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "keypoints"],
     "panoptic_fpn_hrnetv2p_w18_small_shapes.yaml": ["sem_seg", "bbox", "segm"],
     "semantic_hrnetv2_w18_small_shapes.yaml": ["sem_seg"],

@@ -9,7 +9,9 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
     head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
     and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
     first: moved last, its regression and mask channels dropped).  The detector kind, stages
-    and number of classes are read from the tensors and checked against ``--config-file``.
+    and number of classes are read from the tensors and checked against ``--config-file``;
+  * mmdetection HRNet FCOS checkpoints (``bbox_head.conv_centerness``: body, HRFPN neck, FCOSHead ->
+    ``FCOSDetector``'s ``head.*``; ``fcos_rules.py``).
 
 Files are read without running pickled code (``torch.load(weights_only=True)``,
 safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
@@ -23,11 +25,12 @@ safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``)
 import os
 import re
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..modeling.arch import ARCHITECTURES
+from .fcos_rules import FCOSHeadSpec
 from .layouts import ConversionError, arch_name, describe_source, describe_specs, detect_stage_specs, load_state_dict
 from .mmdet_rules import HEAD_ROOTS, Detector, check_heads_against_model, convert_heads, detector_check
 
@@ -67,7 +70,7 @@ class Conversion:
         self.stem_channels = None
         self.source_format = ""
         self.body_prefix = ""
-        self.detector: Optional[Detector] = None
+        self.detector: Optional[Union[Detector, FCOSHeadSpec]] = None
 
     @property
     def arch(self):
@@ -79,7 +82,9 @@ class Conversion:
             lines.append(f"Detector: {self.detector.describe()}")
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
         heads = Counter(
-            dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads."))
+            dst.split(".")[0]
+            for _, dst in self.mapped
+            if dst.startswith(("proposal_generator.", "roi_heads.", "head."))
         )
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck - sum(heads.values())}) -> {self.body_prefix}*")
@@ -87,6 +92,8 @@ class Conversion:
             lines.append(f"  HRFPN neck ({neck}) -> {PYRAMID_PREFIX}reduction_conv.*, {PYRAMID_PREFIX}fpn_convs.*")
         if heads["proposal_generator"]:
             lines.append(f"  RPN head ({heads['proposal_generator']}) -> proposal_generator.rpn_head.*")
+        if heads["head"]:
+            lines.append(f"  FCOS head ({heads['head']}) -> head.cls_subnet*, head.bbox_subnet*, head.cls_score*, ...")
         if heads["roi_heads"]:
             lines.append(
                 f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"

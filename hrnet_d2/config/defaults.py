@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as CN
 
 __all__ = [
     "add_hrnet_config",
+    "add_fcos_config",
     "get_config_file",
     "get_hrnet_cfg",
     "CONFIG_DIR",
@@ -78,6 +79,9 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+    # Stride of the levels' 3x3 convs: 1 = p2.. at strides 4, 8, ...; 2 = p3.. at strides 8, 16, ...
+    # (mmdetection's HRFPN stride=2, used by its HRNet FCOS: NUM_LEVELS 5 gives p3..p7, strides 8..128).
+    _C.MODEL.HRNET_PYRAMID.CONV_STRIDE = 1
 
     # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/detection_checkpoint.py):
     # a checkpoint that leaves body tensors at their random init (a partial file, another backbone's
@@ -102,6 +106,47 @@ def add_hrnet_config(cfg):
     # outside its image are an error (DataError naming the json and annotation id);
     # True drops them with a warning that counts them (Detectron2 drops them silently).
     _C.DATALOADER.DROP_INVALID_BOXES = False
+    add_fcos_config(cfg)
+
+
+def add_fcos_config(cfg):
+    """Add the MODEL.FCOS keys of ``MODEL.META_ARCHITECTURE: "FCOSDetector"`` (hrnet_d2/fcos.py): Detectron2's
+    FCOS from YAML.  The defaults are Detectron2's FCOS (its LazyConfig ``fcos.py``); configs/Base-FCOS-HRNetV2p-mmdet.yaml
+    sets mmdetection's conventions, each key saying its mmdetection name."""
+    _C = cfg
+    _C.MODEL.FCOS = CN()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Head: NUM_CONVS 3x3 convs (+ NORM + ReLU) in each of the classification and regression towers.
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    _C.MODEL.FCOS.NORM = "GN"  # a detectron2.layers.get_norm name, "" for none
+    # Bias in the towers' convs (Detectron2: always; mmdetection conv_bias="auto": none when NORM is set).
+    _C.MODEL.FCOS.CONV_BIAS = True
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Centerness predicted from the regression tower (Detectron2; mmdetection centerness_on_reg=True) or
+    # from the classification tower (False: mmdetection's default, its HRNet FCOS).
+    _C.MODEL.FCOS.CENTERNESS_ON_REG = True
+    # One learnable scalar per level multiplying the regression output (mmdetection's Scale; Detectron2: none).
+    _C.MODEL.FCOS.LEVEL_SCALES = False
+    # What the regression output is: "linear" = distances in units of the level's stride (Detectron2);
+    # "exp" = exp(output) pixels (mmdetection norm_on_bbox=False, its HRNet FCOS); "relu" = max(output, 0)
+    # strides (mmdetection norm_on_bbox=True).
+    _C.MODEL.FCOS.REG_ACTIVATION = "linear"
+    # Locations at (i + ANCHOR_OFFSET) * stride: 0.0 (Detectron2), 0.5 (mmdetection's MlvlPointGenerator).
+    _C.MODEL.FCOS.ANCHOR_OFFSET = 0.0
+    # Training: a location is positive only within this many strides of a box's centre (Detectron2: 1.5, always;
+    # mmdetection center_sampling=True, center_sample_radius); 0.0 = no centre sampling (mmdetection's default).
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Inference.  "detectron2": score = sqrt(sigmoid(cls) * sigmoid(centerness)), thresholded and ranked;
+    # "mmdetection": sigmoid(cls) thresholded and ranked (top TOPK_CANDIDATES_TEST per level), score =
+    # sigmoid(cls) * sigmoid(centerness), boxes clipped to the image and empty ones dropped before NMS.
+    _C.MODEL.FCOS.TEST_CONVENTION = "detectron2"
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2  # mmdetection score_thr
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level; mmdetection nms_pre
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # mmdetection nms.iou_threshold (class-wise NMS in both)
+    # detections per image: TEST.DETECTIONS_PER_IMAGE (mmdetection max_per_img)
 
 
 def get_config_file(name: str) -> str:

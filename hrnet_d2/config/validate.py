@@ -15,6 +15,7 @@ from detectron2.modeling.backbone import build_backbone
 
 from ..data.resize import RESIZE_BACKENDS
 from ..modeling.build import check_choice, check_device, check_pixel_stats
+from ..modeling.fcos import check_fcos_config
 from ..utils.errors import ConfigValueError, check_feature_names
 
 __all__ = ["validate_config", "validate_model", "INPUT_FORMATS"]
@@ -96,6 +97,8 @@ def validate_config(cfg):
         _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)
     if meta in _USES_SEM_SEG_HEAD:
         check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
+    if meta == "FCOSDetector":
+        check_fcos_config(cfg, shapes)
     return shapes
 
 

@@ -1,5 +1,6 @@
 """The model: the architecture table, the HRNet body, the HRNetV2p pyramid, their builders in
-Detectron2's ``BACKBONE_REGISTRY``, and the heads with mmdetection's test-time conventions."""
+Detectron2's ``BACKBONE_REGISTRY``, the heads with mmdetection's test-time conventions, and Detectron2's
+FCOS as a YAML-buildable meta-architecture (``FCOSDetector``)."""
 
 from .arch import ARCHITECTURES, StageSpec
 from .build import (
@@ -8,6 +9,7 @@ from .build import (
     build_hrnetv2p_backbone,
     build_hrnetv2p_with_body_backbone,
 )
+from .fcos import FCOSDetector, FCOSDetectorHead
 from .hrnet import HighResolutionModule, HRNet
 from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
 from .pyramid import HRNetV2p
@@ -25,4 +27,6 @@ __all__ = [
     "MMDetRPN",
     "MMDetROIHeads",
     "MMDetCascadeROIHeads",
+    "FCOSDetector",
+    "FCOSDetectorHead",
 ]

@@ -270,6 +270,7 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False
         keep_body_outputs=keep_body_outputs,
         activation_checkpoint=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT,
         inference_autocast=cfg.MODEL.HRNET.INFERENCE_AUTOCAST,
+        conv_stride=p.CONV_STRIDE,
     )
 
 

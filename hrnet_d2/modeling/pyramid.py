@@ -23,9 +23,11 @@ from detectron2.modeling.backbone import Backbone
 from ..utils.errors import ConfigValueError, check_feature_names
 from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
-__all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES"]
+__all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES", "CONV_STRIDES"]
 
 POOLING_TYPES = ("AVG", "MAX")
+# MODEL.HRNET_PYRAMID.CONV_STRIDE values: the levels' 3x3 convs (mmdetection HRFPN ``stride``)
+CONV_STRIDES = (1, 2)
 # MODEL.HRNET.INFERENCE_AUTOCAST values ("" = fp32)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,6 +49,7 @@ class HRNetV2p(Backbone):
         keep_body_outputs=False,
         activation_checkpoint=False,
         inference_autocast="",
+        conv_stride=1,
     ):
         """
         Args:
@@ -68,6 +71,9 @@ class HRNetV2p(Backbone):
             inference_autocast (str): MODEL.HRNET.INFERENCE_AUTOCAST: "bf16" or "fp16" runs body
                 and pyramid under ``torch.autocast`` in eval mode (the outputs are cast back to
                 fp32, so the heads run in fp32); "" keeps fp32.  Training is never affected.
+            conv_stride (int): stride of every level's 3x3 conv (MODEL.HRNET_PYRAMID.CONV_STRIDE): 1 gives
+                p2.. at strides 4, 8, ...; 2 halves every level once more, p3.. at strides 8, 16, ...
+                (mmdetection's HRFPN ``stride=2``, used by its HRNet FCOS: p3..p7, strides 8..128).
         """
         super().__init__()
         shapes = bottom_up.output_shape()
@@ -87,8 +93,19 @@ class HRNetV2p(Backbone):
         use_bias = norm == ""
         self.reduction_conv = Conv2d(in_channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels))
 
+        if conv_stride not in CONV_STRIDES:
+            raise ConfigValueError("MODEL.HRNET_PYRAMID.CONV_STRIDE", conv_stride, f"allowed: {list(CONV_STRIDES)}")
+
         def level_conv():
-            return Conv2d(out_channels, out_channels, 3, padding=1, bias=use_bias, norm=get_norm(norm, out_channels))
+            return Conv2d(
+                out_channels,
+                out_channels,
+                3,
+                stride=conv_stride,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, out_channels),
+            )
 
         self.share_conv = share_conv
         self.fpn_convs = nn.ModuleList([level_conv() for _ in range(1 if share_conv else num_levels)])
@@ -99,10 +116,11 @@ class HRNetV2p(Backbone):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
 
-        first = int(math.log2(base_stride))
+        first_stride = base_stride * conv_stride
+        first = int(math.log2(first_stride))
         self.levels = [f"p{first + i}" for i in range(num_levels)]
         self._out_features = list(self.levels)
-        self._out_feature_strides = {f: base_stride * 2**i for i, f in enumerate(self._out_features)}
+        self._out_feature_strides = {f: first_stride * 2**i for i, f in enumerate(self._out_features)}
         self._out_feature_channels = {f: out_channels for f in self._out_features}
         self.keep_body_outputs = keep_body_outputs
         if keep_body_outputs:
