@@ -123,6 +123,20 @@ def test_same_classes_in_another_order_are_permuted(tmp_path):
     assert torch.equal(loaded["roi_heads.box_predictor.cls_score.weight"], old[[3, 2, 1, 0, 4]])
 
 
+def test_dense_detector_classifier_is_class_specific(tmp_path):
+    """RetinaNet's classifier (anchors x classes rows) is re-initialised, not a reason to stop."""
+    config = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
+    torch.manual_seed(1)
+    source = build_model(make_cfg(config, "MODEL.RETINANET.NUM_CLASSES", 80))
+    path = _save(source, tmp_path / "retinanet80.pth")
+    cfg = make_cfg(config, "MODEL.RETINANET.NUM_CLASSES", 3, "DATASETS.TRAIN", f"('{_dataset(['a', 'b', 'c'])}',)")
+    torch.manual_seed(0)
+    fresh, loaded = _fine_tune_load(cfg, build_model(cfg), path)
+    old = source.state_dict()
+    for k, v in loaded.items():
+        assert torch.equal(v, fresh[k] if k.startswith("head.cls_score.") else old[k]), k
+
+
 def _drop(state, prefix):
     return {k: v for k, v in state.items() if not k.startswith(prefix)}
 

@@ -25,10 +25,12 @@ __all__ = [
     "transfer_rows",
 ]
 
-# the parameters whose shape depends on the class count (ROI heads of Detectron2 and ours)
+# the parameters whose shape depends on the class count: R-CNN heads (Detectron2's and ours, cascade
+# stages and per-stage mask heads included), the dense heads' classifier (RetinaNet: one row per
+# anchor and class, FCOS: one per class), the semantic-segmentation predictor (stuff classes)
 CLASS_SPECIFIC = re.compile(
-    r"^roi_heads\.(box_predictor(\.\d+)?\.(cls_score|bbox_pred)"
-    r"|mask_head(\.heads\.\d+)?\.predictor)\.(weight|bias)$"
+    r"^(roi_heads\.(box_predictor(\.\d+)?\.(cls_score|bbox_pred)|mask_head(\.heads\.\d+)?\.predictor)"
+    r"|head\.cls_score|sem_seg_head\.predictor)\.(weight|bias)$"
 )
 
 
@@ -79,7 +81,7 @@ def _rows_per_class(key, old_rows, num_old):
         return 1 if old_rows == num_old + 1 else None
     if ".bbox_pred." in key:
         return 4 if old_rows == 4 * num_old else None
-    return 1 if old_rows == num_old else None  # mask predictor
+    return 1 if old_rows == num_old else None  # mask predictor, FCOS (RetinaNet's A x K rows: not transferred)
 
 
 def transfer_rows(key, old, fresh, old_names, new_names):

@@ -329,7 +329,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         layers = []
         for key in list(sd):
             name = strip_module_prefix(key)
-            if not is_class_specific(name) or name not in ours:
+            if not is_class_specific(name) or name.startswith("sem_seg_head.") or name not in ours:
                 continue
             rows = transfer_rows(name, torch.as_tensor(sd[key]), ours[name].detach().cpu(), old_names, new_names)
             if rows is not None:

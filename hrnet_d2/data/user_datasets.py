@@ -24,6 +24,7 @@ _NUM_CLASSES_KEY = {
     "GeneralizedRCNN": ("ROI_HEADS", "NUM_CLASSES"),
     "PanopticFPN": ("ROI_HEADS", "NUM_CLASSES"),
     "RetinaNet": ("RETINANET", "NUM_CLASSES"),
+    "FCOSDetector": ("FCOS", "NUM_CLASSES"),
 }
 
 
