@@ -14,6 +14,7 @@ import re
 import shlex
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -519,9 +520,12 @@ def test_readme_zoo_blocks_are_generated_from_the_table():
 
     text = model_zoo.README.read_text()
     assert model_zoo.current_block(text, *model_zoo.COCO_ZOO_MARKERS) == model_zoo.coco_zoo_block()
-    assert model_zoo.current_block(text, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
+    weights_doc = model_zoo.WEIGHTS_DOC.read_text()
+    assert model_zoo.current_block(weights_doc, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
+    assert model_zoo.current_block(weights_doc, *model_zoo.EVAL_MARKERS) == model_zoo.eval_block()
     assert model_zoo.main(["--zoo-only", "--check"]) == 0
-    for e in zoo.coco_models():  # every model, with its one evaluation command
+    for e in zoo.coco_models():  # every model in the README's table, with its one evaluation command in docs/weights.md
+        assert f"| `{e.name}` | [{Path(e.config).name}](configs/{e.config}) |" in text
         assert (
             f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
-        ) in text
+        ) in weights_doc
