@@ -28,12 +28,11 @@ from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.config.validate import validate_model
+from hrnet_d2.config.validate import check_device, lazy_argument_errors, validate_model
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.data.checks import check_datasets, check_num_classes
 from hrnet_d2.engine import ResumeState, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
 from hrnet_d2.engine.train_loop import build_train_step
-from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import add_debug_argument
 from hrnet_d2.utils.file_io import check_output_dir
 
@@ -60,7 +59,8 @@ def do_test(cfg, model):
 
 
 def build_model(cfg):
-    model = instantiate(cfg.model)
+    with lazy_argument_errors(cfg.model):  # a module's bad argument named by its path, model.backbone...
+        model = instantiate(cfg.model)
     validate_model(model)  # before any data is read
     return model.to(cfg.train.device)
 

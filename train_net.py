@@ -38,7 +38,6 @@ from hrnet_d2.data.checks import check_datasets
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
 from hrnet_d2.engine import Trainer, launch_cli, set_cpu_threads
 from hrnet_d2.engine.predictor import visualize_predictions
-from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import add_debug_argument
 from hrnet_d2.utils.file_io import check_output_dir
 from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV
@@ -50,10 +49,10 @@ def setup(args):
     allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
     cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
     note = apply_user_datasets(cfg, args.dataset, args.opts)  # --dataset: registered here, i.e. in every worker
-    check_device(cfg.MODEL.DEVICE)  # before anything is generated or built
-    if comm.is_main_process():
-        check_output_dir(cfg.OUTPUT_DIR)
     cfg.freeze()
+    validate_config(cfg)  # config mistakes stop before any output is written or data generated
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)  # a folder that cannot be made or written: one line, before anything is built
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
@@ -66,7 +65,6 @@ def setup(args):
 def main(args):
     register_all_shapes()
     cfg = setup(args)
-    validate_config(cfg)  # config mistakes stop before any dataset is generated or read
     check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     if comm.is_main_process():

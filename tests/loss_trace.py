@@ -3,9 +3,12 @@
 (train_net.py's writers log them every 20 iterations only).
 
     python tests/loss_trace.py OUT.json --num-gpus 2 --dist-url auto --config-file ... KEY VALUE ...
+
+$LOSS_TRACE_SAME_DATA_ON_EVERY_RANK=1: every rank trains on rank 0's images (a negative control).
 """
 
 import json
+import os
 import sys
 
 import detectron2.utils.comm as comm
@@ -29,7 +32,22 @@ class LossTrace(hooks.HookBase):
             self.losses.append({k: storage.history(k).latest() for k in names})
 
 
+def _every_rank_reads_rank_0s_images():
+    """A faulty data split (for a negative control): each rank's TrainingSampler yields rank 0's share."""
+    from detectron2.data.samplers import TrainingSampler
+
+    init = TrainingSampler.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._rank, self._world_size = 0, comm.get_world_size()
+
+    TrainingSampler.__init__ = __init__
+
+
 def _main(args, out):
+    if os.environ.get("LOSS_TRACE_SAME_DATA_ON_EVERY_RANK") == "1":  # in each spawned worker
+        _every_rank_reads_rank_0s_images()
     register_all_shapes()
     cfg = get_hrnet_cfg(args.config_file, args.opts)
     cfg.freeze()

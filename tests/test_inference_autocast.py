@@ -8,6 +8,8 @@ from conftest import tiny_rcnn_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
+from hrnet_d2.config.validate import validate_config
+
 
 def _cfg(*opts):
     return tiny_rcnn_cfg("INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128, *opts)
@@ -66,4 +68,4 @@ def test_inference_switch_value_is_checked():
     with pytest.raises(
         ValueError, match=r"MODEL.HRNET.INFERENCE_AUTOCAST = 'int8' is invalid: allowed: \['', 'bf16', 'fp16'\]"
     ):
-        build_model(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))
+        validate_config(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))

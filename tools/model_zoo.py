@@ -14,9 +14,7 @@ docs/weights.md are rendered from hrnet_d2.checkpoint.zoo, the table behind ``hr
     python tools/model_zoo.py --zoo-only   # only the hrnet_d2:// blocks (fast: no model is built)
 """
 
-import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,7 +24,8 @@ import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
 from hrnet_d2.checkpoint import zoo
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser
+from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +166,7 @@ def current_block(text: str, start_marker: str, end_marker: str, path=README) ->
     return text[start : end + len(end_marker)]
 
 
-# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.zoo)
+# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.checkpoint.zoo)
 def _dash(value):
     return "–" if value is None else f"{value:.1f}"
 
@@ -366,18 +365,23 @@ trained on COCO by this project. The detectors you can download and run by name 
 
 def write(rows: List[Row]):
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render_doc(rows))
+    _write_text(DOC, render_doc(rows))
     write_zoo_blocks()
 
 
 def write_zoo_blocks():
     """Only the hrnet_d2:// tables (no model is built): ``--zoo-only``."""
     for path, markers, block in zoo_blocks():
-        path.write_text(_replace_block(path.read_text(), markers, block, path=path))
+        _write_text(path, _replace_block(path.read_text(), markers, block, path=path))
+
+
+def _write_text(path, text):
+    """The whole file or, if interrupted, the old one (never a half-written README)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_argument_parser(__doc__.split("\n\n")[0], config=False)
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if docs/model_zoo.md or a hrnet_d2:// block is stale"
     )
@@ -387,7 +391,7 @@ def main(argv=None):
         help="only rewrite (or with --check, only check) the tables rendered from hrnet_d2.checkpoint.zoo "
         "(README, docs/weights.md; fast)",
     )
-    args = add_debug_argument(parser).parse_args(argv)
+    args = parser.parse_args(argv)
     wanted = [(path, block) for path, _, block in zoo_blocks()]
     if args.zoo_only:
         if args.check:
@@ -416,4 +420,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main))
+    run_tool(main)

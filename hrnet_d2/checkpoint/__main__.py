@@ -5,8 +5,9 @@ import argparse
 import sys
 
 from ..modeling.arch import ARCHITECTURES
+from ..modeling.build import BACKBONES, DETECTOR_BACKBONE
 from ..utils.errors import UserError, add_debug_argument, debug_enabled
-from .convert import BODY_PREFIX, convert_file
+from .convert import convert_file
 
 __all__ = ["main"]
 
@@ -27,8 +28,8 @@ def _parser():
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="expected architecture (checked)")
     p.add_argument(
         "--backbone",
-        choices=sorted(BODY_PREFIX),
-        help="target MODEL.BACKBONE.NAME (default: from --config-file, else build_hrnetv2p_backbone)",
+        choices=sorted(BACKBONES),
+        help=f"target MODEL.BACKBONE.NAME (default: from --config-file, else {DETECTOR_BACKBONE})",
     )
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for --config-file")
     return add_debug_argument(p)

@@ -1,6 +1,6 @@
 """The model zoo: every published checkpoint that ``hrnet_d2://<name>`` resolves, in one table.
 
-Facts only; fetching, checking and converting is ``hrnet_d2/catalog.py``.  Two kinds of entries:
+Facts only; fetching, checking and converting is ``catalog.py``.  Two kinds of entries:
 
 * ``coco/<detector>``: the HRNetV2p COCO detectors published by mmdetection.  Name, URL,
   box / mask AP are copied verbatim from mmdetection 3.3.0's ``configs/hrnet/metafile.yml``
@@ -57,7 +57,7 @@ class ZooEntry:
 
     Args:
         name: what follows ``hrnet_d2://``: ``coco/<detector>`` or ``imagenet/<arch>``.
-        arch: the HRNet body (a key of ``hrnet_d2.arch.ARCHITECTURES``).
+        arch: the HRNet body (a key of ``hrnet_d2.modeling.arch.ARCHITECTURES``).
         downloads: where to get it, tried in order when one cannot be fetched (network or
             HTTP error; never after a hash mismatch).
         source: where the URL, hash and numbers come from.

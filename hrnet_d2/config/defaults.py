@@ -20,7 +20,7 @@ def add_hrnet_config(cfg):
     DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
-    # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
+    # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
     # w32, w40, w44, w48, w64), or "" to use the explicit MODEL.HRNET.STAGE{1..4} specs.
     _C.MODEL.HRNET.ARCH = "w32"
     for k in range(1, 5):
@@ -48,7 +48,7 @@ def add_hrnet_config(cfg):
     # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
-    # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
+    # the convs and add/ReLU fused (hrnet_d2/modeling/fold.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Training fast path: when every norm has frozen statistics (FrozenBN, BNEval), each norm is
     # folded into its conv inside autograd at every step (gradients reach the conv and the
@@ -162,7 +162,7 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides.
 
     The file (and its ``_BASE_`` files) is read with ``yaml.safe_load``: a python tag raises
-    ``hrnet_d2.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
+    ``hrnet_d2.utils.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
     (default: the ``HRNET_D2_ALLOW_UNSAFE_YAML`` environment variable) restores Detectron2's
     ``yaml.unsafe_load`` fallback, for files you trust.
     """

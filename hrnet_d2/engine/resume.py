@@ -7,7 +7,7 @@ schedule the uninterrupted run would have.
 Detectron2's training samplers are infinite, seeded streams; on ``--resume`` they
 start again from the beginning, so a resumed run sees different images than the run
 it continues.  ``ResumableSampler`` skips the indices that the iterations before the
-checkpoint consumed (``Trainer.resume_or_load`` sets ``start``), so that the images
+checkpoint consumed (``ResumeState.before_train`` sets ``start``), so that the images
 after a resume are the ones an uninterrupted run would have seen.
 """
 

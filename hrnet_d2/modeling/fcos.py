@@ -35,38 +35,12 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
 
-from ..utils.errors import ConfigValueError, check_feature_names
+from ..utils.errors import ArgumentValueError
 
-__all__ = ["FCOSDetector", "FCOSDetectorHead", "REG_ACTIVATIONS", "TEST_CONVENTIONS", "check_fcos_config"]
+__all__ = ["FCOSDetector", "FCOSDetectorHead", "REG_ACTIVATIONS", "TEST_CONVENTIONS"]
 
 REG_ACTIVATIONS = ("linear", "exp", "relu")
 TEST_CONVENTIONS = ("detectron2", "mmdetection")
-
-
-def check_fcos_config(cfg, shapes):
-    """Raise :class:`ConfigValueError` (one line: key, value, what is allowed) for a ``MODEL.FCOS`` key that cannot
-    work with a backbone producing ``shapes`` (its ``output_shape()``)."""
-    f = cfg.MODEL.FCOS
-    check_feature_names("MODEL.FCOS.IN_FEATURES", f.IN_FEATURES, shapes, f"the backbone ({cfg.MODEL.BACKBONE.NAME})")
-    strides = [shapes[k].stride for k in f.IN_FEATURES]
-    if any(s <= 0 or s & (s - 1) for s in strides):
-        raise ConfigValueError("MODEL.FCOS.IN_FEATURES", list(f.IN_FEATURES), f"strides {strides} must be powers of 2")
-    for key, value, allowed in (
-        ("REG_ACTIVATION", f.REG_ACTIVATION, REG_ACTIVATIONS),
-        ("TEST_CONVENTION", f.TEST_CONVENTION, TEST_CONVENTIONS),
-    ):
-        if value not in allowed:
-            raise ConfigValueError(f"MODEL.FCOS.{key}", value, f"allowed: {list(allowed)}")
-    for key in ("NUM_CLASSES", "NUM_CONVS", "TOPK_CANDIDATES_TEST"):
-        value = getattr(f, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigValueError(f"MODEL.FCOS.{key}", value, "must be a positive integer")
-    if not 0.0 <= f.ANCHOR_OFFSET < 1.0:
-        raise ConfigValueError("MODEL.FCOS.ANCHOR_OFFSET", f.ANCHOR_OFFSET, "must be in [0, 1)")
-    if f.CENTER_SAMPLING_RADIUS < 0:
-        raise ConfigValueError("MODEL.FCOS.CENTER_SAMPLING_RADIUS", f.CENTER_SAMPLING_RADIUS, "must be >= 0 (0: off)")
-    if not 0.0 < f.PRIOR_PROB < 1.0:
-        raise ConfigValueError("MODEL.FCOS.PRIOR_PROB", f.PRIOR_PROB, "must be in (0, 1)")
 
 
 class FCOSDetectorHead(nn.Module):
@@ -102,11 +76,13 @@ class FCOSDetectorHead(nn.Module):
         super().__init__()
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
-            raise ConfigValueError(
-                "MODEL.FCOS.IN_FEATURES", [s.channels for s in input_shape], "levels need equal channels"
+            raise ArgumentValueError(
+                "FCOSDetectorHead", "input_shape", input_shape, "the levels need equal channels (one shared head)"
             )
         if reg_activation not in REG_ACTIVATIONS:
-            raise ConfigValueError("MODEL.FCOS.REG_ACTIVATION", reg_activation, f"allowed: {list(REG_ACTIVATIONS)}")
+            raise ArgumentValueError(
+                "FCOSDetectorHead", "reg_activation", reg_activation, f"allowed: {list(REG_ACTIVATIONS)}"
+            )
         (c,) = channels
         self.strides = [int(s.stride) for s in input_shape]
         self.centerness_on_reg = centerness_on_reg
@@ -185,7 +161,9 @@ class FCOSDetector(FCOS):
             kwargs["center_sampling_radius"] = float("inf")  # every location inside a box
         super().__init__(**kwargs)
         if test_convention not in TEST_CONVENTIONS:
-            raise ConfigValueError("MODEL.FCOS.TEST_CONVENTION", test_convention, f"allowed: {list(TEST_CONVENTIONS)}")
+            raise ArgumentValueError(
+                "FCOSDetector", "test_convention", test_convention, f"allowed: {list(TEST_CONVENTIONS)}"
+            )
         self.test_convention = test_convention
         self.anchor_generator = DefaultAnchorGenerator(
             sizes=[[s] for s in self.anchor_generator.strides],
@@ -199,7 +177,6 @@ class FCOSDetector(FCOS):
         f = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
-        check_fcos_config(cfg, shapes)
         head = FCOSDetectorHead(cfg, [shapes[k] for k in f.IN_FEATURES])
         return {
             "backbone": backbone,
