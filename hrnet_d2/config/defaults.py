@@ -16,8 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND, DATALOADER.DROP_INVALID_BOXES
-    and DIST keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, MODEL.CLASS_NAME_TRANSFER, INPUT.RESIZE_BACKEND,
+    DATALOADER.DROP_INVALID_BOXES and DIST keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -83,12 +83,24 @@ def add_hrnet_config(cfg):
     # (mmdetection's HRFPN stride=2, used by its HRNet FCOS: NUM_LEVELS 5 gives p3..p7, strides 8..128).
     _C.MODEL.HRNET_PYRAMID.CONV_STRIDE = 1
 
-    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/): a checkpoint
-    # that leaves body tensors at their random init (a partial file, another backbone's weights)
-    # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
-    # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
-    # a missing pyramid (ImageNet weights), are normal: they never stop.
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/detection_checkpoint.py):
+    # a checkpoint that leaves body tensors at their random init (a partial file, another backbone's
+    # weights) or whose backbone has other shapes stops loading, naming what is missing or differs.
+    # The same for the whole detector when fine-tuning from a detector checkpoint: a layer that does
+    # not depend on the class count (RPN head, box head, a cascade stage, the mask head) left at its
+    # random init stops; the class-specific layers (classifier, box regression, mask predictor) of
+    # another class count are re-initialised, named in one log line.  True loads what fits and logs
+    # the rest as a warning (when that is intended).  Backbone-only checkpoints (ImageNet weights:
+    # no heads, maybe no pyramid) are normal: they never stop.
     _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
+    # MMDetCascadeROIHeads (hrnet_d2/modeling/mmdet_heads.py): the weight of each cascade stage's box
+    # and mask losses in training (mmdetection's stage_loss_weights); [] = 1 for every stage.
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
+    # Fine-tuning a detector on other classes: a class of the training data with the name of a class
+    # the checkpoint was trained on (names saved with our checkpoints; COCO's for hrnet_d2://coco/...)
+    # starts from that class's rows of the classifier, box regression and mask predictor; the others
+    # start fresh.  One log line lists them.  False: all class-specific rows start fresh.
+    _C.MODEL.CLASS_NAME_TRANSFER = True
 
     # Training annotations whose box has a non-positive width/height or lies entirely
     # outside its image are an error (DataError naming the json and annotation id);
