@@ -329,15 +329,15 @@ def _check_consecutive_levels(key, names, shapes):
 
 
 def _check_htc(cfg, shapes, what):
-    """MODEL.HTC (hrnet_d2/modeling/htc.py): one loss weight per stage, a known test mode, semantic levels
+    """MODEL.HTC (hrnet_d2/modeling/htc.py): one loss weight per stage (MODEL.ROI_BOX_CASCADE_HEAD's), a known test mode, semantic levels
     the backbone produces, an embedding as wide as the RoI features it is added to."""
     h = cfg.MODEL.HTC
-    stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
-    if len(h.STAGE_LOSS_WEIGHTS) != stages:
+    c = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+    if c.STAGE_LOSS_WEIGHTS and len(c.STAGE_LOSS_WEIGHTS) != len(c.IOUS):
         raise ConfigValueError(
-            "MODEL.HTC.STAGE_LOSS_WEIGHTS",
-            h.STAGE_LOSS_WEIGHTS,
-            f"needs one weight per stage ({stages}: MODEL.ROI_BOX_CASCADE_HEAD.IOUS)",
+            "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS",
+            c.STAGE_LOSS_WEIGHTS,
+            f"needs one weight per stage ({len(c.IOUS)}: MODEL.ROI_BOX_CASCADE_HEAD.IOUS), or [] for 1 each",
         )
     check_choice("MODEL.HTC.MASK_TEST_STAGES", h.MASK_TEST_STAGES, MASK_TEST_STAGES)
     s = h.SEMANTIC

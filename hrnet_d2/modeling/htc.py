@@ -202,7 +202,6 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
     def __init__(
         self,
         *,
-        stage_loss_weights: Sequence[float],
         interleaved: bool = True,
         mask_info_flow: bool = True,
         mask_test_stages: str = "last",
@@ -217,7 +216,6 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
     ):
         """
         Args:
-            stage_loss_weights: each stage's box and mask losses are multiplied by its weight.
             interleaved: train stage k's mask head on stage k's regressed boxes (else on its input boxes).
             mask_info_flow: mask heads receive the previous stage's mask features.
             mask_test_stages: "last" (mmdetection 3.x) or "mean" (mmdetection 1.x/2.x), see the module doc.
@@ -229,14 +227,12 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
             semantic_ignore_value: label of pixels the segmentation loss ignores (also the padding).
             semantic_maps: whether the meta-architecture passes label maps (:class:`HybridTaskCascade`);
                 if not, the semantic classifier is frozen.
-            kwargs: ``CascadeROIHeads``'.
+            kwargs: ``MMDetCascadeROIHeads``' (``stage_loss_weights``: each stage's box and mask losses are
+                multiplied by its weight).
         """
         super().__init__(**kwargs)
         if self.mask_on and not isinstance(self.mask_head, HTCMaskHeads):
             raise ValueError("HybridTaskCascadeROIHeads needs HTCMaskHeads as its mask head")
-        if len(stage_loss_weights) != self.num_cascade_stages:
-            raise ValueError(f"{len(stage_loss_weights)} stage loss weights for {self.num_cascade_stages} stages")
-        self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
         self.interleaved = interleaved
         self.mask_info_flow = mask_info_flow
         self.mask_test_stages = mask_test_stages
@@ -256,7 +252,6 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         ret = super().from_config(cfg, input_shape)
         h = cfg.MODEL.HTC
         ret.update(
-            stage_loss_weights=tuple(h.STAGE_LOSS_WEIGHTS),
             interleaved=h.INTERLEAVED,
             mask_info_flow=h.MASK_INFO_FLOW,
             mask_test_stages=h.MASK_TEST_STAGES,
