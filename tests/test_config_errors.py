@@ -94,7 +94,7 @@ CASES = [
     ("HTC: unknown mask ensemble", HTC, ["MODEL.HTC.MASK_TEST_STAGES", "average"], "MODEL.HTC.MASK_TEST_STAGES",
      "'average'"),
     ("HTC: loss weights for 2 of 3 stages", HTC, ["MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "(1.0, 0.5)"],
-     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "(1.0, 0.5)"),
+     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "[1.0, 0.5]"),
     ("HTC: semantic level not produced", HTC, ["MODEL.HTC.SEMANTIC.IN_FEATURES", "['p2', 'p7']"],
      "MODEL.HTC.SEMANTIC.IN_FEATURES", "'p7'"),
     ("HTC: fusion level not an input", HTC, ["MODEL.HTC.SEMANTIC.FUSION_FEATURE", "p6",
