@@ -23,6 +23,7 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+)=(?P<json>.+?\.json):(?P<root>.+
 _NUM_CLASSES_KEY = {
     "GeneralizedRCNN": ("ROI_HEADS", "NUM_CLASSES"),
     "PanopticFPN": ("ROI_HEADS", "NUM_CLASSES"),
+    "HybridTaskCascade": ("ROI_HEADS", "NUM_CLASSES"),
     "RetinaNet": ("RETINANET", "NUM_CLASSES"),
     "FCOSDetector": ("FCOS", "NUM_CLASSES"),
 }

@@ -209,13 +209,17 @@ class MMDetCascadeROIHeads(CascadeROIHeads):
     def _forward_box(self, features, proposals, targets=None):
         if self.training:
             return super()._forward_box(features, proposals, targets)
-        features = [features[f] for f in self.box_in_features]
+        return self._cascade_inference([features[f] for f in self.box_in_features], proposals, self._run_stage)
+
+    def _cascade_inference(self, features, proposals, run_stage):
+        """mmdetection's ``CascadeRoIHead._refine_roi`` + ``predict_bbox``: every stage on the previous
+        stage's boxes, ``run_stage(features, proposals, k)`` giving stage k's (logits, deltas)."""
         image_sizes = [x.image_size for x in proposals]
         logits, boxes = [], None
         for k in range(self.num_cascade_stages):
             if k > 0:
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
-            predictions = self._run_stage(features, proposals, k)
+            predictions = run_stage(features, proposals, k)
             boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
             logits.append(predictions[0])
         # mmdetection: mean of the stages' logits, then softmax (Detectron2: mean of probabilities)
