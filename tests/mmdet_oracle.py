@@ -164,7 +164,7 @@ def randomly_initialised_detector(cfg, calibration_image, seed=0):
         s = float(out.std())
         conv.conv.weight /= s
         conv.conv.bias /= s
-    semantic = getattr(model.roi_head, "semantic_head", None)
+    semantic = getattr(getattr(model, "roi_head", None), "semantic_head", None)
     if semantic is not None:  # HTC: its embedding (added to the RoI features) at std ~1 too
         s = float(semantic(model.neck(feats))[1].std())
         semantic.conv_embedding.conv.weight /= s

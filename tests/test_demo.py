@@ -315,7 +315,21 @@ def test_odd_and_broken_images(quickstart_weights, odd_images, tmp_path, caplog)
     assert "truncated.jpg is not a readable image" in text and "notes.png is not a readable image" in text
 
 
+def _fresh_loggers():
+    """demo.main sets up its loggers once per process (Detectron2's setup_logger is cached): in a
+    test process an earlier test's handlers may still write to that test's (closed) capture
+    stream.  Start from none, as a real ``python demo.py`` does."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger.cache_clear()
+    for name in ("hrnet_d2", "fvcore", "detectron2"):
+        logging.getLogger(name).handlers.clear()
+
+
 def test_nothing_readable_exits_non_zero(quickstart_weights, odd_images, tmp_path, capsys):
+    _fresh_loggers()
     with pytest.raises(SystemExit) as e:
         demo.main(
             [

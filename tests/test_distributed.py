@@ -253,17 +253,23 @@ def test_coco_recipes_scale_to_the_number_of_processes(config):
     from hrnet_d2.engine import Trainer
 
     cfg = make_cfg(config)
-    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 8 and cfg.SOLVER.IMS_PER_BATCH == 16  # 8 GPUs x 2 images
+    # the published recipes: R-CNNs 8 GPUs x 2 images, mmdetection's HRNet FCOS 4 GPUs x 4 images
+    ref, per_process = (4, 4) if "fcos_" in config else (8, 2)
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == ref and cfg.SOLVER.IMS_PER_BATCH == ref * per_process
+    k = ref // 2  # 2 processes do 1/k of the recipe's images per step
     two = Trainer.auto_scale_workers(cfg, 2)  # what Trainer(cfg) does under --num-gpus 2
-    assert two.SOLVER.IMS_PER_BATCH == 4  # still 2 images per process
-    assert two.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR / 4)
-    assert two.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER * 4
-    assert tuple(two.SOLVER.STEPS) == tuple(4 * s for s in cfg.SOLVER.STEPS)
-    assert two.SOLVER.WARMUP_ITERS == cfg.SOLVER.WARMUP_ITERS * 4
-    assert two.SOLVER.CHECKPOINT_PERIOD == cfg.SOLVER.CHECKPOINT_PERIOD * 4
-    assert Trainer.auto_scale_workers(cfg, 8) is cfg  # the reference itself is unchanged
-    sixteen = Trainer.auto_scale_workers(cfg, 16)
-    assert (sixteen.SOLVER.IMS_PER_BATCH, sixteen.SOLVER.MAX_ITER) == (32, cfg.SOLVER.MAX_ITER // 2)
+    assert two.SOLVER.IMS_PER_BATCH == 2 * per_process  # still per_process images per process
+    assert two.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR / k)
+    assert two.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER * k
+    assert tuple(two.SOLVER.STEPS) == tuple(k * s for s in cfg.SOLVER.STEPS)
+    assert two.SOLVER.WARMUP_ITERS == cfg.SOLVER.WARMUP_ITERS * k
+    assert two.SOLVER.CHECKPOINT_PERIOD == cfg.SOLVER.CHECKPOINT_PERIOD * k
+    assert Trainer.auto_scale_workers(cfg, ref) is cfg  # the reference itself is unchanged
+    double = Trainer.auto_scale_workers(cfg, 2 * ref)
+    assert (double.SOLVER.IMS_PER_BATCH, double.SOLVER.MAX_ITER) == (
+        2 * cfg.SOLVER.IMS_PER_BATCH,
+        cfg.SOLVER.MAX_ITER // 2,
+    )
 
 
 def test_small_configs_keep_their_total_batch():
