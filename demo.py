@@ -104,7 +104,10 @@ class Predictor:
             from detectron2.modeling import build_model
 
             check_device(cfg.MODEL.DEVICE)
+            from hrnet_d2.inference_autocast import autocast_heads
+
             self.model = build_model(cfg)
+            autocast_heads(self.model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)
             weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
             self.augmentation = test_augmentations(cfg)
             self.input_format = cfg.INPUT.FORMAT

@@ -35,6 +35,7 @@ from .data.checks import check_num_classes, load_dataset_dicts
 from .data.mapper import CheckedDatasetMapper
 from .data.sampler import ResumableSampler
 from .errors import DEBUG_ENV, UserError, exit_on_user_error_in_worker
+from .inference_autocast import autocast_heads
 from .predict import model_input, test_augmentations
 from .visualization import draw_predictions
 
@@ -277,7 +278,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         validate_config(cfg)
-        return super().build_model(cfg)
+        model = super().build_model(cfg)
+        autocast_heads(model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)  # the backbone applies it itself
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
