@@ -370,6 +370,7 @@ def validate_config(cfg):
     _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
     _check_choice("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, RESIZE_BACKENDS)
     _check_pixel_stats(cfg)
+    _check_positive_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH)
     shapes = _backbone_output_shapes(cfg)
     what = f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
     meta = cfg.MODEL.META_ARCHITECTURE

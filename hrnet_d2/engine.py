@@ -303,7 +303,10 @@ class Trainer(DefaultTrainer):
             proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
         dataset = load_dataset_dicts([dataset_name], proposal_files=proposal_files)
         return build_detection_test_loader(
-            dataset=dataset, mapper=CheckedDatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+            dataset=dataset,
+            mapper=CheckedDatasetMapper(cfg, False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            batch_size=cfg.TEST.IMS_PER_BATCH,
         )
 
     def run_step(self):

@@ -122,6 +122,7 @@ def test_heads_conv_and_fc_layers_run_in_bf16_and_hand_back_fp32(one_torch_threa
         return hook
 
     low.roi_heads.box_head.fc1.register_forward_hook(record("box fc1"))
+
     def record_input(name):
         def hook(module, inputs):
             seen[name] = inputs[0].dtype
