@@ -32,12 +32,12 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
-from hrnet_d2.build import check_device
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
-from hrnet_d2.predict import model_input, test_augmentations
-from hrnet_d2.visualization import draw_predictions
+from hrnet_d2.engine.predictor import model_input, test_augmentations
+from hrnet_d2.modeling.build import check_device
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.visualization import draw_predictions
 
 DEFAULT_CONFIG = "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -104,7 +104,7 @@ class Predictor:
             from detectron2.modeling import build_model
 
             check_device(cfg.MODEL.DEVICE)
-            from hrnet_d2.inference_autocast import autocast_heads
+            from hrnet_d2.modeling.inference_autocast import autocast_heads
 
             self.model = build_model(cfg)
             autocast_heads(self.model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)

@@ -27,13 +27,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
-from hrnet_d2.amp import build_train_step
-from hrnet_d2.build import check_device, validate_model
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.config.validate import validate_model
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.data.checks import check_num_classes
-from hrnet_d2.engine import ResumeState, check_datasets, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
-from hrnet_d2.errors import add_debug_argument
+from hrnet_d2.data.checks import check_datasets, check_num_classes
+from hrnet_d2.engine import ResumeState, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
+from hrnet_d2.engine.train_loop import build_train_step
+from hrnet_d2.modeling.build import check_device
+from hrnet_d2.utils.errors import add_debug_argument
 
 logger = logging.getLogger("detectron2")
 

@@ -36,5 +36,5 @@ setup(
         "safetensors",
     ],
     extras_require={"test": ["pytest", "timm", "onnx", "onnxruntime"]},
-    entry_points={"console_scripts": ["hrnet-d2-convert=hrnet_d2.convert:main"]},
+    entry_points={"console_scripts": ["hrnet-d2-convert=hrnet_d2.checkpoint.__main__:main"]},
 )

@@ -30,14 +30,17 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from hrnet_d2 import get_hrnet_cfg
-from hrnet_d2.build import check_device, validate_config
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.pretrained import check_pretrained_weights
+from hrnet_d2.config.validate import validate_config
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data.checks import check_datasets
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
-from hrnet_d2.engine import Trainer, check_datasets, launch_cli, set_cpu_threads, visualize_predictions
-from hrnet_d2.errors import add_debug_argument
-from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV
-from hrnet_d2.weights import check_pretrained_weights
+from hrnet_d2.engine import Trainer, launch_cli, set_cpu_threads
+from hrnet_d2.engine.predictor import visualize_predictions
+from hrnet_d2.modeling.build import check_device
+from hrnet_d2.utils.errors import add_debug_argument
+from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV
 
 logger = logging.getLogger("hrnet_d2")
 

@@ -2,22 +2,30 @@
 
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
-BACKBONE_REGISTRY, and the heads with mmdetection's test-time conventions (``MMDetRPN``,
-``MMDetROIHeads``, ``MMDetCascadeROIHeads``: ``mmdet_heads.py``) for converted models.
+BACKBONE_REGISTRY, the heads with mmdetection's test-time conventions (``MMDetRPN``,
+``MMDetROIHeads``, ``MMDetCascadeROIHeads``) for converted models, and the ``hrnet_d2://``
+weights names in Detectron2's PathManager.
+
+The package mirrors Detectron2's own: ``modeling`` (the model), ``data``, ``config``,
+``checkpoint`` (weights) and ``engine`` (training and inference); ``utils`` below them all.
 """
 
-from .arch import ARCHITECTURES, StageSpec
-from .build import (
+from .checkpoint import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in PathManager
+from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
+from .modeling import (
+    ARCHITECTURES,
+    HighResolutionModule,
+    HRNet,
+    HRNetV2p,
+    MMDetCascadeROIHeads,
+    MMDetROIHeads,
+    MMDetRPN,
+    StageSpec,
     build_hrnet_backbone,
     build_hrnet_fpn_backbone,
     build_hrnetv2p_backbone,
     build_hrnetv2p_with_body_backbone,
 )
-from .catalog import UnknownZooName, ZooDownloadError  # importing it registers hrnet_d2:// in Detectron2's PathManager
-from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
-from .hrnet import HighResolutionModule, HRNet
-from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
-from .pyramid import HRNetV2p
 
 __version__ = "0.1.0"
 

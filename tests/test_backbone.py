@@ -11,7 +11,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 
 from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2.hrnet import branch_name
+from hrnet_d2.modeling.hrnet import branch_name
 
 
 def test_table_covers_all_published_widths():

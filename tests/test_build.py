@@ -6,8 +6,8 @@ from conftest import make_cfg
 
 from detectron2.modeling import build_backbone
 
-from hrnet_d2 import build as build_module
-from hrnet_d2.build import validate_config
+from hrnet_d2.config.validate import validate_config
+from hrnet_d2.modeling import build as build_module
 
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
 

@@ -11,7 +11,7 @@ from conftest import make_cfg
 from detectron2.modeling import build_model
 
 from hrnet_d2.checkpoint import AtomicCheckpointer, CheckpointError
-from hrnet_d2.errors import UserError
+from hrnet_d2.utils.errors import UserError
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")

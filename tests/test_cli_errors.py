@@ -54,8 +54,7 @@ def test_config_mistake_is_one_line_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_exit_on_user_error_in_process(monkeypatch, capsys):
-    from hrnet_d2.config import ConfigError
-    from hrnet_d2.errors import debug_enabled, exit_on_user_error
+    from hrnet_d2.utils.errors import ConfigError, debug_enabled, exit_on_user_error
 
     def fail():
         raise ConfigError("MODEL.X = 1 is invalid: allowed: 2")
@@ -142,7 +141,7 @@ def test_data_mistakes_through_dataset_argument(tmp_path):
 
 def _in_process(main, argv, capsys):
     """``exit_on_user_error(main, argv)`` as the scripts' ``__main__`` runs it: (exit code, stderr)."""
-    from hrnet_d2.errors import exit_on_user_error
+    from hrnet_d2.utils.errors import exit_on_user_error
 
     with pytest.raises(SystemExit) as e:
         exit_on_user_error(main, argv)

@@ -5,7 +5,7 @@ import pytest
 from conftest import CONFIGS, make_cfg
 
 from hrnet_d2 import ARCHITECTURES
-from hrnet_d2.build import validate_config
+from hrnet_d2.config.validate import validate_config
 from hrnet_d2.engine import Trainer
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"

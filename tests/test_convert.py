@@ -13,8 +13,9 @@ from timm_peer import timm_branches
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main
-from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
+from hrnet_d2.checkpoint.convert import ConversionError, convert_file, load_state_dict
+from hrnet_d2.checkpoint.pretrained import PretrainedWeightsMissing, check_pretrained_weights, converted_weights_path
+from hrnet_d2.convert import main
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")

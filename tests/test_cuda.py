@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2.pyramid import HRNetV2p
+from hrnet_d2.modeling.pyramid import HRNetV2p
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

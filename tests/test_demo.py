@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 
 import demo
 from hrnet_d2.data import register_all_shapes
-from hrnet_d2.errors import UserError
+from hrnet_d2.utils.errors import UserError
 
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 

@@ -1,5 +1,7 @@
 """The package's import graph: imports flow one way (no circle, also none through an
-import inside a function) and no module imports another module's private ``_names``."""
+import inside a function), no module imports another module's private ``_names``, and the
+wings import only downward (``WING_LEVELS``: modeling and data never import config,
+checkpoint or engine; checkpoint never imports engine)."""
 
 import ast
 from pathlib import Path
@@ -87,11 +89,56 @@ def find_cycle(graph):
     return None
 
 
+# A wing may import its own modules and the wings of lower levels; the package's top-level
+# modules (``hrnet_d2``, ``hrnet_d2.convert``, ``hrnet_d2.analysis``) stand above every wing.
+WING_LEVELS = {"utils": 0, "modeling": 1, "data": 1, "config": 2, "checkpoint": 3, "engine": 4}
+
+
+def upward_imports(graph, package, levels):
+    """[(importer, imported)] where a wing imports a wing of the same or a higher level."""
+
+    def wing(module):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in levels) else None
+
+    bad = []
+    for src, targets in graph.items():
+        a = wing(src)
+        if a is None:
+            continue
+        for dst in targets:
+            b = wing(dst)
+            if b is None or (b != a and levels[b] >= levels[a]):
+                bad.append((src, dst))
+    return sorted(bad)
+
+
 def test_package_imports_flow_one_way_and_stay_public():
     graph, private = import_graph(PACKAGE)
-    assert "hrnet_d2.hrnet" in graph and "hrnet_d2.layers" in graph["hrnet_d2.hrnet"]
+    assert "hrnet_d2.modeling.hrnet" in graph and "hrnet_d2.modeling.layers" in graph["hrnet_d2.modeling.hrnet"]
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
     assert not private, f"private names imported across modules: {private}"
+    wings = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert wings == set(WING_LEVELS), f"wings without a level: {wings ^ set(WING_LEVELS)}"
+    assert upward_imports(graph, "hrnet_d2", WING_LEVELS) == []
+
+
+def test_checker_finds_upward_wing_imports(tmp_path):
+    """Negative control: modeling importing engine, and data importing modeling (same level)."""
+    pkg = tmp_path / "pkg"
+    for wing in ("modeling", "data", "engine"):
+        (pkg / wing).mkdir(parents=True)
+        (pkg / wing / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from . import engine\n")
+    (pkg / "engine" / "t.py").write_text("from ..modeling import m\n")
+    (pkg / "modeling" / "m.py").write_text("def f():\n    from ..engine import t\n")
+    (pkg / "data" / "d.py").write_text("from ..modeling.m import f\n")
+    graph, _ = import_graph(pkg)
+    levels = {"modeling": 1, "data": 1, "engine": 4}
+    assert upward_imports(graph, "pkg", levels) == [
+        ("pkg.data.d", "pkg.modeling.m"),
+        ("pkg.modeling.m", "pkg.engine.t"),
+    ]
 
 
 def test_checker_finds_circles_and_private_imports(tmp_path):

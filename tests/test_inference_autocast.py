@@ -8,7 +8,7 @@ from conftest import tiny_rcnn_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
-from hrnet_d2.inference_autocast import autocast_heads
+from hrnet_d2.modeling.inference_autocast import autocast_heads
 
 
 def _cfg(*opts):
@@ -71,7 +71,7 @@ def test_inference_switch_value_is_checked():
         build_model(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))
 
 
-# --- the heads under the switch (hrnet_d2/inference_autocast.py) ------------------------------------
+# --- the heads under the switch (hrnet_d2/modeling/inference_autocast.py) ------------------------------------
 
 
 def _mask_pair(dtype="bf16"):
@@ -174,7 +174,7 @@ def test_heads_switch_off_is_the_plain_path_and_training_is_untouched(one_torch_
 def test_heads_under_bf16_keep_the_detections(one_torch_thread):
     """The whole tiny Mask R-CNN: detections under bf16 (backbone + heads) against fp32, given
     detections whose scores are spread (calibrate_detections): boxes stay fp32-decoded."""
-    from hrnet_d2.profiling import calibrate_detections
+    from hrnet_d2.engine.profiling import calibrate_detections
 
     ref, low = _mask_pair("bf16")
     g = torch.Generator().manual_seed(0)

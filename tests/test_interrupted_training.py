@@ -208,7 +208,7 @@ def test_missing_weights_file_error_names_the_file(tmp_path):
 def _tiny_trainer(tmp_path, *opts):
     from detectron2.data import DatasetCatalog
 
-    from hrnet_d2.data.synthetic import register_shapes
+    from hrnet_d2.data.shapes import register_shapes
     from hrnet_d2.engine import Trainer
 
     (tmp_path / "out").mkdir()

@@ -14,8 +14,8 @@ from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN, RetinaNe
 from detectron2.modeling.roi_heads import CascadeROIHeads
 
 from hrnet_d2 import HRNetV2p
+from hrnet_d2.data.shapes import register_shapes
 from hrnet_d2.data.shapes_extras import KEYPOINT_NAMES, keypoints_from_polygon, register_shapes_extras
-from hrnet_d2.data.synthetic import register_shapes
 from hrnet_d2.engine import Trainer
 
 COCO_CONFIGS = {

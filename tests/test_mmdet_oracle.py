@@ -25,7 +25,8 @@ if not mo.install_ext_stand_in():
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from hrnet_d2.convert import ConversionError, convert_file, load_state_dict, main  # noqa: E402
+from hrnet_d2.checkpoint.convert import ConversionError, convert_file, load_state_dict
+from hrnet_d2.convert import main
 
 TEST_SCALE = (448, 256)  # mmdetection Resize(scale=(long, short)) = INPUT.MAX_SIZE_TEST / MIN_SIZE_TEST
 KINDS = {

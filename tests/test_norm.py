@@ -11,7 +11,7 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.solver import build_optimizer
 
 from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2.layers import EvalBatchNorm2d
+from hrnet_d2.modeling.layers import EvalBatchNorm2d
 
 ARCH = ARCHITECTURES["w18_small_v1"]
 

@@ -11,7 +11,7 @@ from conftest import REPO, make_cfg, run_train_net
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from hrnet_d2.data.checks import DataError
-from hrnet_d2.data.synthetic import generate_split
+from hrnet_d2.data.shapes import generate_split
 from hrnet_d2.data.user_datasets import DatasetArgumentError, apply_user_datasets, parse_dataset_argument
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"

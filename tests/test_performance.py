@@ -14,8 +14,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
-from hrnet_d2.amp import CPUAMPTrainer, build_train_step
-from hrnet_d2.profiling import isa_flags
+from hrnet_d2.engine.profiling import isa_flags
+from hrnet_d2.engine.train_loop import CPUAMPTrainer, build_train_step
 
 
 def ours_from(timm_model, arch, **kwargs):
@@ -135,7 +135,7 @@ def test_fused_path_follows_in_place_weight_changes_and_copies_cleanly():
 def test_fused_parity_check_can_fail(monkeypatch):
     """Negative control: a fused path that loses the ReLU after the fusion sums is caught
     by the same timm comparison as test_fast_inference_path_matches_timm."""
-    from hrnet_d2.layers import ConvNorm
+    from hrnet_d2.modeling.layers import ConvNorm
 
     arch = "w18_small_v1"
     x = torch.randn(1, 3, 64, 96)
@@ -245,7 +245,7 @@ def test_activation_checkpoint_same_gradients_less_memory(norm):
 def test_pyramid_activation_checkpoint_same_gradients_less_memory():
     """With HRNetV2p the stride-4 concatenation is recomputed too: same gradients and BN
     statistics (BN pyramid norm), and less kept for backward than checkpointing the body alone."""
-    from hrnet_d2.pyramid import HRNetV2p
+    from hrnet_d2.modeling.pyramid import HRNetV2p
 
     def model(body_ckpt, pyramid_ckpt):
         torch.manual_seed(0)
@@ -391,7 +391,7 @@ def test_benchmark_flop_count_and_isa_flags():
     """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags against /proc/cpuinfo."""
     import benchmark
 
-    from hrnet_d2.profiling import ISA_FLAGS, native_bf16
+    from hrnet_d2.engine.profiling import ISA_FLAGS, native_bf16
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
     x = torch.randn(2, 8, 10, 12)

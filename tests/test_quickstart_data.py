@@ -8,8 +8,8 @@ from pycocotools.coco import COCO
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from hrnet_d2.data import synthetic
-from hrnet_d2.data.synthetic import CLASSES, SPLITS, generate_split, register_shapes
+from hrnet_d2.data import shapes as synthetic
+from hrnet_d2.data.shapes import CLASSES, SPLITS, generate_split, register_shapes
 
 
 def _files(root):

@@ -24,11 +24,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 
 from hrnet_d2 import get_hrnet_cfg
-from hrnet_d2.checkpoint import AtomicCheckpointer, capture_rng_state, restore_rng_state
-from hrnet_d2.convert import ConversionError, load_state_dict
+from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.convert import ConversionError, load_state_dict
 from hrnet_d2.convert import main as convert_main
-from hrnet_d2.errors import UserError
-from hrnet_d2.safe_load import ALLOW_UNSAFE_YAML_ENV, UnsafeFileError, load_pickle
+from hrnet_d2.engine.resume import capture_rng_state, restore_rng_state
+from hrnet_d2.utils.errors import UserError
+from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV, UnsafeFileError, load_pickle
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Training fast path: with frozen norm statistics (FrozenBN, BNEval) each norm is folded into
-its conv inside autograd (layers.TrainFoldedConv).  Oracle: the plain graph (conv -> norm ->
+its conv inside autograd (fold.TrainFoldedConv).  Oracle: the plain graph (conv -> norm ->
 ReLU, MODEL.HRNET.TRAINING_FUSE off) with the same weights: outputs, loss and the gradient of
 every parameter must agree to fp32 rounding, with and without activation checkpointing."""
 
 import pytest
 import torch
 
-from hrnet_d2 import ARCHITECTURES, HRNet, layers
-from hrnet_d2.layers import EvalBatchNorm2d, TrainFoldedConv
+from hrnet_d2 import ARCHITECTURES, HRNet
+from hrnet_d2.modeling import fold as fold_module
+from hrnet_d2.modeling.fold import TrainFoldedConv
+from hrnet_d2.modeling.layers import EvalBatchNorm2d
 
 ARCH = ARCHITECTURES["w18_small_v1"]
 OUT = ["hr2", "hr3", "hr4", "hr5", "hrv2"]
@@ -105,13 +107,13 @@ def test_fresh_bneval_body_has_frozen_statistics():
 def test_training_fold_comparison_can_fail(monkeypatch):
     """Negative control: a fold whose scale is off by 1e-3 is caught by the same comparison."""
     fold, plain = _pair("BNEval")
-    original = layers.conv_norm_affine
+    original = fold_module.conv_norm_affine
 
     def perturbed(conv, norm):
         w, b = original(conv, norm)
         return w * 1.001, b
 
-    monkeypatch.setattr(layers, "conv_norm_affine", perturbed)
+    monkeypatch.setattr(fold_module, "conv_norm_affine", perturbed)
     out_err, _, grad_err = _compare(fold, plain, torch.randn(2, 3, 64, 96))
     assert out_err > 10 * TOL and grad_err > 10 * TOL
 

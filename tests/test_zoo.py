@@ -27,13 +27,13 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 import hrnet_d2  # noqa: F401  (registers hrnet_d2://)
-from hrnet_d2 import HRNet, catalog, zoo
-from hrnet_d2.arch import ARCHITECTURES
-from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2 import HRNet
+from hrnet_d2.checkpoint import AtomicCheckpointer, catalog, zoo
+from hrnet_d2.checkpoint.convert import ConversionError
+from hrnet_d2.checkpoint.pretrained import IMAGENET_CHECKPOINTS
 from hrnet_d2.config import CONFIG_DIR
-from hrnet_d2.convert import ConversionError
 from hrnet_d2.convert import main as convert_main
-from hrnet_d2.weights import IMAGENET_CHECKPOINTS
+from hrnet_d2.modeling.arch import ARCHITECTURES
 
 SMALL = "w18_small_v1"
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
@@ -416,7 +416,7 @@ def test_cached_download_is_checked_before_use(server, cache, monkeypatch, image
 
 
 def test_missing_local_weights_message_offers_the_name(tmp_path):
-    from hrnet_d2.weights import PretrainedWeightsMissing, check_pretrained_weights
+    from hrnet_d2.checkpoint.pretrained import PretrainedWeightsMissing, check_pretrained_weights
 
     cfg = make_cfg(FASTER, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(PretrainedWeightsMissing, match="(?m)MODEL.WEIGHTS hrnet_d2://imagenet/w18$"):

@@ -7,7 +7,7 @@ weights come from a private ``torch.Generator``, so making a peer leaves the glo
 
 import torch
 
-from hrnet_d2.zoo import imagenet_bodies
+from hrnet_d2.checkpoint.zoo import imagenet_bodies
 
 __all__ = ["TIMM_NAMES", "CLASSIFICATION_ONLY", "body_state_dict", "timm_branches", "random_timm", "calibrated_timm"]
 

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
-from hrnet_d2.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
 
 
 def _format_table(rows, headers):

@@ -11,7 +11,7 @@ round-robin so load from other processes hits all of them alike):
   step (forward + backward), ours against the same detector with the timm body;
 * training peak memory, with and without MODEL.HRNET.ACTIVATION_CHECKPOINT;
 * with ``--parts profile``: where Faster and Mask R-CNN inference time goes, stage by stage
-  (``hrnet_d2.profiling``: preprocessing, body, pyramid, RPN head, proposal selection, ROIAlign,
+  (``hrnet_d2.engine.profiling``: preprocessing, body, pyramid, RPN head, proposal selection, ROIAlign,
   box head, box post-processing, mask head, mask pasting), seconds, % of the whole and GFLOP/s
   of the conv / FC stages against the peak rows, fp32 and (``--amp``) under
   MODEL.HRNET.INFERENCE_AUTOCAST on backbone and heads.  The detectors have random weights whose
@@ -46,10 +46,9 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
+from hrnet_d2.checkpoint.pretrained import IMAGENET_CHECKPOINTS
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
-from hrnet_d2.inference_autocast import autocast_heads
-from hrnet_d2.profiling import (
+from hrnet_d2.engine.profiling import (
     ISA_FLAGS,
     STAGES,
     calibrate_detections,
@@ -60,8 +59,9 @@ from hrnet_d2.profiling import (
     profile_inference,
     summarize,
 )
-from hrnet_d2.pyramid import HRNetV2p
-from hrnet_d2.weights import IMAGENET_CHECKPOINTS
+from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.modeling.pyramid import HRNetV2p
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,8 +33,8 @@ from detectron2.utils.logger import setup_logger
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.engine import check_datasets
-from hrnet_d2.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.data.checks import check_datasets
+from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("hrnet_d2.benchmark")
 

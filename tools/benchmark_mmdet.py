@@ -37,12 +37,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+from hrnet_d2.checkpoint.__main__ import main as convert_main
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
-from hrnet_d2.convert import main as convert_main
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
-from hrnet_d2.inference_autocast import autocast_heads
-from hrnet_d2.predict import model_input, test_augmentations
-from hrnet_d2.profiling import interleaved, machine_info, profile_inference, summarize
+from hrnet_d2.engine.predictor import model_input, test_augmentations
+from hrnet_d2.engine.profiling import interleaved, machine_info, profile_inference, summarize
+from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (mmdetection config, our config), W32 1x; {w} is the width

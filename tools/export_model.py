@@ -39,8 +39,8 @@ from detectron2.utils.logger import setup_logger
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import register_all_shapes
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
-from hrnet_d2.predict import model_input, test_augmentations
+from hrnet_d2.engine.predictor import model_input, test_augmentations
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 logger = logging.getLogger("hrnet_d2.export")
 

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import torch
 
-from hrnet_d2 import zoo
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
-from hrnet_d2.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.checkpoint import zoo
+from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

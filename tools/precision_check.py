@@ -29,7 +29,7 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.data import ensure_all_generated, register_all_shapes
 from hrnet_d2.engine import Trainer
-from hrnet_d2.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

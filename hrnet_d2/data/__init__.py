@@ -1,7 +1,7 @@
 """Generated datasets: "shapes" (instances) and its keypoint / semantic / panoptic twins."""
 
+from .shapes import ensure_generated, register_shapes
 from .shapes_extras import ensure_generated_extras, register_shapes_extras
-from .synthetic import ensure_generated, register_shapes
 
 __all__ = ["register_all_shapes", "ensure_all_generated"]
 

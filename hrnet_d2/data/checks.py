@@ -15,15 +15,17 @@ from collections import Counter
 
 import torch
 
-from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from ..errors import UserError
-from ..safe_load import UnsafeFileError, load_pickle
+from ..utils.errors import UserError
+from ..utils.safe_load import UnsafeFileError, load_pickle
 
 __all__ = [
     "DataError",
+    "DatasetFilesMissing",
+    "check_datasets",
     "check_coco_json",
     "check_dataset_dicts",
     "check_num_classes",
@@ -334,3 +336,35 @@ def load_dataset_dicts(names, *, filter_empty=False, min_keypoints=0, proposal_f
     if filter_empty and dicts and "annotations" in dicts[0]:
         dicts = _filter_empty(dicts, names)
     return dicts
+
+
+_PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json")
+
+
+class DatasetFilesMissing(UserError, FileNotFoundError):
+    """A dataset's files are not on disk (or the dataset is not registered)."""
+
+
+def check_datasets(names):
+    """Stop with a readable message, before any model is built, when a dataset's files
+    are missing (e.g. COCO not under $DETECTRON2_DATASETS)."""
+    problems = []
+    for name in names:
+        if name not in DatasetCatalog.list():
+            problems.append(f"  {name}: not a registered dataset")
+            continue
+        meta = MetadataCatalog.get(name)
+        for key in _PATH_KEYS:
+            path = getattr(meta, key, None) if hasattr(meta, key) else None
+            if path and not os.path.exists(path):
+                problems.append(f"  {name}: {key} {path} does not exist")
+    if problems:
+        root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        raise DatasetFilesMissing(
+            "Dataset files are missing:\n"
+            + "\n".join(problems)
+            + f"\nDetectron2 looks for builtin datasets under $DETECTRON2_DATASETS (now: {root!r}); "
+            "see https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html for the layout.\n"
+            "To try hrnet_d2 without downloading anything, run the quickstart "
+            "(README 'Quickstart': bash scripts/quickstart.sh), which trains on generated data."
+        )

@@ -14,7 +14,7 @@ import numpy as np
 
 from detectron2.data import transforms as T
 
-from ..config import ConfigValueError
+from ..utils.errors import ConfigValueError
 
 __all__ = ["RESIZE_BACKENDS", "CV2ResizeShortestEdge", "resize_augmentation", "use_resize_backend"]
 

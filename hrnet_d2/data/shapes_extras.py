@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .synthetic import CLASSES, SPLITS, generate_split, shapes_root
+from .shapes import CLASSES, SPLITS, generate_split, shapes_root
 
 __all__ = [
     "KEYPOINT_NAMES",

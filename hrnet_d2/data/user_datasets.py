@@ -14,7 +14,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from ..errors import UserError
+from ..utils.errors import UserError
 from .checks import DataError, check_coco_json
 
 __all__ = ["DatasetArgumentError", "add_dataset_argument", "apply_user_datasets", "parse_dataset_argument"]

@@ -5,9 +5,9 @@ configs/Base-RCNN-HRNetV2p.yaml builds (tests/test_lazy_configs.py checks it).""
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from hrnet_d2.hrnet import HRNet
-from hrnet_d2.lazy import stage_specs
-from hrnet_d2.pyramid import HRNetV2p
+from hrnet_d2.config.lazy import stage_specs
+from hrnet_d2.modeling.hrnet import HRNet
+from hrnet_d2.modeling.pyramid import HRNetV2p
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 model.backbone = L(HRNetV2p)(

@@ -26,34 +26,29 @@ where Detectron2 only logs skipped keys and trains on from random weights:
 
 import logging
 import os
-import tempfile
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .convert import (
-    BODY_PREFIX,
+from ..utils.errors import UserError
+from ..utils.file_io import atomic_write, is_local_path
+from ..utils.safe_load import UnsafeFileError, load_pickle, torch_load
+from .convert import BODY_PREFIX, convert_state_dict
+from .layouts import (
     ConversionError,
     checkpoint_layout,
-    convert_state_dict,
     describe_specs,
     detect_stage_specs,
     strip_module_prefix,
     unwrap_state_dict,
 )
-from .errors import UserError
-from .safe_load import UnsafeFileError, load_pickle, torch_load
 
 __all__ = [
     "AtomicCheckpointer",
     "CheckpointError",
     "CheckpointNotFound",
-    "atomic_write",
-    "capture_rng_state",
-    "is_local_path",
-    "restore_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,50 +60,6 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A local checkpoint path that does not exist."""
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn, mode="wb"):
-    """Call ``write_fn(f)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    The temporary name does not end in ``.pth``, so Detectron2's checkpoint listing
-    (``get_all_checkpoint_files``) and ``max_to_keep`` clean-up never see it.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; keep open()'s usual permissions
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def is_local_path(path):
-    """True for a (non-empty) local file system path, False for "" and URLs (``detectron2://``, ``https://``...)."""
-    return bool(path) and "://" not in str(path)
 
 
 # BatchNorm statistics a checkpoint may hold for a model whose norm has none (GN, FrozenBN): harmless
@@ -194,7 +145,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return self._hrnet_target_from_model()
         if cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
             return None
-        from .build import stage_specs_from_cfg
+        from ..modeling.build import stage_specs_from_cfg
 
         h = cfg.MODEL.HRNET
         where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
@@ -202,8 +153,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _hrnet_target_from_model(self):
         """As _hrnet_target, read from the model (LazyConfig models have no MODEL.* keys)."""
-        from .hrnet import HRNet
-        from .pyramid import HRNetV2p
+        from ..modeling.hrnet import HRNet
+        from ..modeling.pyramid import HRNetV2p
 
         found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HRNet)]
         if len(found) != 1:
@@ -423,33 +374,3 @@ class AtomicCheckpointer(DetectionCheckpointer):
             )
             return hint + "."
         return ""
-
-
-def capture_rng_state():
-    """Python, NumPy and torch (CPU + CUDA) RNG states, in types ``torch.load(weights_only=True)`` accepts."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state):
-    import random
-
-    import numpy as np
-
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from detectron2.utils.file_io import PathHandler, PathManager
 
-from .errors import UserError
+from ..utils.errors import UserError
 from .zoo import ZOO, ZooEntry
 
 __all__ = [
@@ -116,7 +116,7 @@ def _publish(tmp, path):
 
 
 def _convert_command(entry: ZooEntry, src: str) -> str:
-    from .config import CONFIG_DIR
+    from ..config import CONFIG_DIR
 
     target = f"--config-file {shlex.quote(str(CONFIG_DIR / entry.config))}" if entry.config else f"--arch {entry.arch}"
     return f"python -m hrnet_d2.convert {shlex.quote(src)} {shlex.quote(converted_path(entry))} {target}"
@@ -207,8 +207,9 @@ def resolve(name: str) -> str:
 
 
 def _convert(entry: ZooEntry, src: str, dst: str, checked: bool) -> None:
-    from .config import CONFIG_DIR
-    from .convert import ConversionError, convert_file
+    from ..config import CONFIG_DIR
+    from .convert import convert_file
+    from .layouts import ConversionError
 
     try:
         if entry.config:

@@ -4,19 +4,14 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
-from .errors import UserError
-
 __all__ = [
     "add_hrnet_config",
     "get_config_file",
     "get_hrnet_cfg",
     "CONFIG_DIR",
-    "ConfigError",
-    "ConfigValueError",
-    "check_feature_names",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
@@ -66,7 +61,7 @@ def add_hrnet_config(cfg):
     # torch.autocast in eval mode, the pyramid's outputs cast back to fp32 for the heads.
     # Training is unaffected (use SOLVER.AMP.ENABLED there).  On CPUs without native bf16 it is
     # emulated and slower than fp32.  The R-CNN heads' convs and FCs follow it where the model is
-    # built by hrnet_d2 (train_net.py, demo.py, tools: hrnet_d2/inference_autocast.py); anchors,
+    # built by hrnet_d2 (train_net.py, demo.py, tools: hrnet_d2/modeling/inference_autocast.py); anchors,
     # box decoding, ROIAlign, NMS and mask pasting stay fp32.
     _C.MODEL.HRNET.INFERENCE_AUTOCAST = ""
 
@@ -102,30 +97,6 @@ def add_hrnet_config(cfg):
     _C.DATALOADER.DROP_INVALID_BOXES = False
 
 
-class ConfigError(UserError, ValueError):
-    """A config that cannot work; the message says which key and why (one line at the CLI)."""
-
-
-class ConfigValueError(ConfigError):
-    """A bad config value, in one line: the key, the value and what is allowed."""
-
-    def __init__(self, key, value, allowed):
-        super().__init__(f"{key} = {value!r} is invalid: {allowed}")
-
-
-def check_feature_names(key, names, available, what):
-    """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
-    distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
-    names = list(names)
-    if not names:
-        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
-    for name in names:
-        if name not in available:
-            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
-    if len(set(names)) != len(names):
-        raise ConfigValueError(key, names, "lists a feature twice")
-
-
 def get_config_file(name: str) -> str:
     """Absolute path of a config shipped with hrnet_d2, e.g. ``"faster_rcnn_hrnetv2p_w32.yaml"``."""
     path = CONFIG_DIR / name
@@ -145,7 +116,7 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     """
     from detectron2.config import get_cfg
 
-    from .safe_load import merge_yaml_file
+    from ..utils.safe_load import merge_yaml_file
 
     cfg = get_cfg()
     add_hrnet_config(cfg)

@@ -14,19 +14,15 @@ names they are given against what they produce); ``validate_config`` (called by
 Detectron2's default head keys.
 """
 
-import math
-from collections.abc import Sequence
-
 import torch
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_backbone
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from ..utils.errors import ConfigError, ConfigValueError, check_feature_names
 from .arch import ARCHITECTURES, BLOCK_TYPES, FUSE_METHODS, StageSpec
 from .blocks import BLOCKS
-from .config import ConfigError, ConfigValueError, check_feature_names
-from .data.resize import RESIZE_BACKENDS
 from .hrnet import HRNet
 from .layers import NORMS as HRNET_NORMS
 from .layers import get_norm
@@ -37,10 +33,10 @@ __all__ = [
     "build_hrnetv2p_backbone",
     "build_hrnetv2p_with_body_backbone",
     "build_hrnet_fpn_backbone",
+    "check_choice",
     "check_device",
+    "check_pixel_stats",
     "stage_specs_from_cfg",
-    "validate_config",
-    "validate_model",
 ]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -110,7 +106,7 @@ def _body_widths(specs, stem_channels):
     return widths
 
 
-def _check_choice(key, value, allowed):
+def check_choice(key, value, allowed):
     if value not in allowed:
         raise ConfigValueError(key, value, f"allowed: {list(allowed)}")
 
@@ -129,7 +125,7 @@ def stage_specs_from_cfg(cfg):
     """The four StageSpecs: from the architecture table, or the explicit STAGE keys."""
     h = cfg.MODEL.HRNET
     if h.ARCH:
-        _check_choice("MODEL.HRNET.ARCH", h.ARCH, sorted(ARCHITECTURES) + ["''  (explicit MODEL.HRNET.STAGE1..4)"])
+        check_choice("MODEL.HRNET.ARCH", h.ARCH, sorted(ARCHITECTURES) + ["''  (explicit MODEL.HRNET.STAGE1..4)"])
         if _stage_keys_used(h):
             raise ConfigError(
                 f"MODEL.HRNET.ARCH = {h.ARCH!r} and explicit MODEL.HRNET.STAGE* keys are both set; "
@@ -155,8 +151,8 @@ def stage_specs_from_cfg(cfg):
                 s.NUM_BRANCHES,
                 f"must be >= MODEL.HRNET.STAGE{k - 1}.NUM_BRANCHES = {prev_branches} (stages only add branches)",
             )
-        _check_choice(f"{key}.BLOCK", s.BLOCK, BLOCK_TYPES)
-        _check_choice(f"{key}.FUSE_METHOD", s.FUSE_METHOD, FUSE_METHODS)
+        check_choice(f"{key}.BLOCK", s.BLOCK, BLOCK_TYPES)
+        check_choice(f"{key}.FUSE_METHOD", s.FUSE_METHOD, FUSE_METHODS)
         for field in ("NUM_BLOCKS", "NUM_CHANNELS"):
             values = list(getattr(s, field))
             if len(values) != s.NUM_BRANCHES:
@@ -176,7 +172,7 @@ def _num_freezable_stages(specs):
     return len(specs) + 1  # stem + each stage
 
 
-def _check_pixel_stats(cfg):
+def check_pixel_stats(cfg):
     mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
     if len(mean) != 3:
         raise ConfigValueError("MODEL.PIXEL_MEAN", mean, "HRNet takes 3-channel input: needs 3 values")
@@ -193,8 +189,8 @@ def _check_body_keys(cfg):
     _check_norm(
         "MODEL.HRNET.NORM", h.NORM, False, _body_widths(specs, h.STEM_CHANNELS), f"HRNet {h.ARCH or 'STAGE1..4'}"
     )
-    _check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
-    _check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
+    check_choice("MODEL.HRNET.FUSE_UPSAMPLE_MODE", h.FUSE_UPSAMPLE_MODE, UPSAMPLE_MODES)
+    check_choice("MODEL.HRNET.HRV2_UPSAMPLE_MODE", h.HRV2_UPSAMPLE_MODE, UPSAMPLE_MODES)
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if (
         not isinstance(freeze_at, int)
@@ -214,9 +210,9 @@ def _check_pyramid_keys(cfg):
     p = cfg.MODEL.HRNET_PYRAMID
     _check_positive_int("MODEL.HRNET_PYRAMID.OUT_CHANNELS", p.OUT_CHANNELS)
     _check_positive_int("MODEL.HRNET_PYRAMID.NUM_LEVELS", p.NUM_LEVELS)
-    _check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
+    check_choice("MODEL.HRNET_PYRAMID.UPSAMPLE_MODE", p.UPSAMPLE_MODE, UPSAMPLE_MODES)
     _check_norm("MODEL.HRNET_PYRAMID.NORM", p.NORM, True, (p.OUT_CHANNELS,), "MODEL.HRNET_PYRAMID.OUT_CHANNELS")
-    _check_choice("MODEL.HRNET.INFERENCE_AUTOCAST", cfg.MODEL.HRNET.INFERENCE_AUTOCAST, ["", *AUTOCAST_DTYPES])
+    check_choice("MODEL.HRNET.INFERENCE_AUTOCAST", cfg.MODEL.HRNET.INFERENCE_AUTOCAST, ["", *AUTOCAST_DTYPES])
 
 
 @BACKBONE_REGISTRY.register()
@@ -305,125 +301,3 @@ def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-
-
-# ---------------------------------------------------------------------------------
-# Whole-model checks: heads and anchors against what the backbone produces.
-
-INPUT_FORMATS = ("RGB", "BGR", "YUV-BT.601")  # 3-channel formats of detection_utils.read_image
-_USES_RPN = ("GeneralizedRCNN", "ProposalNetwork", "PanopticFPN")
-_USES_ROI_HEADS = ("GeneralizedRCNN", "PanopticFPN")
-_USES_SEM_SEG_HEAD = ("SemanticSegmentor", "PanopticFPN")
-
-
-def _backbone_output_shapes(cfg):
-    """The backbone's ``output_shape()``, from a backbone built on the meta device (no memory,
-    no weights); building it runs the builder's own checks of the backbone keys."""
-    with torch.device("meta"):
-        return build_backbone(cfg).output_shape()
-
-
-def _check_anchor_list(key, values, num_features, in_features_key):
-    values = list(values)
-    if not values:
-        raise ConfigValueError(key, values, "must not be empty")
-    per_level = values if isinstance(values[0], Sequence) else [values]
-    if len(per_level) not in (1, num_features):
-        raise ConfigValueError(
-            key,
-            values,
-            f"needs 1 entry (shared by all levels) or one per level of {in_features_key} ({num_features} levels)",
-        )
-    for entry in per_level:
-        if (
-            not isinstance(entry, Sequence)
-            or not entry
-            or not all(isinstance(v, (int, float)) and v > 0 for v in entry)
-        ):
-            raise ConfigValueError(key, values, "each level needs a non-empty list of positive numbers")
-
-
-def _check_anchors(cfg, in_features_key, in_features):
-    a = cfg.MODEL.ANCHOR_GENERATOR
-    _check_anchor_list("MODEL.ANCHOR_GENERATOR.SIZES", a.SIZES, len(in_features), in_features_key)
-    _check_anchor_list("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", a.ASPECT_RATIOS, len(in_features), in_features_key)
-
-
-def _check_consecutive_levels(key, names, shapes):
-    """ROIPooler assigns boxes to levels log2(stride): the levels must be consecutive."""
-    strides = sorted(shapes[n].stride for n in names)
-    for s in strides:
-        if s <= 0 or not math.log2(s).is_integer():
-            raise ConfigValueError(key, list(names), f"feature strides {strides} must be powers of 2")
-    if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise ConfigValueError(
-            key, list(names), f"pooled features must be consecutive levels; their strides are {strides}"
-        )
-
-
-def validate_config(cfg):
-    """Check every key hrnet_d2 models use, before anything is built or read.
-
-    Raises ConfigError (a ValueError) naming the key, the value and what is allowed.
-    """
-    check_device(cfg.MODEL.DEVICE)
-    _check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
-    _check_choice("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, RESIZE_BACKENDS)
-    _check_pixel_stats(cfg)
-    _check_positive_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH)
-    shapes = _backbone_output_shapes(cfg)
-    what = f"the backbone ({cfg.MODEL.BACKBONE.NAME})"
-    meta = cfg.MODEL.META_ARCHITECTURE
-    if meta in _USES_RPN and cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN", "MMDetRPN"):
-        check_feature_names("MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES, shapes, what)
-        _check_anchors(cfg, "MODEL.RPN.IN_FEATURES", cfg.MODEL.RPN.IN_FEATURES)
-    if meta in _USES_ROI_HEADS:
-        check_feature_names("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes, what)
-        _check_consecutive_levels("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes)
-    if meta == "RetinaNet":
-        check_feature_names("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, shapes, what)
-        _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)
-    if meta in _USES_SEM_SEG_HEAD:
-        check_feature_names("MODEL.SEM_SEG_HEAD.IN_FEATURES", cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes, what)
-    return shapes
-
-
-def validate_model(model):
-    """What ``validate_config`` checks, on a model built from a LazyConfig (whose heads
-    are given explicit strides and scales): the heads read features the backbone
-    produces, anchors and poolers use those features' strides, the input is 3-channel.
-
-    Raises ValueError naming the LazyConfig key (``model.…``), the value and what is allowed.
-    """
-    if hasattr(model, "input_format"):
-        _check_choice("model.input_format", model.input_format, INPUT_FORMATS)
-    if hasattr(model, "pixel_mean"):
-        mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
-        if len(mean) != 3:
-            raise ConfigValueError("model.pixel_mean", mean, "HRNet takes 3-channel input: needs 3 values")
-        if len(std) != 3 or not all(v > 0 for v in std):
-            raise ConfigValueError("model.pixel_std", std, "needs 3 positive values (the input is divided by them)")
-    shapes = model.backbone.output_shape()
-    what = f"the backbone ({type(model.backbone).__name__})"
-    heads = [(f"model.{n}", getattr(model, n, None)) for n in ("proposal_generator", "roi_heads")]
-    rpn_key, rpn = heads[0]
-    if rpn is not None and hasattr(rpn, "in_features") and hasattr(rpn, "anchor_generator"):
-        check_feature_names(f"{rpn_key}.in_features", rpn.in_features, shapes, what)
-        strides = [shapes[f].stride for f in rpn.in_features]
-        if list(rpn.anchor_generator.strides) != strides:
-            raise ConfigValueError(f"{rpn_key}.anchor_generator.strides", list(rpn.anchor_generator.strides),
-                  f"must be the strides of {rpn_key}.in_features {list(rpn.in_features)}: {strides}")  # fmt: skip
-    roi_key, roi = heads[1]
-    for part in ("box", "mask", "keypoint"):
-        names, pooler = getattr(roi, f"{part}_in_features", None), getattr(roi, f"{part}_pooler", None)
-        if names is None or pooler is None:
-            continue
-        key = f"{roi_key}.{part}_in_features"
-        check_feature_names(key, names, shapes, what)
-        _check_consecutive_levels(key, names, shapes)
-        scales = [p.spatial_scale for p in pooler.level_poolers]
-        wanted = [1 / shapes[n].stride for n in names]
-        if sorted(scales, reverse=True) != sorted(wanted, reverse=True):
-            raise ConfigValueError(
-                f"{roi_key}.{part}_pooler.scales", scales, f"must be 1/stride of {key} {list(names)}: {wanted}"
-            )

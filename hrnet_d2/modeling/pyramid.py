@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from detectron2.layers import Conv2d
 from detectron2.modeling.backbone import Backbone
 
-from .config import ConfigValueError, check_feature_names
+from ..utils.errors import ConfigValueError, check_feature_names
 from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
 __all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES"]

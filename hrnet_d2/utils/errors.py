@@ -11,7 +11,16 @@ import os
 import sys
 import time
 
-__all__ = ["UserError", "add_debug_argument", "debug_enabled", "exit_on_user_error", "exit_on_user_error_in_worker"]
+__all__ = [
+    "ConfigError",
+    "ConfigValueError",
+    "UserError",
+    "add_debug_argument",
+    "check_feature_names",
+    "debug_enabled",
+    "exit_on_user_error",
+    "exit_on_user_error_in_worker",
+]
 
 DEBUG_ENV = "HRNET_D2_DEBUG"
 
@@ -69,3 +78,27 @@ def exit_on_user_error_in_worker(fn, *args, **kwargs):
 
 def _reraise(error):
     raise error
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot work; the message says which key and why (one line at the CLI)."""
+
+
+class ConfigValueError(ConfigError):
+    """A bad config value, in one line: the key, the value and what is allowed."""
+
+    def __init__(self, key, value, allowed):
+        super().__init__(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def check_feature_names(key, names, available, what):
+    """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
+    distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
+    names = list(names)
+    if not names:
+        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
+    for name in names:
+        if name not in available:
+            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
+    if len(set(names)) != len(names):
+        raise ConfigValueError(key, names, "lists a feature twice")

@@ -1,6 +1,6 @@
 """Helpers for LazyConfig (``configs/lazy/*.py``): Python configs call these by name."""
 
-from .arch import ARCHITECTURES
+from ..modeling.arch import ARCHITECTURES
 
 __all__ = ["stage_specs"]
 

@@ -26,15 +26,14 @@ from torch.utils.checkpoint import checkpoint
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
+from ..utils.errors import check_feature_names
 from .arch import StageSpec
 from .blocks import BLOCKS
-from .config import check_feature_names
+from .fold import FoldsConvNorms, all_norms_foldable
 from .layers import (
     ConvNorm,
     ConvNormChain,
-    FoldsConvNorms,
     add_upsampled_,
-    all_norms_foldable,
     checkpointing,
     conv3x3,
     exporting,

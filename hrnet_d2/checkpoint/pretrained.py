@@ -4,10 +4,10 @@ come from is in the model-zoo table (``hrnet_d2.zoo``)."""
 
 import os
 
-from .arch import ARCHITECTURES
+from ..modeling.arch import ARCHITECTURES
+from ..utils.errors import UserError
+from ..utils.file_io import is_local_path
 from .catalog import PREFIX
-from .checkpoint import is_local_path
-from .errors import UserError
 from .zoo import HRNET_CLASSIFICATION_REPO as OFFICIAL_REPO
 from .zoo import imagenet_bodies
 

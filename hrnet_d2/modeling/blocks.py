@@ -8,7 +8,8 @@ comes from ``layers.get_norm`` (Detectron2's plus BNEval) so FrozenBN/BN/SyncBN/
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import ConvNorm, FoldsConvNorms, conv3x3, get_norm
+from .fold import FoldsConvNorms
+from .layers import ConvNorm, conv3x3, get_norm
 
 __all__ = ["BasicBlock", "Bottleneck", "BLOCKS"]
 

@@ -1,0 +1,28 @@
+"""The model: the architecture table, the HRNet body, the HRNetV2p pyramid, their builders in
+Detectron2's ``BACKBONE_REGISTRY``, and the heads with mmdetection's test-time conventions."""
+
+from .arch import ARCHITECTURES, StageSpec
+from .build import (
+    build_hrnet_backbone,
+    build_hrnet_fpn_backbone,
+    build_hrnetv2p_backbone,
+    build_hrnetv2p_with_body_backbone,
+)
+from .hrnet import HighResolutionModule, HRNet
+from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
+from .pyramid import HRNetV2p
+
+__all__ = [
+    "ARCHITECTURES",
+    "StageSpec",
+    "HRNet",
+    "HighResolutionModule",
+    "HRNetV2p",
+    "build_hrnet_backbone",
+    "build_hrnetv2p_backbone",
+    "build_hrnetv2p_with_body_backbone",
+    "build_hrnet_fpn_backbone",
+    "MMDetRPN",
+    "MMDetROIHeads",
+    "MMDetCascadeROIHeads",
+]

@@ -1,0 +1,1 @@
+"""Helpers every wing may use: user errors, atomic file writes, safe loading, drawing."""
