@@ -125,7 +125,7 @@ def rows_for(mo, name, args, image, workdir):
     set_dtype(ours, "")
     med = {k: statistics.median(v) for k, v in times.items()}
     profiles = {}
-    for dtype in ("", args.dtype):
+    for dtype in ("", args.dtype) if args.profile else ():
         set_dtype(ours, dtype)
         inputs = [model_input(image, augmentations)]
         profiles[dtype or "fp32"] = summarize(profile_inference(ours, inputs, reps=args.reps, warmup=1))
@@ -173,7 +173,8 @@ def markdown(rows, info, args):
         lines.append(
             f"| {r['model']} | {' | '.join(cells)} | {ratios} | {r['detections']['mmdet']} / {a.get('matched')} |"
         )
-    lines += ["", "Our per-stage profile on the same image and weights (median s, % of whole):", ""]
+    if args.profile:
+        lines += ["", "Our per-stage profile on the same image and weights (median s, % of whole):", ""]
     for r in rows:
         for dtype, stages in r["profile"].items():
             lines.append(
@@ -193,6 +194,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also our per-stage profile on the same image and weights"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: W18, 256x448, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))
     args = add_debug_argument(parser).parse_args(argv)
