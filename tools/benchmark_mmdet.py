@@ -80,7 +80,9 @@ def shapes_image(h, w, seed=0):
 def pair(mo, name, width, image, scale, workdir):
     """mmdetection's detector (calibrated on ``image``) and ours from its converted checkpoint."""
     mm_name, config = (s.format(w=width) for s in MODELS[name])
-    mm = mo.randomly_initialised_detector(mo.mmdet_config(mm_name, test_scale=scale), image)
+    h, w = image.shape[:2]  # the calibration's raw backbone pass needs a size mmdet's HRNet takes unpadded
+    calibration = np.ascontiguousarray(image[: h // 32 * 32, : w // 32 * 32])
+    mm = mo.randomly_initialised_detector(mo.mmdet_config(mm_name, test_scale=scale), calibration)
     mm_ckpt, d2_ckpt = workdir / f"{mm_name}.pth", workdir / f"{mm_name}_d2.pth"
     mo.save_mmdet_checkpoint(mm, mm_ckpt)
     opts = ["INPUT.MIN_SIZE_TEST", str(scale[1]), "INPUT.MAX_SIZE_TEST", str(scale[0])]
