@@ -183,7 +183,8 @@ def test_precision_check_fp32_control_and_bf16(tmp_path):
     assert same and "AP" in control["results"]["fp32"]["bbox"]
     low = precision_check.main(argv + ["--dtype", "bf16", "--opts", *opts])
     saved = json.loads((tmp_path / "precision_bf16.json").read_text())
-    assert saved["dtype"] == "bf16" and saved["images"] == 2 and saved["fp32_detections"] == control["fp32_detections"]
+    assert saved["dtype"] == "bf16" and saved["mode"] == "switch" and saved["images"] == 2
+    assert saved["fp32_detections"] == control["fp32_detections"]
     assert 0.0 <= low["matched_fraction"] <= 1.0 and set(low["results"]) == {"fp32", "bf16"}
     assert set(low["results"]["bf16"]) == {"bbox", "segm"}
 
