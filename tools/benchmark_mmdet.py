@@ -211,16 +211,17 @@ def main(argv=None):
     info = machine_info("cpu")
     image = shapes_image(*args.size)
     rows = []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows.append(rows_for(mo, name, args, image, Path(tmp)))
             print(json.dumps({k: rows[-1][k] for k in ("model", "median_s", "ratios", "detections")}), flush=True)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark_mmdet.json").write_text(
-        json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1) + "\n"
-    )
-    (out / "benchmark_mmdet.md").write_text(markdown(rows, info, args))
+            # written after every model: a long run stopped half-way keeps what it measured
+            (out / "benchmark_mmdet.json").write_text(
+                json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1) + "\n"
+            )
+            (out / "benchmark_mmdet.md").write_text(markdown(rows, info, args))
     print(f"wrote {out / 'benchmark_mmdet.json'} and {out / 'benchmark_mmdet.md'}")
     return rows
 
