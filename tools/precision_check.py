@@ -58,6 +58,12 @@ def agreement(reference, other, score, iou):
     return int(hit.sum()), len(ref), diffs
 
 
+def _shown(path):
+    """A path inside the repository relative to it: the JSON names no directory of this machine."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def set_inference_autocast(model, dtype):
     """MODEL.HRNET.INFERENCE_AUTOCAST on a built model ("" = fp32): the backbone's switch and the heads' hooks."""
     model.backbone.inference_autocast = dtype
@@ -129,7 +135,7 @@ def main(argv=None):
         logger.info("%s:", name)
         print_csv_format(results[name])
     summary = {
-        "config": args.config_file,
+        "config": _shown(args.config_file),
         "weights": weights,
         "dataset": dataset,
         "images": images,
