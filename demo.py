@@ -33,9 +33,9 @@ from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.config.validate import check_device, lazy_argument_errors, validate_config
 from hrnet_d2.data import register_all_shapes
 from hrnet_d2.engine.predictor import model_input, test_augmentations
-from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 from hrnet_d2.utils.visualization import draw_predictions
 
@@ -87,7 +87,8 @@ class Predictor:
 
             cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
             check_device(cfg.train.device, key="train.device")
-            self.model = instantiate(cfg.model)
+            with lazy_argument_errors(cfg.model):
+                self.model = instantiate(cfg.model)
             self.model.to(cfg.train.device)
             weights = cfg.train.init_checkpoint or os.path.join(cfg.train.output_dir, "model_final.pth")
             self.augmentation = instantiate(cfg.dataloader.test.mapper.augmentations)
@@ -103,7 +104,7 @@ class Predictor:
             cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = threshold
             from detectron2.modeling import build_model
 
-            check_device(cfg.MODEL.DEVICE)
+            validate_config(cfg)
             from hrnet_d2.modeling.inference_autocast import autocast_heads
 
             self.model = build_model(cfg)

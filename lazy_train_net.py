@@ -28,12 +28,11 @@ from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.config.validate import validate_model
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.data.checks import check_datasets, check_num_classes
+from hrnet_d2.config.validate import check_device, lazy_argument_errors, validate_model
+from hrnet_d2.data import prepare_datasets, register_all_shapes
+from hrnet_d2.data.checks import check_num_classes
 from hrnet_d2.engine import ResumeState, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
 from hrnet_d2.engine.train_loop import build_train_step
-from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import add_debug_argument
 
 logger = logging.getLogger("detectron2")
@@ -59,7 +58,8 @@ def do_test(cfg, model):
 
 
 def build_model(cfg):
-    model = instantiate(cfg.model)
+    with lazy_argument_errors(cfg.model):  # a module's bad argument named by its path, model.backbone...
+        model = instantiate(cfg.model)
     validate_model(model)  # before any data is read
     return model.to(cfg.train.device)
 
@@ -114,11 +114,7 @@ def main(args):
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
     set_cpu_threads(cfg.train.device, OmegaConf.select(cfg, "dataloader.train.num_workers", default=0))
-    names = dataset_names(cfg, args.eval_only)
-    if comm.is_main_process():
-        ensure_all_generated(names)
-    comm.synchronize()
-    check_datasets(names)
+    prepare_datasets(dataset_names(cfg, args.eval_only))  # on every machine; missing files name the machine
     use_checked_data(cfg)
 
     if args.eval_only:
@@ -128,9 +124,16 @@ def main(args):
     do_train(args, cfg)
 
 
+def collective_timeout(args):
+    """``train.dist_timeout_seconds`` of the config (DIST.TIMEOUT_SECONDS of YAML configs; None:
+    Detectron2's 30 minutes), read before the processes start."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    return OmegaConf.select(cfg, "train.dist_timeout_seconds", default=None)
+
+
 def cli(argv=None):
     args = add_debug_argument(default_argument_parser()).parse_args(argv)
-    return launch_cli(main, args)
+    return launch_cli(main, args, timeout_seconds=lambda: collective_timeout(args))
 
 
 if __name__ == "__main__":

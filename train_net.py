@@ -10,7 +10,11 @@ predictions after evaluation.  Same CLI as Detectron2:
     python train_net.py --config-file ... --resume
 
 ``--num-gpus N`` starts N processes (Detectron2's ``launch``): on GPUs with NCCL, on a
-CPU-only machine with gloo, the cores shared between them.
+CPU-only machine with gloo, the cores shared between them.  Started by torchrun or by srun
+(one task per device), each process joins that job instead; a torchrun restart resumes from
+the last complete checkpoint (docs/distributed.md):
+
+    torchrun --nproc-per-node 8 --max-restarts 3 train_net.py --config-file ...
 
     # your own COCO-format data (README "Your own data"): register, then select by name
     python train_net.py --config-file ... --dataset mine_train=ann/train.json:images/train \
@@ -33,12 +37,10 @@ from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
 from hrnet_d2.checkpoint.pretrained import check_pretrained_weights
 from hrnet_d2.config.validate import validate_config
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
-from hrnet_d2.data.checks import check_datasets
+from hrnet_d2.data import prepare_datasets, register_all_shapes
 from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_datasets
 from hrnet_d2.engine import Trainer, launch_cli, set_cpu_threads
 from hrnet_d2.engine.predictor import visualize_predictions
-from hrnet_d2.modeling.build import check_device
 from hrnet_d2.utils.errors import add_debug_argument
 from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV
 
@@ -49,8 +51,8 @@ def setup(args):
     allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
     cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
     note = apply_user_datasets(cfg, args.dataset)  # --dataset: registered here, i.e. in every worker
-    check_device(cfg.MODEL.DEVICE)  # before anything is generated or built
     cfg.freeze()
+    validate_config(cfg)  # config mistakes stop before any output is written or data generated
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")
@@ -63,13 +65,9 @@ def setup(args):
 def main(args):
     register_all_shapes()
     cfg = setup(args)
-    validate_config(cfg)  # config mistakes stop before any dataset is generated or read
     check_pretrained_weights(cfg, args.config_file, resume=args.resume)
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
-    if comm.is_main_process():
-        ensure_all_generated(names)
-    comm.synchronize()
-    check_datasets(names)
+    prepare_datasets(names)  # generated on every machine; missing files stop naming the machine
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -90,6 +88,12 @@ def main(args):
     return res
 
 
+def collective_timeout(args):
+    """DIST.TIMEOUT_SECONDS of the config (read before the processes start)."""
+    allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None
+    return get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml).DIST.TIMEOUT_SECONDS
+
+
 def get_parser():
     parser = add_dataset_argument(add_debug_argument(default_argument_parser()))
     parser.add_argument(
@@ -104,7 +108,7 @@ def get_parser():
 def cli(argv=None):
     args = get_parser().parse_args(argv)
     print("Command Line Args:", args)
-    return launch_cli(main, args)
+    return launch_cli(main, args, timeout_seconds=lambda: collective_timeout(args))
 
 
 if __name__ == "__main__":

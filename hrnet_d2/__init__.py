@@ -3,7 +3,8 @@
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
 BACKBONE_REGISTRY, the heads with mmdetection's test-time conventions (``MMDetRPN``,
-``MMDetROIHeads``, ``MMDetCascadeROIHeads``) for converted models, and the ``hrnet_d2://``
+``MMDetROIHeads``, ``MMDetCascadeROIHeads``) for converted models, Detectron2's FCOS as a YAML-buildable
+meta-architecture (``FCOSDetector``), and the ``hrnet_d2://``
 weights names in Detectron2's PathManager.
 
 The package mirrors Detectron2's own: ``modeling`` (the model), ``data``, ``config``,
@@ -14,6 +15,8 @@ from .checkpoint import UnknownZooName, ZooDownloadError  # importing it registe
 from .config import CONFIG_DIR, add_hrnet_config, get_config_file, get_hrnet_cfg
 from .modeling import (
     ARCHITECTURES,
+    FCOSDetector,
+    FCOSDetectorHead,
     HighResolutionModule,
     HRNet,
     HRNetV2p,
@@ -48,4 +51,6 @@ __all__ = [
     "MMDetRPN",
     "MMDetROIHeads",
     "MMDetCascadeROIHeads",
+    "FCOSDetector",
+    "FCOSDetectorHead",
 ]

@@ -29,6 +29,7 @@ from detectron2.modeling import build_model
 from fvcore.nn import FlopCountAnalysis
 
 from .config import get_hrnet_cfg
+from .config.validate import validate_config
 
 __all__ = ["load_model", "count_parameters", "parameter_groups", "norm_affine", "count_flops"]
 
@@ -36,7 +37,9 @@ __all__ = ["load_model", "count_parameters", "parameter_groups", "norm_affine", 
 def load_model(config_file, opts=(), device="cpu"):
     """cfg and model (random weights, eval mode) of a config; ``device="meta"`` builds
     without allocating weights, enough for parameter counting."""
-    cfg = get_hrnet_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    cfg = get_hrnet_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    validate_config(cfg)  # a mistake in the config: one line naming the key
+    cfg.MODEL.DEVICE = device
     if device == "meta":
         with torch.device("meta"):
             model = build_model(cfg)

@@ -95,11 +95,14 @@ def mmdet_config(name, num_classes=80, test_scale=None):
     root = f"{mmdet.__path__[0]}/.mim/configs/hrnet"
     cfg = Config.fromfile(f"{root}/{name}.py")
     cfg.model.backbone.init_cfg = None
-    heads = cfg.model.roi_head.bbox_head
-    for h in heads if isinstance(heads, list) else [heads]:
-        h.num_classes = num_classes
-    if "mask_head" in cfg.model.roi_head:
-        cfg.model.roi_head.mask_head.num_classes = num_classes
+    if "roi_head" in cfg.model:
+        heads = cfg.model.roi_head.bbox_head
+        for h in heads if isinstance(heads, list) else [heads]:
+            h.num_classes = num_classes
+        if "mask_head" in cfg.model.roi_head:
+            cfg.model.roi_head.mask_head.num_classes = num_classes
+    else:  # a dense detector (FCOS): bbox_head at the top
+        cfg.model.bbox_head.num_classes = num_classes
     if test_scale is not None:  # (long, short) edge, as mmdet's Resize(scale=...)
         for step in cfg.test_dataloader.dataset.pipeline:
             if step.type == "Resize":
@@ -139,9 +142,11 @@ def randomly_initialised_detector(cfg, calibration_image, seed=0):
     torch.manual_seed(seed)
     model = init_detector(cfg, checkpoint=None, device="cpu")
     model.init_weights()
-    x = torch.as_tensor(calibration_image.transpose(2, 0, 1).copy()).float()[None]
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    pre = cfg.model.data_preprocessor  # the model's own input: RGB or BGR (mmdet loads BGR), its mean / std
+    image = calibration_image if pre.get("bgr_to_rgb", False) else calibration_image[:, :, ::-1]
+    x = torch.as_tensor(image.transpose(2, 0, 1).copy()).float()[None]
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
     x = (x - mean) / std
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in bns:
@@ -162,6 +167,8 @@ def randomly_initialised_detector(cfg, calibration_image, seed=0):
     def normal_(t, std):
         t.copy_(torch.randn(t.shape, generator=g) * std)
 
+    if not hasattr(model, "roi_head"):
+        return _realistic_fcos_head(model, calibration_image, normal_)
     rpn = model.rpn_head
     normal_(rpn.rpn_conv.weight, 0.03)
     normal_(rpn.rpn_cls.weight, 0.01)  # objectness logits well below float32 sigmoid saturation (~17)
@@ -189,6 +196,37 @@ def randomly_initialised_detector(cfg, calibration_image, seed=0):
     return model
 
 
+# FCOS: the classifier's bias (all classes), raised until the calibration image has some detections
+FCOS_CLASS_BIASES = tuple(-12.0 + 0.5 * i for i in range(25))
+
+
+def _realistic_fcos_head(model, calibration_image, normal_):
+    """mmdetection's ``FCOSHead`` with spread class / centerness logits and box sizes from a few strides
+    to many: GN affine terms and per-level scales away from their init, so that each of them matters."""
+    head = model.bbox_head
+    for tower in (head.cls_convs, head.reg_convs):
+        for block in tower:
+            if block.with_norm:
+                norm = getattr(block, block.norm_name)
+                normal_(norm.weight, 0.2)
+                norm.weight += 1.0
+                normal_(norm.bias, 0.2)
+    normal_(head.conv_cls.weight, 0.04)
+    normal_(head.conv_centerness.weight, 0.03)
+    normal_(head.conv_reg.weight, 0.003)  # box sides exp(scale * (1 + small)) pixels
+    head.conv_reg.bias.fill_(1.0)
+    for scale, stride in zip(head.scales, head.strides):
+        s = stride[0] if isinstance(stride, tuple) else stride
+        scale.scale.fill_(float(np.log(2.0 * s)) * (0.9 + 0.2 * float(torch.rand(1))))
+    model.eval()
+    for bias in FCOS_CLASS_BIASES:
+        head.conv_cls.bias.fill_(bias)
+        detections, _ = mmdet_predict(model, np.ascontiguousarray(calibration_image[:, :, ::-1]))  # BGR, as loaded
+        if int((detections["scores"] >= 0.05).sum()) >= MIN_DETECTIONS:
+            break
+    return model
+
+
 def save_mmdet_checkpoint(model, path):
     """An mmdetection-format checkpoint (``meta`` + ``state_dict``), as mmengine writes it."""
     meta = {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(model.dataset_meta["classes"])}}
@@ -205,18 +243,21 @@ def mmdet_predict(model, image):
     if isinstance(image, np.ndarray):
         pipeline[0].type = "mmdet.LoadImageFromNDArray"
     captured = {}
-    original = model.roi_head.predict
+    two_stage = hasattr(model, "roi_head")  # dense detectors (FCOS) have no proposals to capture
+    if two_stage:
+        original = model.roi_head.predict
 
-    def predict(x, rpn_results_list, *args, **kwargs):
-        captured["proposals"] = rpn_results_list[0].bboxes.clone()
-        captured["proposal_scores"] = rpn_results_list[0].scores.clone()
-        return original(x, rpn_results_list, *args, **kwargs)
+        def predict(x, rpn_results_list, *args, **kwargs):
+            captured["proposals"] = rpn_results_list[0].bboxes.clone()
+            captured["proposal_scores"] = rpn_results_list[0].scores.clone()
+            return original(x, rpn_results_list, *args, **kwargs)
 
-    model.roi_head.predict = predict
+        model.roi_head.predict = predict
     try:
         sample = inference_detector(model, image if isinstance(image, np.ndarray) else str(image), Compose(pipeline))
     finally:
-        del model.roi_head.predict
+        if two_stage:
+            del model.roi_head.predict
     pred = sample.pred_instances
     out = {
         "boxes": pred.bboxes.clone(),
@@ -235,6 +276,8 @@ def d2_predict(model, cfg, image_rgb):
 
     h, w = image_rgb.shape[:2]
     resized = resize_augmentation(cfg).get_transform(image_rgb).apply_image(image_rgb)
+    if cfg.INPUT.FORMAT == "BGR":  # what Detectron2's mapper hands such a model
+        resized = resized[:, :, ::-1]
     tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
     captured = {}
 
@@ -242,12 +285,14 @@ def d2_predict(model, cfg, image_rgb):
         captured["proposals"] = outputs[0][0].proposal_boxes.tensor.clone()
         captured["proposal_scores"] = outputs[0][0].objectness_logits.sigmoid().clone()
 
-    handle = model.proposal_generator.register_forward_hook(hook)
+    rpn = getattr(model, "proposal_generator", None)  # dense detectors (FCOS) have none
+    handle = rpn.register_forward_hook(hook) if rpn is not None else None
     try:
         with torch.no_grad():
             inst = model([{"image": tensor, "height": h, "width": w}])[0]["instances"]
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     out = {
         "boxes": inst.pred_boxes.tensor.clone(),
         "scores": inst.scores.clone(),
@@ -257,6 +302,25 @@ def d2_predict(model, cfg, image_rgb):
     if inst.has("pred_masks"):
         out["masks"] = inst.pred_masks.clone().bool()
     return out, captured
+
+
+@torch.no_grad()
+def dense_head_differences(mm_model, d2_model, batched_image):
+    """Dense detectors (FCOS): per pyramid level, the largest difference between mmdetection's head outputs and
+    ours on the same normalised, padded input (1, 3, H, W), relative to the std of mmdetection's output:
+    ``(class logits, box distances in pixels, centerness logits)``.  It covers every level, also those
+    that the detections of a test image happen not to come from."""
+    cls, reg, ctr = mm_model.bbox_head(mm_model.extract_feat(batched_image))
+    features = d2_model.backbone(batched_image)
+    logits, distances, ctrness = d2_model.head([features[f] for f in d2_model.head_in_features])
+
+    def rel(ref, ours):
+        return float((ref - ours).abs().max() / ref.std().clamp_min(1e-12))
+
+    return [
+        (rel(cls[i], logits[i]), rel(reg[i], distances[i] * stride), rel(ctr[i], ctrness[i]))
+        for i, stride in enumerate(d2_model.head.strides)
+    ]
 
 
 def _mask_iou(a, b):

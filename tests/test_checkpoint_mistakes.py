@@ -4,7 +4,6 @@ the fly, checkpoints that do not fit or fill the backbone stop (AtomicCheckpoint
 import logging
 
 import pytest
-import timm
 import torch
 from conftest import make_cfg
 
@@ -15,12 +14,6 @@ from hrnet_d2.utils.errors import UserError
 
 FASTER = "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x.yaml"
 SMALL = ("MODEL.HRNET.ARCH", "w18_small_v1")
-
-
-@pytest.fixture(scope="module")
-def timm_small():
-    torch.manual_seed(0)
-    return timm.create_model("hrnet_w18_small", pretrained=False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,13 @@ def test_official_checkpoint_as_weights_is_converted(timm_small, official_pth, c
     body = model.backbone.bottom_up
     assert torch.equal(body.conv1.weight, sd["conv1.weight"])
     assert torch.equal(body.stage4[0].branches[3][0].conv2.weight, sd["stage4.0.branches.3.0.conv2.weight"])
-    assert torch.equal(body.layer1[0].bn1.running_var, sd["layer1.0.bn1.running_var"])
+    # BN statistics too (timm_small's are not the init's zeros and ones, so equality means they were loaded)
+    ours = body.state_dict()
+    for name in ("layer1.0.bn1", "stage3.0.fuse_layers.0.1.1", "stage4.0.branches.3.0.bn2"):
+        for stat, init in (("running_var", 1.0), ("running_mean", 0.0)):
+            key = f"{name}.{stat}"
+            assert not torch.equal(sd[key], torch.full_like(sd[key], init)), key
+            assert torch.equal(ours[key], sd[key]), key
     # negative control: without the config (plain Detectron2 behaviour) the body stays random
     plain = build_model(cfg)
     AtomicCheckpointer(plain).load(str(official_pth))

@@ -11,6 +11,7 @@ from hrnet_d2.engine import Trainer
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
 SEMANTIC = "shapes/semantic_hrnetv2_w18_small_shapes.yaml"
+FCOS = "shapes/fcos_hrnetv2p_w18_small_shapes.yaml"
 YAML_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("Base-"))
 
 
@@ -89,6 +90,14 @@ CASES = [
     ("one-channel PIXEL_MEAN", QUICKSTART, ["MODEL.PIXEL_MEAN", "[120.0]", "MODEL.PIXEL_STD", "[58.0]"],
      "MODEL.PIXEL_MEAN", "[120.0]"),
     ("grayscale INPUT.FORMAT", QUICKSTART, ["INPUT.FORMAT", "L"], "INPUT.FORMAT", "'L'"),
+    ("FCOS level the pyramid does not produce", FCOS, ["MODEL.FCOS.IN_FEATURES", "['p2', 'p3']"],
+     "MODEL.FCOS.IN_FEATURES", "'p2'"),
+    ("FCOS regression activation", FCOS, ["MODEL.FCOS.REG_ACTIVATION", "softplus"], "MODEL.FCOS.REG_ACTIVATION", "'softplus'"),
+    ("FCOS levels of unequal channels", FCOS, ["MODEL.BACKBONE.NAME", "build_hrnet_backbone", "MODEL.HRNET.OUT_FEATURES",
+     "['hr2', 'hr3']", "MODEL.FCOS.IN_FEATURES", "['hr2', 'hr3']"], "MODEL.FCOS.IN_FEATURES", "['hr2', 'hr3']"),
+    ("FCOS test convention", FCOS, ["MODEL.FCOS.TEST_CONVENTION", "mmdet"], "MODEL.FCOS.TEST_CONVENTION", "'mmdet'"),
+    ("FCOS anchor offset", FCOS, ["MODEL.FCOS.ANCHOR_OFFSET", "1.5"], "MODEL.FCOS.ANCHOR_OFFSET", "1.5"),
+    ("pyramid conv stride", FCOS, ["MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"], "MODEL.HRNET_PYRAMID.CONV_STRIDE", "3"),
 ]  # fmt: skip
 
 
@@ -129,3 +138,39 @@ def test_config_is_checked_before_any_data_is_read(monkeypatch):
     cfg = make_cfg(QUICKSTART, "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32]]", "OUTPUT_DIR", "/nonexistent")
     with pytest.raises(ValueError, match="MODEL.ANCHOR_GENERATOR.SIZES"):
         Trainer(cfg)
+
+
+def test_modules_name_their_own_arguments_and_validation_names_the_key():
+    """HRNet / HRNetV2p speak in their arguments (as Detectron2's ResNet / FPN); the validation step
+    reports the YAML key, and for a LazyConfig the path, that gave the argument."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from hrnet_d2 import HRNet, HRNetV2p, get_config_file
+    from hrnet_d2.config.validate import lazy_argument_errors
+    from hrnet_d2.utils.errors import ConfigValueError
+
+    with pytest.raises(ValueError, match=r"^HRNet: out_features = \['hr2', 'hr6'\] is invalid: 'hr6'") as e:
+        HRNet(ARCHITECTURES["w18_small_v1"], out_features=["hr2", "hr6"])
+    assert "MODEL." not in str(e.value) and not isinstance(e.value, ConfigValueError)
+    body = HRNet(ARCHITECTURES["w18_small_v1"])
+    with pytest.raises(ValueError, match=r"^HRNetV2p: inference_autocast = 'int8'") as e:
+        HRNetV2p(body, ["hr2", "hr3"], inference_autocast="int8")
+    assert "MODEL." not in str(e.value)
+
+    cfg = LazyConfig.load(get_config_file("lazy/faster_rcnn_hrnetv2p_w32_1x.py"))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.stages.arch=w18_small_v1",
+                                           "model.backbone.bottom_up.out_features=[hr2,hr6]"])  # fmt: skip
+    with pytest.raises(ConfigValueError) as e, lazy_argument_errors(cfg.model):
+        instantiate(cfg.model)
+    assert str(e.value).startswith("model.backbone.bottom_up.out_features = ['hr2', 'hr6'] is invalid: 'hr6'")
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.out_features=[hr2,hr3,hr4,hr5]",
+                                           "model.backbone.pooling=MEDIAN"])  # fmt: skip
+    with pytest.raises(ConfigValueError, match=r"^model\.backbone\.pooling = 'MEDIAN' is invalid"):
+        with lazy_argument_errors(cfg.model):
+            instantiate(cfg.model)
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.pooling=AVG", "model.backbone.bottom_up.stages.arch=w99"])
+    with pytest.raises(
+        ConfigValueError, match=r"^model\.backbone\.bottom_up\.stages\.arch = 'w99' is invalid: allowed"
+    ):
+        with lazy_argument_errors(cfg.model):
+            instantiate(cfg.model)

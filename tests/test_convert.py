@@ -1,5 +1,5 @@
-"""hrnet_d2.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
-hrnet_d2.weights: a missing converted file stops training with the command that makes it."""
+"""hrnet_d2.checkpoint.convert: official/timm/mmdetection checkpoints -> MODEL.WEIGHTS, and the refusals;
+hrnet_d2.checkpoint.pretrained: a missing converted file stops training with the command that makes it."""
 
 import copy
 import os
@@ -233,3 +233,74 @@ def test_train_net_stops_at_once_when_pretrained_file_is_missing(tmp_path):
     assert "pretrained/hrnetv2_w18_imagenet_d2.pth" in proc.stderr
     assert "python -m hrnet_d2.convert hrnetv2_w18_imagenet_pretrained.pth" in proc.stderr
     assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def _to_mmdet_layout(model):
+    """A Detectron2 Faster R-CNN state dict (HRNetV2p backbone) in mmdetection 2.x/3.x names."""
+    heads = {"proposal_generator.rpn_head.conv.": "rpn_head.rpn_conv.",
+             "proposal_generator.rpn_head.objectness_logits.": "rpn_head.rpn_cls.",
+             "proposal_generator.rpn_head.anchor_deltas.": "rpn_head.rpn_reg.",
+             "roi_heads.box_head.fc1.": "roi_head.bbox_head.shared_fcs.0.",
+             "roi_heads.box_head.fc2.": "roi_head.bbox_head.shared_fcs.1.",
+             "roi_heads.box_predictor.cls_score.": "roi_head.bbox_head.fc_cls.",
+             "roi_heads.box_predictor.bbox_pred.": "roi_head.bbox_head.fc_reg."}  # fmt: skip
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone.bottom_up."):
+            out["backbone." + k[len("backbone.bottom_up.") :]] = v
+        elif k.startswith(("backbone.reduction_conv.", "backbone.fpn_convs.")):
+            name, _, param = k[len("backbone.") :].rpartition(".")
+            out[f"neck.{name}.conv.{param}"] = v
+        else:
+            d2 = next(p for p in heads if k.startswith(p))
+            out[heads[d2] + k[len(d2) :]] = v
+    return out
+
+
+def test_mmdetection_detector_into_the_with_body_backbone(tmp_path, monkeypatch):
+    """build_hrnetv2p_with_body_backbone has the HRNetV2p pyramid: the HRFPN neck and the heads of an
+    mmdetection checkpoint are kept, and the conversion fills the whole model."""
+    from hrnet_d2.checkpoint.convert import convert_state_dict
+    from hrnet_d2.modeling import build as backbones
+
+    name = "build_hrnetv2p_with_body_backbone"
+    torch.manual_seed(2)
+    model = build_model(make_cfg(FASTER, *SMALL, "MODEL.BACKBONE.NAME", name)).eval()
+    mmdet = _to_mmdet_layout(model)
+    assert any(k.startswith("neck.") for k in mmdet) and any(k.startswith("roi_head.") for k in mmdet)
+
+    def fills(conv):
+        report = model.load_state_dict(conv.state_dict, strict=False)
+        return [k for k in report.missing_keys if not k.endswith("num_batches_tracked")]
+
+    conv = convert_state_dict(mmdet, backbone=name)
+    assert not conv.unexpected and not [k for k, _ in conv.dropped if not k.endswith("num_batches_tracked")]
+    assert fills(conv) == []
+    for k, v in model.state_dict().items():
+        if k in conv.state_dict:
+            assert torch.equal(conv.state_dict[k], v), k
+    # negative control: the old rule (only build_hrnetv2p_backbone has a pyramid) drops neck and heads
+    monkeypatch.setitem(backbones.BACKBONES, name, backbones.BACKBONES[name]._replace(hrnetv2p=False))
+    old = convert_state_dict(mmdet, backbone=name)
+    assert any(k.startswith("neck.") for k, _ in old.dropped)
+    assert any(k.startswith("backbone.reduction_conv") for k in fills(old))
+    assert any(k.startswith("roi_heads.") for k in fills(old))
+
+
+def test_backbone_table_names_every_registered_builder():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone import BACKBONE_REGISTRY
+
+    import hrnet_d2
+    from hrnet_d2.modeling.build import BACKBONES, backbone_name
+
+    for name in BACKBONES:
+        assert BACKBONE_REGISTRY.get(name) is getattr(hrnet_d2, name)
+        cfg = make_cfg(
+            FASTER, *SMALL, "MODEL.BACKBONE.NAME", name, "MODEL.FPN.IN_FEATURES", ["hr2", "hr3", "hr4", "hr5"]
+        )
+        with torch.device("meta"):
+            backbone = BACKBONE_REGISTRY.get(name)(cfg, ShapeSpec(channels=3))
+        assert backbone_name(backbone) == name
+    registered = {n for n, _ in BACKBONE_REGISTRY if getattr(hrnet_d2, n, None) is BACKBONE_REGISTRY.get(n)}
+    assert registered == set(BACKBONES)

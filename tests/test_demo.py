@@ -43,9 +43,33 @@ def save_model(config, output_dir):
     return output_dir / "model_final.pth"
 
 
-def test_demo_folder_with_quickstart_model(images, tmp_path):
+def record_drawn(monkeypatch):
+    """The outputs demo.py draws, per image (demo.draw_predictions, wrapped)."""
+    drawn = []
+    original = demo.draw_predictions
+
+    def draw(rgb, outputs, *args, **kwargs):
+        drawn.append(outputs["instances"].to("cpu"))
+        return original(rgb, outputs, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "draw_predictions", draw)
+    return drawn
+
+
+def assert_same_detections(ours, reference):
+    assert len(ours) == len(reference) > 0
+    torch.testing.assert_close(ours.pred_boxes.tensor, reference.pred_boxes.tensor)
+    torch.testing.assert_close(ours.scores, reference.scores)
+    assert torch.equal(ours.pred_classes, reference.pred_classes)
+
+
+def test_demo_folder_with_quickstart_model(images, tmp_path, monkeypatch):
+    """The boxes drawn are those of Detectron2's DefaultPredictor with the same weights file."""
+    from detectron2.engine import DefaultPredictor
+
     # out of the box: quickstart config, weights from its OUTPUT_DIR/model_final.pth
-    save_model(QUICKSTART, tmp_path / "quickstart")
+    weights = save_model(QUICKSTART, tmp_path / "quickstart")
+    drawn = record_drawn(monkeypatch)
     out = tmp_path / "vis"
     written = demo.main(
         [
@@ -63,11 +87,16 @@ def test_demo_folder_with_quickstart_model(images, tmp_path):
         ]
     )
     assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(images))
-    for name in os.listdir(images):
-        src = cv2.imread(str(images / name))
-        vis = cv2.imread(str(out / name))
+    reference = DefaultPredictor(
+        make_cfg(QUICKSTART, "MODEL.WEIGHTS", str(weights), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+    )
+    assert len(drawn) == len(written)
+    for path, ours in zip(written, drawn):
+        src = cv2.imread(str(images / os.path.basename(path)))
+        vis = cv2.imread(path)
         assert vis.shape == src.shape
         assert (vis != src).any(), "nothing drawn"  # threshold 0: random weights still give boxes
+        assert_same_detections(ours, reference(src)["instances"])
 
 
 def test_demo_semantic_single_file(images, tmp_path):
@@ -122,8 +151,12 @@ def test_demo_cli(images, tmp_path):
     assert len(list((tmp_path / "v").glob("*.png"))) == 2
 
 
-def test_demo_lazy_config(images, tmp_path):
+def test_demo_lazy_config(images, tmp_path, monkeypatch):
+    """The boxes drawn are those of the lazy config's model loaded from the same file, run on the
+    config's test-time resize."""
     from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import detection_utils
+    from detectron2.data import transforms as T
 
     from hrnet_d2 import get_config_file
 
@@ -131,6 +164,7 @@ def test_demo_lazy_config(images, tmp_path):
     torch.manual_seed(0)
     model = instantiate(LazyConfig.load(config).model)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("lazy")
+    drawn = record_drawn(monkeypatch)
     written = demo.main(
         [
             "--config-file",
@@ -146,8 +180,19 @@ def test_demo_lazy_config(images, tmp_path):
             "model.roi_heads.box_predictor.test_score_thresh=0.0",
         ]
     )
-    assert len(written) == 2
-    for path in written:
+    assert len(written) == len(drawn) == 2
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(config), ["model.roi_heads.box_predictor.test_score_thresh=0.0"])
+    reference = instantiate(lazy.model).eval()
+    DetectionCheckpointer(reference).load(str(tmp_path / "lazy.pth"))
+    resize = T.AugmentationList(instantiate(lazy.dataloader.test.mapper.augmentations))
+    for path, ours in zip(written, drawn):
         src = cv2.imread(str(images / os.path.basename(path)))
         vis = cv2.imread(path)
         assert vis.shape == src.shape and (vis != src).any()
+        rgb = detection_utils.read_image(str(images / os.path.basename(path)), format="RGB")
+        aug = T.AugInput(rgb)
+        resize(aug)
+        tensor = torch.as_tensor(aug.image.transpose(2, 0, 1).astype("float32"))
+        with torch.no_grad():
+            expected = reference([{"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
+        assert_same_detections(ours, expected["instances"])

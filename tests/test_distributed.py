@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, make_cfg, run_train_net
+from conftest import REPO, make_cfg, retry_if_port_taken, run_train_net
 from test_e2e_train_net import _metrics as _copypaste_metrics
 from test_interrupted_training import _assert_state_close, _last_checkpoint
 from test_interrupted_training import _metrics as _iteration_metrics
@@ -178,15 +178,27 @@ def test_evaluation_across_two_ranks_equals_one_rank(full, tmp_path):
     assert gathered == single
 
 
-def _trace(tmp_path, name, num_gpus, *opts):
-    out = tmp_path / f"{name}.json"
+def read_trace(path):
+    """The losses of iterations 0, 1, ... that tests/loss_trace.py wrote (the last record of
+    each iteration: a restarted run writes those after its checkpoint again)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row.pop("iteration")] = row
+    return [rows[i] for i in sorted(rows)]
+
+
+def _trace(tmp_path, name, num_gpus, *opts, env=None):
+    out = tmp_path / f"{name}.jsonl"
     cmd = [sys.executable, str(REPO / "tests/loss_trace.py"), str(out), "--num-gpus", str(num_gpus),
            "--dist-url", "auto", "--config-file", str(QUICKSTART), *opts,
            "OUTPUT_DIR", str(tmp_path / name)]  # fmt: skip
-    env = dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, HRNET_D2_DATASETS=str(tmp_path / "datasets"), **ENV, **(env or {}))
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    )
     _check(proc)
-    return json.loads(out.read_text())
+    return read_trace(out)
 
 
 # Exhaustive sampling (every anchor and every proposal is a training sample), fixed input
@@ -226,6 +238,9 @@ def test_two_processes_follow_one_process_of_the_same_total_batch(tmp_path):
     # negative control: twice the learning rate leaves the tolerance
     doubled = _trace(tmp_path, "doubled", 1, *SAME_MATH, "SOLVER.BASE_LR", "0.02", "SOLVER.MAX_ITER", "3")
     assert _max_rel_diff(one[:3], doubled) > 100 * LOSS_RTOL
+    # negative control in two processes: both ranks train on the same images (rank 0's share)
+    same = _trace(tmp_path, "same", 2, *SAME_MATH, "SOLVER.MAX_ITER", "3", env={"HRNET_D2_TEST_SAME_DATA": "1"})
+    assert _max_rel_diff(one[:3], same) > 100 * LOSS_RTOL
 
 
 # --- SOLVER.REFERENCE_WORLD_SIZE ------------------------------------------------------

@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import CONFIGS, assert_close_to_scale
 
+from hrnet_d2 import get_hrnet_cfg
+
 CONFIG = str(CONFIGS / "shapes/Base-HRNetV2p-shapes.yaml")  # Faster R-CNN, w18_small_v1
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "DATASETS.TEST", "('shapes_tiny_val',)"]
 
@@ -26,7 +28,7 @@ def test_backbone_export_matches_pytorch(tmp_path, fmt):
     path, diff = export(tmp_path, fmt, "backbone")
     assert diff < 5e-5  # max |exported - PyTorch| / max |PyTorch| per output
     # another batch size and image size than the traced one
-    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    cfg = get_hrnet_cfg(CONFIG, OPTS)
     torch.manual_seed(0)
     model = export_model.load_model(cfg)
     module = export_model.BackboneOutputs(model.backbone).eval()
@@ -51,7 +53,7 @@ MASK_RCNN = str(CONFIGS / "shapes/mask_rcnn_hrnetv2p_w18_small_shapes.yaml")
 def test_rcnn_export_matches_pytorch(tmp_path, config, fmt):
     path, diff = export(tmp_path, fmt, "model", config)
     assert diff < 1e-4
-    cfg = export_model.get_hrnet_cfg(config, OPTS)
+    cfg = get_hrnet_cfg(config, OPTS)
     torch.manual_seed(0)
     model = export_model.load_model(cfg)
     image = export_model.sample_image(cfg)
@@ -92,7 +94,7 @@ def test_backbone_scripting_matches_pytorch(tmp_path):
     )
     assert diff < 1e-5
     scripted = torch.jit.load(path)
-    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS)
+    cfg = get_hrnet_cfg(CONFIG, OPTS)
     torch.manual_seed(0)
     backbone = export_model.load_model(cfg).backbone
     x = torch.randn(2, 3, 70, 150)  # scripting keeps shapes dynamic: any batch / size (here not /32)
@@ -130,7 +132,7 @@ def test_backbone_scripting_matches_pytorch(tmp_path):
 def test_every_backbone_variant_is_scriptable(opts):
     from detectron2.modeling import build_backbone
 
-    cfg = export_model.get_hrnet_cfg(CONFIG, OPTS + opts)
+    cfg = get_hrnet_cfg(CONFIG, OPTS + opts)
     torch.manual_seed(0)
     backbone = build_backbone(cfg).eval()
     scripted = torch.jit.script(backbone)
@@ -150,7 +152,7 @@ def test_rcnn_scripting_matches_pytorch(tmp_path, config):
         ["--config-file", config, "--export-method", "scripting", "--output", str(tmp_path), "--opts", *OPTS]
     )
     assert diff < 1e-4
-    cfg = export_model.get_hrnet_cfg(config, OPTS)
+    cfg = get_hrnet_cfg(config, OPTS)
     torch.manual_seed(0)
     model = export_model.load_model(cfg)
     image = export_model.sample_image(cfg)

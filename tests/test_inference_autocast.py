@@ -8,6 +8,7 @@ from conftest import tiny_rcnn_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
+from hrnet_d2.config.validate import validate_config
 from hrnet_d2.modeling.inference_autocast import autocast_heads
 
 
@@ -68,7 +69,7 @@ def test_inference_switch_value_is_checked():
     with pytest.raises(
         ValueError, match=r"MODEL.HRNET.INFERENCE_AUTOCAST = 'int8' is invalid: allowed: \['', 'bf16', 'fp16'\]"
     ):
-        build_model(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))
+        validate_config(_cfg("MODEL.HRNET.INFERENCE_AUTOCAST", "int8"))
 
 
 # --- the heads under the switch (hrnet_d2/modeling/inference_autocast.py) ------------------------------------

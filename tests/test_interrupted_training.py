@@ -143,12 +143,26 @@ _KILL_DURING_SAVE = textwrap.dedent(
 )
 
 
+def _readline(proc, timeout):
+    """The child's next stdout line ("" at its end), or None if none came within ``timeout`` seconds:
+    a stuck child fails the test instead of hanging the suite (the caller kills it)."""
+    import threading
+
+    line = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0] if line else None
+
+
 def test_sigkill_during_save_leaves_no_truncated_checkpoint(tmp_path):
     code = _KILL_DURING_SAVE.format(out=str(tmp_path))
     env = dict(os.environ, **ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert proc.stdout.readline().strip() == "HALF"
+        line = _readline(proc, timeout=180)
+        assert line is not None, "the child printed nothing within 180 s (stuck before the save?)"
+        assert line.strip() == "HALF"
     finally:
         proc.kill()
         proc.wait()
@@ -175,6 +189,32 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]  # temp file removed
     assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000000.pth")
     assert oct(os.stat(tmp_path / "model_0000000.pth").st_mode & 0o777) != oct(0o600)
+
+
+def test_atomic_path_for_any_writer(tmp_path, monkeypatch):
+    """utils.file_io.atomic_path (the hrnet_d2:// download, converted checkpoints, dataset jsons):
+    the target appears whole and fsynced or not at all; a stale temp file of a killed run is removed."""
+    from hrnet_d2.utils import file_io
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(file_io.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    target = tmp_path / "model.pth"
+    with pytest.raises(OSError, match="cut short"):
+        with file_io.atomic_path(target) as tmp:
+            assert not tmp.endswith(".pth") and os.path.dirname(tmp) == str(tmp_path)
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise OSError("download cut short")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / ".model.pth.download").write_bytes(b"left by a killed run")
+    with file_io.atomic_path(target, tmp_name=".model.pth.download") as tmp:
+        assert not os.path.exists(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"whole")
+    assert os.listdir(tmp_path) == ["model.pth"] and target.read_bytes() == b"whole" and synced
+    file_io.atomic_write(target, lambda f: f.write("text"), mode="w")
+    assert os.listdir(tmp_path) == ["model.pth"] and target.read_text() == "text"
 
 
 @pytest.mark.parametrize("content", ["truncated", "garbage", "empty", "not_a_state_dict"])

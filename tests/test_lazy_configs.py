@@ -6,9 +6,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, retry_if_port_taken
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
@@ -25,12 +26,44 @@ PAIRS = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _inference_settings(model):
+    """The inference hyper-parameters of an R-CNN that no weight carries (thresholds, top-k, NMS)."""
+    rpn, box = model.proposal_generator, model.roi_heads.box_predictor
+    return {
+        "rpn.pre_nms_topk": rpn.pre_nms_topk[False],
+        "rpn.post_nms_topk": rpn.post_nms_topk[False],
+        "rpn.nms_thresh": rpn.nms_thresh,
+        "rpn.min_box_size": rpn.min_box_size,
+        "box.test_score_thresh": box.test_score_thresh,
+        "box.test_nms_thresh": box.test_nms_thresh,
+        "box.test_topk_per_image": box.test_topk_per_image,
+    }
+
+
 @pytest.mark.parametrize("lazy", sorted(PAIRS))
-def test_lazy_config_equals_yaml_model(lazy):
+def test_lazy_config_equals_yaml_model(lazy, tmp_path):
+    """Same modules, same inference settings, same test-time mapping of an image file, and (with the same
+    weights) the same detections."""
+    import cv2
+
+    from hrnet_d2.data.mapper import CheckedDatasetMapper
+
     torch.manual_seed(0)
     cfg = LazyConfig.load(get_config_file(lazy))
     lazy_model = instantiate(cfg.model).eval()
-    yaml_model = build_model(make_cfg(PAIRS[lazy])).eval()
+    yaml_cfg = make_cfg(PAIRS[lazy])
+    yaml_model = build_model(yaml_cfg).eval()
+    assert _inference_settings(lazy_model) == _inference_settings(yaml_model)
+    assert _inference_settings(yaml_model)["box.test_score_thresh"] > 0
+
+    # the test loaders' mappers (lazy: dataloader.test.mapper; YAML: what Trainer.build_test_loader uses)
+    rgb = np.random.default_rng(0).integers(0, 256, (240, 330, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "image.png"), rgb[:, :, ::-1])
+    record = {"file_name": str(tmp_path / "image.png"), "height": 240, "width": 330, "image_id": 0}
+    lazy_in = instantiate(cfg.dataloader.test.mapper)(dict(record))
+    yaml_in = CheckedDatasetMapper(yaml_cfg, False)(dict(record))
+    assert lazy_in["image"].shape == yaml_in["image"].shape and lazy_in["image"].shape[1:] != (240, 330)
+    assert torch.equal(lazy_in["image"], yaml_in["image"])
 
     lazy_sd, yaml_sd = lazy_model.state_dict(), yaml_model.state_dict()
     assert {k: v.shape for k, v in lazy_sd.items()} == {k: v.shape for k, v in yaml_sd.items()}
@@ -89,7 +122,9 @@ def test_lazy_train_net_trains_and_evaluates(tmp_path):
         "dataloader.test.num_workers=0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "World size: 2" in log and (out / "log.txt.rank1").is_file()
@@ -109,7 +144,7 @@ LAZY_TINY = [
     "dataloader.train.mapper.augmentations.0.max_size=80",
     "dataloader.test.mapper.augmentations.0.short_edge_length=64", "dataloader.test.mapper.augmentations.0.max_size=64",
     "train.seed=7", "train.max_iter=8", "train.checkpointer.period=3", "train.log_period=1",
-    "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.amp.CPUAMPTrainer)
+    "train.amp.enabled=True",  # bf16 autocast on CPU (hrnet_d2.engine.train_loop.CPUAMPTrainer)
 ]  # fmt: skip
 # The second checkpoint save (iteration 5) writes half a file, then fails like a full disk.
 _FAIL_SECOND_SAVE = """
@@ -131,7 +166,9 @@ def _lazy(out, *args, code=None):
     cmd = [sys.executable, *(("-c", code) if code else ()), str(REPO / "lazy_train_net.py"), "--config-file",
            LAZY_SHAPES, *args, *LAZY_TINY, f"train.output_dir={out}"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HRNET_D2_DATASETS=str(out.parent / "datasets"))
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = retry_if_port_taken(
+        lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    )
     return proc, proc.stdout + proc.stderr
 
 
@@ -177,3 +214,25 @@ def test_lazy_train_net_validates_the_model_before_reading_data(tmp_path, overri
     assert proc.returncode != 0
     assert re.search(message, log), log[-3000:]
     assert "Loaded 8 images" not in log  # stopped before the training data was read
+
+
+def test_lazy_fcos_equals_yaml_model():
+    """The FCOS LazyConfig (FCOSDetector with mmdetection's conventions) is the model of its YAML twin: same
+    tensors, same detections from the same weights."""
+    torch.manual_seed(0)
+    lazy_model = instantiate(LazyConfig.load(get_config_file("lazy/fcos_hrnetv2p_w18_1x_mmdet.py")).model).eval()
+    yaml_model = build_model(make_cfg("COCO-Detection/fcos_hrnetv2p_w18_1x_mmdet.yaml")).eval()
+    yaml_sd = yaml_model.state_dict()
+    assert {k: v.shape for k, v in lazy_model.state_dict().items()} == {k: v.shape for k, v in yaml_sd.items()}
+    assert lazy_model.backbone.output_shape() == yaml_model.backbone.output_shape()
+    assert torch.equal(lazy_model.pixel_mean, yaml_model.pixel_mean)
+    lazy_model.load_state_dict(yaml_sd)
+    for m in (lazy_model, yaml_model):  # random weights score ~0.01: keep every location
+        m.test_score_thresh = 0.0
+    image = torch.rand(3, 128, 160) * 255
+    with torch.no_grad():
+        a = lazy_model([{"image": image}])[0]["instances"]
+        b = yaml_model([{"image": image}])[0]["instances"]
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(a.scores, b.scores)

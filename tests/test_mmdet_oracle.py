@@ -1,12 +1,14 @@
 """Converted mmdetection detectors against mmdetection 3.3 itself (the oracle, tests/mmdet_oracle.py).
 
-mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN and Cascade Mask R-CNN, built from its
+mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN, Cascade Mask R-CNN and FCOS, built from its
 shipped configs/hrnet/*_w18_* with random weights, are saved as mmdetection checkpoints, converted
 with ``python -m hrnet_d2.convert --config-file configs/.../*_mmdet.yaml`` and run by Detectron2 on
 the same image files.  Targets (issue 10): every mmdetection detection with score >= 0.05 has one of
 ours with the same class, box IoU >= 0.99, score within 1e-3, mask IoU >= 0.98 (or at most 2 pixels
 differing, for masks of a few tens of pixels), and the converse;
-RPN proposals agree too.  Negative controls: one head tensor perturbed, the class order not fixed.
+RPN proposals agree too.  Negative controls: the class scores, the mask logits or the RPN deltas
+perturbed (each rule can fail), the class order not fixed, Detectron2's own cascade heads; for FCOS
+(issue 21) a level scale perturbed and each of mmdetection's conventions switched back to Detectron2's.
 """
 
 import json
@@ -17,16 +19,17 @@ import mmdet_oracle as mo
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, make_cfg
+from conftest import CONFIGS, make_cfg, oracle_missing
 
 if not mo.install_ext_stand_in():
-    pytest.skip("mmdetection (the oracle) is not installed: scripts/setup_env.sh installs it", allow_module_level=True)
+    oracle_missing("mmdetection (the oracle) is not installed: scripts/setup_env.sh installs it")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from hrnet_d2.checkpoint.convert import ConversionError, convert_file, load_state_dict
 from hrnet_d2.convert import main
+from hrnet_d2.data.resize import resize_augmentation
 
 TEST_SCALE = (448, 256)  # mmdetection Resize(scale=(long, short)) = INPUT.MAX_SIZE_TEST / MIN_SIZE_TEST
 KINDS = {
@@ -37,6 +40,7 @@ KINDS = {
         "cascade-mask-rcnn_hrnetv2p-w18_20e_coco",
         "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
     ),
+    "fcos": ("fcos_hrnetv2p-w18-gn-head_4xb4-1x_coco", "COCO-Detection/fcos_hrnetv2p_w18_1x_mmdet.yaml"),
 }
 FIGURES = {}  # measured agreement, written to $HRNET_D2_ORACLE_FIGURES (JSON) when set
 
@@ -79,6 +83,7 @@ class Pair:
         self.d2_ckpt = root / f"{kind}_d2.pth"
         assert main([str(self.mm_ckpt), str(self.d2_ckpt), "--config-file", str(CONFIGS / self.config)]) == 0
         self.model = self.build(self.d2_ckpt)
+        self._references = {}
 
     def cfg(self, weights="", *opts):
         return make_cfg(
@@ -98,8 +103,14 @@ class Pair:
         DetectionCheckpointer(model).load(str(weights))
         return model
 
-    def compare(self, images, model=None):
-        """Agreement figures over the test images (summed / worst)."""
+    def reference(self, path):
+        """mmdetection's detections on an image file, computed once per pair."""
+        if path not in self._references:
+            self._references[path] = mo.mmdet_predict(self.mm, path)
+        return self._references[path]
+
+    def compare(self, images, model=None, **rule):
+        """Agreement figures over the test images (summed / worst); ``rule``: match_detections' thresholds."""
         total = {
             "matched": 0,
             "unmatched_ref": 0,
@@ -111,10 +122,10 @@ class Pair:
             "proposals_matched": 1.0,
         }
         for path, rgb in images:
-            ref, ref_rpn = mo.mmdet_predict(self.mm, path)
+            ref, ref_rpn = self.reference(path)
             ours, our_rpn = mo.d2_predict(model or self.model, self.cfg(), rgb)
             assert ours["image_shape"] == ref["image_shape"]  # same resize and rounding
-            s = mo.match_detections(ref, ours)
+            s = mo.match_detections(ref, ours, **rule)
             for k in ("matched", "unmatched_ref", "unmatched_ours"):
                 total[k] += s[k]
             total["worst_iou"] = min(total["worst_iou"], s["worst_iou"])
@@ -122,9 +133,10 @@ class Pair:
             if s["worst_mask_iou"] is not None:
                 total["worst_mask_iou"] = min(total["worst_mask_iou"] or 1.0, s["worst_mask_iou"])
                 total["most_mask_pixels"] = max(total["most_mask_pixels"] or 0, s["most_mask_pixels"])
-            total["proposals_matched"] = min(
-                total["proposals_matched"], *mo.match_proposals(ref_rpn["proposals"], our_rpn["proposals"])
-            )
+            if "proposals" in ref_rpn:  # two-stage detectors
+                total["proposals_matched"] = min(
+                    total["proposals_matched"], *mo.match_proposals(ref_rpn["proposals"], our_rpn["proposals"])
+                )
         total["agree"] = total["matched"] > 0 and total["unmatched_ref"] == 0 and total["unmatched_ours"] == 0
         return total
 
@@ -155,7 +167,7 @@ def write_figures():
 def test_converted_detector_matches_mmdetection(kind, pairs, images, one_torch_thread):
     pair = pairs(kind)
     # both test images (enlarged and shrunk) for Faster / Mask R-CNN; the cascades share their resize path
-    figures = pair.compare(images[1] if kind in ("faster", "mask") else images[1][1:])
+    figures = pair.compare(images[1] if kind in ("faster", "mask", "fcos") else images[1][1:])
     FIGURES[kind] = figures
     assert figures["proposals_matched"] >= 0.995, figures
     assert figures["agree"], figures
@@ -172,6 +184,38 @@ def test_negative_control_one_head_tensor_perturbed(pairs, images, one_torch_thr
     figures = pair.compare(images[1][1:], model)
     FIGURES["negative_control_perturbed"] = figures
     assert not figures["agree"], figures
+
+
+def _perturbed(model, tensor, fraction):
+    """``tensor`` of ``model`` plus Gaussian noise of ``fraction`` of its std (fixed seed); returns ``model``."""
+    with torch.no_grad():
+        tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * tensor.std() * fraction)
+    return model
+
+
+def test_negative_control_mask_logits_perturbed(pairs, images, one_torch_thread):
+    """The mask rule (IoU >= 0.98, or at most 2 pixels differing) can fail: the mask predictor
+    (mmdetection's conv_logits) perturbed by 1% of its std.  Boxes, scores and proposals still agree:
+    with the mask rule off the same comparison passes, so it is the mask rule that fails."""
+    pair = pairs("mask")
+    model = pair.build(pair.d2_ckpt)
+    _perturbed(model, model.roi_heads.mask_head.predictor.weight, 0.01)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES["negative_control_mask_logits"] = figures
+    assert not figures["agree"] and figures["unmatched_ref"] > 0, figures
+    assert figures["proposals_matched"] >= 0.995, figures
+    assert pair.compare(images[1][1:], model, mask_thr=0.0)["agree"]
+
+
+def test_negative_control_rpn_deltas_perturbed(pairs, images, one_torch_thread):
+    """The proposal rule (>= 99.5% of proposals matched at IoU 0.99) can fail: the RPN's box-delta
+    layer (mmdetection's rpn_reg) perturbed by 0.5% of its std."""
+    pair = pairs("faster")
+    model = pair.build(pair.d2_ckpt)
+    _perturbed(model, model.proposal_generator.rpn_head.anchor_deltas.weight, 0.005)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES["negative_control_rpn_deltas"] = figures
+    assert figures["proposals_matched"] < 0.995, figures
 
 
 def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thread):
@@ -457,3 +501,98 @@ def test_cv2_resize_is_mmcv_imrescale(h, w):
     pil = resize_augmentation(cfg)
     assert type(pil) is T.ResizeShortestEdge
     assert not np.array_equal(pil.get_transform(bgr).apply_image(bgr), expected)
+
+
+# ---------------------------------------------------------------- FCOS (issue 21)
+def test_fcos_negative_control_one_level_scale_perturbed(pairs, images, one_torch_thread):
+    """The comparison can fail on one scalar: the stride-8 level's learnable scale (head.scales.0), 1% larger."""
+    pair = pairs("fcos")
+    model = pair.build(pair.d2_ckpt)
+    with torch.no_grad():
+        model.head.scales[0].mul_(1.01)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES["fcos_negative_control_scale_perturbed"] = figures
+    assert not figures["agree"], figures
+
+
+DENSE_TOLERANCE = 1e-3  # largest head-output difference, relative to the output's std
+
+
+def _fcos_batched_input(pair, model, rgb):
+    """The normalised, padded input our FCOS gives its backbone for a test image (its BGR, as the mapper's)."""
+    cfg = pair.cfg()
+    resized = resize_augmentation(cfg).get_transform(rgb).apply_image(rgb)[:, :, ::-1]
+    return model.preprocess_image([{"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))}]).tensor
+
+
+def test_fcos_every_level_matches_mmdetection(pairs, images, one_torch_thread):
+    """The detections of a test image come from the finer levels only (p3, p4 here): the class, box and
+    centerness outputs of all five levels (p3..p7, strides 8..128: HRFPN's stride-2 convs, each level's
+    scale) agree with mmdetection's own head on the same input; a 1% change of p5's scale is seen."""
+    pair = pairs("fcos")
+    _, rgb = images[1][1]
+    batched = _fcos_batched_input(pair, pair.model, rgb)
+    diffs = mo.dense_head_differences(pair.mm, pair.model, batched)
+    FIGURES["fcos_dense_head_max_relative_difference"] = max(max(d) for d in diffs)
+    assert len(diffs) == 5 and all(max(d) <= DENSE_TOLERANCE for d in diffs), diffs
+    model = pair.build(pair.d2_ckpt)
+    with torch.no_grad():
+        model.head.scales[2].mul_(1.01)
+    perturbed = mo.dense_head_differences(pair.mm, model, batched)
+    FIGURES["fcos_dense_negative_control_p5_scale"] = perturbed[2][1]
+    assert perturbed[2][1] > DENSE_TOLERANCE and max(perturbed[0] + perturbed[1]) <= DENSE_TOLERANCE, perturbed
+
+
+# each of mmdetection's FCOS conventions (Base-FCOS-HRNetV2p-mmdet.yaml), switched back to Detectron2's
+FCOS_WRONG_SWITCHES = {
+    "anchor_offset": ("MODEL.FCOS.ANCHOR_OFFSET", 0.0),
+    "centerness_on_reg": ("MODEL.FCOS.CENTERNESS_ON_REG", True),
+    "test_convention": ("MODEL.FCOS.TEST_CONVENTION", "detectron2"),
+    "rgb_input": (
+        "INPUT.FORMAT",
+        "RGB",
+        "MODEL.PIXEL_MEAN",
+        [123.675, 116.28, 103.53],
+        "MODEL.PIXEL_STD",
+        [58.395, 57.12, 57.375],
+    ),
+}
+
+
+@pytest.mark.parametrize("switch", list(FCOS_WRONG_SWITCHES))
+def test_fcos_negative_control_wrong_convention(switch, pairs, images, one_torch_thread):
+    """The same converted weights with one convention of the *_mmdet.yaml set to Detectron2's: no agreement,
+    so each switch is needed (and the oracle sees it)."""
+    pair = pairs("fcos")
+    opts = FCOS_WRONG_SWITCHES[switch]
+    model = pair.build(pair.d2_ckpt, *opts)
+    total = {"matched": 0, "unmatched": 0}
+    for path, rgb in images[1][1:]:
+        ref, _ = pair.reference(path)
+        ours, _ = mo.d2_predict(model, pair.cfg("", *opts), rgb)
+        s = mo.match_detections(ref, ours)
+        total["matched"] += s["matched"]
+        total["unmatched"] += s["unmatched_ref"] + s["unmatched_ours"]
+    FIGURES[f"fcos_negative_control_{switch}"] = total
+    assert total["unmatched"] > 0, total
+
+
+def test_fcos_conversion_refuses_what_does_not_fit(pairs, tmp_path):
+    """One-line refusals, nothing written: an FCOS checkpoint for an R-CNN config, a config whose head has conv
+    biases, an extra head tensor."""
+    pair = pairs("fcos")
+    sd = load_state_dict(str(pair.mm_ckpt))
+    config = str(CONFIGS / pair.config)
+    extra = tmp_path / "extra.pth"
+    torch.save({"state_dict": {**sd, "bbox_head.conv_iou.weight": torch.zeros(1, 256, 3, 3)}}, extra)
+    cases = [
+        (pair.mm_ckpt, str(CONFIGS / KINDS["faster"][1]), [], r"detector mismatch: found FCOS .*GeneralizedRCNN"),
+        (pair.mm_ckpt, config, ["MODEL.FCOS.CONV_BIAS", "True"], r"tower conv bias mismatch: .*CONV_BIAS = True"),
+        (pair.mm_ckpt, config, ["MODEL.FCOS.NUM_CLASSES", "3"], r"number of classes mismatch: found 80 classes"),
+        (extra, config, [], r"bbox_head.conv_iou.weight: an FCOS head tensor with no Detectron2 counterpart"),
+    ]
+    for i, (src, cfg_file, opts, message) in enumerate(cases):
+        with pytest.raises(ConversionError, match=message) as info:
+            convert_file(str(src), str(tmp_path / f"{i}.pth"), config_file=cfg_file, opts=opts)
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / f"{i}.pth").exists()

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from conftest import assert_close_to_scale, tiny_rcnn_cfg
+from timm_peer import CLASSIFICATION_ONLY, calibrated_timm, timm_branches
 from timm_peer import body_state_dict as timm_body_state_dict
-from timm_peer import calibrated_timm, timm_branches
 
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
@@ -330,17 +330,32 @@ def test_faster_rcnn_trains_with_amp_on_cpu():
 
 
 def test_bf16_detector_features_match_fp32():
-    """The bf16 inference path: the detector's pyramid features (what RPN and ROI heads see)
-    stay within 15% (relative L2) of fp32 with random weights (see the test above)."""
+    """The bf16 inference path: the detector's pyramid features (what RPN and ROI heads see) are
+    off fp32 by no more than 3x what timm's own body is off under the same autocast, with the
+    detector's body weights, on the same input (measured here, Sapphire Rapids / AMX: timm 0.0076,
+    ours p2..p6 0.003-0.0065 relative L2; bf16 numerics differ by CPU, so the bound follows timm's)."""
+    import timm
+
+    torch.manual_seed(0)
     model = build_model(_tiny_rcnn_cfg()).eval()
     images = model.preprocess_image([{k: v for k, v in d.items() if k != "instances"} for d in _batch(1)])
+    x = images.tensor
     with torch.no_grad():
-        ref = model.backbone(images.tensor)
+        ref = model.backbone(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.backbone(images.tensor)
+            out = model.backbone(x)
             dets = model([{"image": _batch(1)[0]["image"]}])
+    peer = timm.create_model("hrnet_w18_small", pretrained=False).eval()  # = w18_small_v1
+    loaded = peer.load_state_dict(model.backbone.bottom_up.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(k.startswith(CLASSIFICATION_ONLY) for k in loaded.missing_keys)
+    with torch.no_grad():
+        timm_ref = timm_branches(peer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            timm_out = timm_branches(peer, x)
+    timm_error = max(rel_l2(o, r) for o, r in zip(timm_out, timm_ref))
     errors = {k: rel_l2(out[k], ref[k]) for k in ref}
-    assert max(errors.values()) < 0.15, errors
+    assert 0 < timm_error < 0.05, timm_error  # bf16 did run, and the peer is in a sane range
+    assert max(errors.values()) <= 3 * timm_error, (errors, timm_error)
     assert len(dets[0]["instances"]) > 0
 
 
@@ -387,18 +402,38 @@ def test_benchmark_quick(tmp_path):
     assert "| measure |" in text and "| fp32 |" in text and "CPU ISA flags:" in text
 
 
-def test_benchmark_flop_count_and_isa_flags():
-    """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags against /proc/cpuinfo."""
+def test_benchmark_flop_count_and_isa_flags(tmp_path):
+    """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags read from fixed
+    /proc/cpuinfo texts against flags listed by hand."""
     import benchmark
 
-    from hrnet_d2.engine.profiling import ISA_FLAGS, native_bf16
+    from hrnet_d2.engine.profiling import native_bf16
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
     x = torch.randn(2, 8, 10, 12)
     assert benchmark.model_gflop(conv, x) == pytest.approx(2 * 2 * 8 * 16 * 9 * 10 * 12 / 1e9)
     # negative control: a different input size gives a different count
     assert benchmark.model_gflop(conv, torch.randn(1, 8, 10, 12)) != pytest.approx(benchmark.model_gflop(conv, x))
-    with open("/proc/cpuinfo") as f:
-        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    assert isa_flags() == [f for f in ISA_FLAGS if f in flags]
-    assert native_bf16({"isa": isa_flags()}) == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    # the flags line of fixed /proc/cpuinfo texts (abridged), with the flags expected by hand
+    cpus = {
+        "sapphire_rapids": (
+            "fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 avx512f avx512dq avx512cd avx512bw avx512vl "
+            "avx512_bf16 avx512vbmi avx512_vnni avx512_fp16 amx_bf16 amx_tile amx_int8",
+            ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"],
+            True,
+        ),
+        "cascade_lake": (
+            "fpu sse2 fma avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni",
+            ["avx2", "fma", "avx512f", "avx512_vnni"],
+            False,
+        ),
+        "haswell": ("fpu sse2 ssse3 fma sse4_2 avx f16c avx2 bmi2", ["avx2", "fma"], False),
+        # substrings of a flag are not the flag
+        "lookalikes": ("avx2x xavx512f avx512_bf16_ amx_bf16x fma4", [], False),
+    }
+    for name, (line, expected, native) in cpus.items():
+        cpuinfo = tmp_path / name
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: {name}\nflags\t\t: {line}\n\nprocessor\t: 1\n")
+        assert isa_flags(str(cpuinfo)) == expected, name
+        assert native_bf16({"isa": isa_flags(str(cpuinfo))}) is native, name
+    assert isa_flags(str(tmp_path / "absent")) == []  # not Linux: no flags, no error

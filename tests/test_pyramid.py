@@ -99,6 +99,28 @@ def test_num_levels_and_channels_are_configurable():
     }
 
 
+def test_conv_stride_2_gives_p3_to_p7():
+    """MODEL.HRNET_PYRAMID.CONV_STRIDE 2 (mmdetection's HRFPN stride=2, its HRNet FCOS): every level's 3x3 conv
+    halves it once more, p3..p7 at strides 8..128, each the stride-1 level's conv output subsampled."""
+    model = pyramid("MODEL.HRNET_PYRAMID.CONV_STRIDE", 2)
+    shapes = model.output_shape()
+    assert list(shapes) == ["p3", "p4", "p5", "p6", "p7"]
+    assert [s.stride for s in shapes.values()] == [8, 16, 32, 64, 128]
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        out = model(x)
+        dense = pyramid()
+        dense.load_state_dict(model.state_dict())
+        for conv in dense.fpn_convs:
+            conv.stride = (1, 1)
+        reference = dense(x)
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
+        k: (256, 256 // s.stride, 256 // s.stride) for k, s in shapes.items()
+    }
+    for i, name in enumerate(shapes):  # a stride-2 conv = the stride-1 conv's output at every other position
+        torch.testing.assert_close(out[name], reference[f"p{i + 2}"][..., ::2, ::2], rtol=1e-4, atol=1e-5)
+
+
 def test_pyramid_on_a_subset_of_branches():
     model = pyramid("MODEL.HRNET_PYRAMID.IN_FEATURES", ["hr3", "hr4", "hr5"])
     shapes = model.output_shape()

@@ -163,7 +163,14 @@ def test_training_progress_eta_and_tensorboard(tmp_path):
 
 def test_precision_check_fp32_control_and_bf16(tmp_path):
     """tools/precision_check.py: fp32 against itself matches every detection with equal AP
-    (the tool's control); bf16 autocast gives a fraction, score differences and both APs."""
+    (the tool's control); bf16 autocast matches most fp32 detections, with small non-zero score
+    differences, and gives both APs.
+
+    Random weights with decisive scores (the RPN objectness and class-score layers x100): with
+    Detectron2's init (std 0.01) all scores nearly tie and bf16 rounding reorders them, so only 15% of
+    the detections matched; x100, 80%, score differences <= 8e-4 (Sapphire Rapids, AMX bf16).  The
+    floor (50%) fails when the bf16 path sees other features (the pyramid's input mirrored under
+    autocast: 27.5%); the score bound (1e-2) when they are scaled (x1.5: 1.5e-2)."""
     import json
 
     import precision_check
@@ -173,7 +180,11 @@ def test_precision_check_fp32_control_and_bf16(tmp_path):
 
     quickstart = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
     torch.manual_seed(0)
-    DetectionCheckpointer(build_model(make_cfg(quickstart)), save_dir=str(tmp_path)).save("model_final")
+    model = build_model(make_cfg(quickstart))
+    with torch.no_grad():
+        model.proposal_generator.rpn_head.objectness_logits.weight.mul_(100)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(100)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
     opts = ["OUTPUT_DIR", str(tmp_path), "DATASETS.TEST", "('shapes_tiny_val',)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
             "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
     argv = ["--config-file", str(CONFIGS / quickstart), "--score", "0.0", "--max-images", "2"]
@@ -183,9 +194,14 @@ def test_precision_check_fp32_control_and_bf16(tmp_path):
     assert same and "AP" in control["results"]["fp32"]["bbox"]
     low = precision_check.main(argv + ["--dtype", "bf16", "--opts", *opts])
     saved = json.loads((tmp_path / "precision_bf16.json").read_text())
-    assert saved["dtype"] == "bf16" and saved["mode"] == "switch" and saved["images"] == 2
-    assert saved["fp32_detections"] == control["fp32_detections"]
-    assert 0.0 <= low["matched_fraction"] <= 1.0 and set(low["results"]) == {"fp32", "bf16"}
+    assert (
+        saved["dtype"] == "bf16"
+        and saved["mode"] == "switch"
+        and saved["images"] == 2
+        and saved["fp32_detections"] == control["fp32_detections"]
+    )
+    assert low["matched_fraction"] >= 0.5 and set(low["results"]) == {"fp32", "bf16"}, low
+    assert 0 < low["max_score_diff"] < 0.01, low  # bf16 changes the scores, a little
     assert set(low["results"]["bf16"]) == {"bbox", "segm"}
 
 

@@ -1,9 +1,9 @@
-"""hrnet_d2://<name>: published weights by name (hrnet_d2/catalog.py) and the table behind it (hrnet_d2/zoo.py).
+"""hrnet_d2://<name>: published weights by name (hrnet_d2/checkpoint/catalog.py) and the table behind it (hrnet_d2/checkpoint/zoo.py).
 
 No network here: an HTTP server on 127.0.0.1 serves generated checkpoints under the official URL
 paths, and $HRNET_D2_ZOO_BASE_URL points the handler at it.  The table itself is checked against
-the independent sources it copies: mmdetection 3.3.0's metafile (in the mmdet wheel, a test
-dependency) and timm's pretrained configs.
+the independent sources it copies: mmdetection 3.3.0's metafile (a copy in tests/data, checked
+against the mmdet wheel, a test dependency, where installed) and timm's pretrained configs.
 """
 
 import dataclasses
@@ -14,13 +14,14 @@ import re
 import shlex
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import timm
 import torch
 import yaml
-from conftest import make_cfg
+from conftest import make_cfg, oracle_missing
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -302,17 +303,23 @@ def test_coco_detector_by_name(server, cache, monkeypatch, mmdet_checkpoint, sma
 
     cfg = make_cfg(str(small_detector_config), "MODEL.WEIGHTS", f"hrnet_d2://{entry.name}")
     model = build_model(cfg).eval()
-    checkpointer = _RecordingAtomic(model)
+    checkpointer = _RecordingAtomic(model, cfg=cfg, complete=True)  # as train_net.py --eval-only loads it
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     report = checkpointer.report
     assert not report.unexpected_keys and not report.incorrect_shapes
-    assert not [k for k in report.missing_keys if k.startswith("backbone.")]
-    assert torch.equal(
-        model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight,
-        sd["backbone.stage4.0.branches.3.1.conv2.weight"],
-    )
-    assert torch.equal(model.backbone.reduction_conv.weight, sd["neck.reduction_conv.conv.weight"])
-    assert torch.equal(model.backbone.fpn_convs[4].bias, sd["neck.fpn_convs.4.conv.bias"])
+    assert report.missing_keys == []  # body, pyramid and every head tensor come from the download
+    pairs = [
+        (model.backbone.bottom_up.stage4[0].branches[3][1].conv2.weight, "backbone.stage4.0.branches.3.1.conv2.weight"),
+        (model.backbone.reduction_conv.weight, "neck.reduction_conv.conv.weight"),
+        (model.backbone.fpn_convs[4].bias, "neck.fpn_convs.4.conv.bias"),
+        (model.proposal_generator.rpn_head.anchor_deltas.weight, "rpn_head.rpn_reg.weight"),
+        (model.proposal_generator.rpn_head.objectness_logits.bias, "rpn_head.rpn_cls.bias"),
+        (model.roi_heads.box_head.fc1.weight, "roi_head.bbox_head.shared_fcs.0.weight"),
+        (model.roi_heads.box_predictor.cls_score.weight, "roi_head.bbox_head.fc_cls.weight"),
+        (model.roi_heads.box_predictor.bbox_pred.bias, "roi_head.bbox_head.fc_reg.bias"),
+    ]
+    for ours, key in pairs:
+        assert torch.equal(ours, sd[key]), key
     assert server.requests == [_path(entry.url)]
     assert _files_in(cache) == sorted(["coco/faster_rcnn_hrnetv2p_w18_1x.pth", "downloads" + _path(entry.url)])
     PathManager.get_local_path(f"hrnet_d2://{entry.name}")
@@ -362,11 +369,12 @@ def test_bad_download_is_refused_and_nothing_is_left(server, cache, monkeypatch,
 
 
 def test_no_network_gives_the_manual_commands_and_they_work(
-    tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config
+    tmp_path, monkeypatch, mmdet_checkpoint, small_detector_config, request
 ):
-    with socket.socket() as s:  # a port where nothing listens: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    closed = socket.socket()  # a port bound (kept, so no other process takes it) where nothing listens: refused
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    request.addfinalizer(closed.close)
     root = tmp_path / "cache"
     monkeypatch.setenv("HRNET_D2_CACHE", str(root))
     monkeypatch.setenv("HRNET_D2_ZOO_BASE_URL", f"http://127.0.0.1:{port}")
@@ -436,17 +444,17 @@ def test_unknown_name():
 
 # ---------------------------------------------------------------- the table
 NAME = re.compile(
-    r"^(coco/(faster|mask|cascade|cascade_mask)_rcnn_hrnetv2p_(w\d+)_(1x|2x|20e)|imagenet/(w\d+(_small_v[12])?))$"
+    r"^(coco/(?:(?:faster|mask|cascade|cascade_mask)_rcnn|fcos)_hrnetv2p_(w\d+)_(1x|2x|20e|ms_2x)|imagenet/(w\d+(_small_v[12])?))$"
 )
 HOSTS = {"coco": {"download.openmmlab.com"}, "imagenet": {"github.com", "huggingface.co"}}
 
 
 def test_table_entries_are_well_formed():
-    assert len(zoo.coco_models()) == 18 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
+    assert len(zoo.coco_models()) == 25 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
     for name, e in zoo.ZOO.items():
         m = NAME.match(name)
         assert m and e.name == name, name
-        assert e.arch in ARCHITECTURES and e.arch == (m.group(3) or m.group(5)), name
+        assert e.arch in ARCHITECTURES and e.arch == (m.group(2) or m.group(4)), name
         for d in e.downloads:
             parts = urlsplit(d.url)
             assert parts.scheme == "https" and parts.netloc in HOSTS[e.kind], d.url
@@ -466,34 +474,34 @@ def test_table_entries_are_well_formed():
 def test_every_coco_model_has_its_config():
     """The inference configs come with the whole-detector conversion (issue 10, items 1-2)."""
     missing = [e.config for e in zoo.coco_models() if not (CONFIG_DIR / e.config).is_file()]
-    assert not missing, f"configs named by hrnet_d2.zoo are missing: {missing}"
+    assert not missing, f"configs named by hrnet_d2.checkpoint.zoo are missing: {missing}"
 
 
 def _metafile_mismatches(table, metafile_text):
-    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN)."""
+    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN, FCOS)."""
     published = {}
     for m in yaml.safe_load(metafile_text)["Models"]:
-        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN"):
+        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "FCOS"):
             metrics = {k: v for r in m["Results"] for k, v in r["Metrics"].items()}
             published[m["Name"]] = (m["Weights"], metrics.get("box AP"), metrics.get("mask AP"))
     ours = {e.source_name: (e.url, e.box_ap, e.mask_ap) for e in table if e.kind == "coco"}
     return sorted(set(published.items()) ^ set(ours.items()))
 
 
-@pytest.fixture(scope="module")
-def mmdet_metafile():
-    import importlib.util
-
-    spec = importlib.util.find_spec("mmdet")  # the package is not imported (it needs mmcv's compiled ops)
-    if spec is None:
-        pytest.skip("mmdet (a test dependency, the oracle for the table) is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], ".mim", "configs", "hrnet", "metafile.yml")
-    with open(path) as f:
-        return f.read()
+METAFILE_COPY = Path(__file__).parent / "data" / "mmdet-3.3.0_configs_hrnet_metafile.yml"
 
 
-def test_coco_entries_are_mmdetections_metafile(mmdet_metafile):
-    assert _metafile_mismatches(zoo.ZOO.values(), mmdet_metafile) == []
+def _copy_body_and_recorded_sha256():
+    """The checked-in metafile without its header comment, and the sha256 the header records for it."""
+    lines = METAFILE_COPY.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[: len(header)] == header  # the added comments are the header, nothing else
+    (sha,) = re.findall(r"sha256 ([0-9a-f]{64})", "".join(header))
+    return "".join(lines[len(header) :]), sha
+
+
+def _assert_table_is(metafile_text):
+    assert _metafile_mismatches(zoo.ZOO.values(), metafile_text) == []
     # negative controls: one AP or one URL off, one model missing
     e = zoo.ZOO["coco/mask_rcnn_hrnetv2p_w32_2x"]
     for wrong in (
@@ -501,8 +509,31 @@ def test_coco_entries_are_mmdetections_metafile(mmdet_metafile):
         dataclasses.replace(e, downloads=(zoo.Download(e.url[:-5] + "0.pth", "0"),)),
     ):
         table = [wrong if x is e else x for x in zoo.ZOO.values()]
-        assert len(_metafile_mismatches(table, mmdet_metafile)) == 2
-    assert len(_metafile_mismatches([x for x in zoo.ZOO.values() if x is not e], mmdet_metafile)) == 1
+        assert len(_metafile_mismatches(table, metafile_text)) == 2
+    assert len(_metafile_mismatches([x for x in zoo.ZOO.values() if x is not e], metafile_text)) == 1
+
+
+def test_coco_entries_are_mmdetections_metafile():
+    """Against the checked-in copy of mmdetection 3.3.0's metafile (tests/data; always run)."""
+    body, sha = _copy_body_and_recorded_sha256()
+    assert hashlib.sha256(body.encode()).hexdigest() == sha  # verbatim, as the header says
+    assert "mmdetection 3.3.0" in METAFILE_COPY.read_text().splitlines()[0]
+    _assert_table_is(body)
+
+
+def test_coco_entries_are_the_installed_mmdetections_metafile():
+    """Against the metafile in the installed mmdet wheel (the test dependency), which is the copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mmdet")  # the package is not imported (it needs mmcv's compiled ops)
+    if spec is None:
+        oracle_missing("mmdet (a test dependency, the oracle for the table) is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], ".mim", "configs", "hrnet", "metafile.yml")
+    with open(path, "rb") as f:
+        installed = f.read()
+    body, sha = _copy_body_and_recorded_sha256()
+    assert hashlib.sha256(installed).hexdigest() == sha and installed.decode() == body
+    _assert_table_is(installed.decode())
 
 
 def test_imagenet_entries_are_timms_weights():
@@ -519,9 +550,12 @@ def test_readme_zoo_blocks_are_generated_from_the_table():
 
     text = model_zoo.README.read_text()
     assert model_zoo.current_block(text, *model_zoo.COCO_ZOO_MARKERS) == model_zoo.coco_zoo_block()
-    assert model_zoo.current_block(text, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
+    weights_doc = model_zoo.WEIGHTS_DOC.read_text()
+    assert model_zoo.current_block(weights_doc, *model_zoo.IMAGENET_MARKERS) == model_zoo.imagenet_block()
+    assert model_zoo.current_block(weights_doc, *model_zoo.EVAL_MARKERS) == model_zoo.eval_block()
     assert model_zoo.main(["--zoo-only", "--check"]) == 0
-    for e in zoo.coco_models():  # every model, with its one evaluation command
+    for e in zoo.coco_models():  # every model in the README's table, with its one evaluation command in docs/weights.md
+        assert f"| `{e.name}` | [{Path(e.config).name}](configs/{e.config}) |" in text
         assert (
             f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
-        ) in text
+        ) in weights_doc

@@ -11,7 +11,7 @@ from hrnet_d2.checkpoint.zoo import imagenet_bodies
 
 __all__ = ["TIMM_NAMES", "CLASSIFICATION_ONLY", "body_state_dict", "timm_branches", "random_timm", "calibrated_timm"]
 
-# our architecture name -> timm model name (from the model-zoo table, hrnet_d2.zoo)
+# our architecture name -> timm model name (from the model-zoo table, hrnet_d2.checkpoint.zoo)
 TIMM_NAMES = {arch: e.timm_name for arch, e in imagenet_bodies().items()}
 # top-level modules of the ImageNet classifier that detection does not use
 CLASSIFICATION_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")

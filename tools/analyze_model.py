@@ -8,13 +8,10 @@ property of the config alone.  fvcore counts one fused multiply-add as one FLOP;
     python tools/analyze_model.py --config-file ... --tasks parameter --input-size 800 1333 MODEL.HRNET.ARCH w18
 """
 
-import argparse
-import sys
-
 import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser
 
 
 def _format_table(rows, headers):
@@ -24,12 +21,10 @@ def _format_table(rows, headers):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True)
+    parser = tool_argument_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=["parameter", "flop"], default=["parameter", "flop"])
     parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = add_debug_argument(parser).parse_args(argv)
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
 
     cfg, model = load_model(args.config_file, args.opts, device="cpu" if "flop" in args.tasks else "meta")
@@ -58,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main))
+    run_tool(main)

@@ -13,11 +13,9 @@ result is printed as one JSON line.  (``tools/benchmark.py`` compares our body w
     python tools/benchmark_d2.py --config-file ... --task data
 """
 
-import argparse
 import itertools
 import json
 import logging
-import sys
 import time
 
 import torch
@@ -28,13 +26,11 @@ from detectron2.engine import SimpleTrainer, hooks
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import CommonMetricPrinter
-from detectron2.utils.logger import setup_logger
 
-from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.data.checks import check_datasets
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 
 logger = logging.getLogger("hrnet_d2.benchmark")
 
@@ -111,20 +107,15 @@ TASKS = {"data": benchmark_data, "train": benchmark_train, "eval": benchmark_eva
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
+    parser = tool_argument_parser(__doc__)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
 
 def main(argv=None):
-    args = add_debug_argument(get_parser()).parse_args(argv)
-    setup_logger(name="hrnet_d2")
-    setup_logger(name="detectron2")
-    register_all_shapes()
-    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    args = get_parser().parse_args(argv)
+    cfg = tool_setup(args)
     names = list(cfg.DATASETS.TEST[:1]) if args.task == "eval" else list(cfg.DATASETS.TRAIN)
     ensure_all_generated(names)
     check_datasets(names)
@@ -135,4 +126,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, sys.argv[1:])
+    run_tool(main)

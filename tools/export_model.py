@@ -20,10 +20,8 @@ Detectron2's ``scripting_with_instances`` for whole R-CNNs, whose scripted
 ``inference(inputs, do_postprocess=False)`` returns Instances as the eager model does.
 """
 
-import argparse
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -34,13 +32,11 @@ from detectron2.data import detection_utils as utils
 from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes
-from detectron2.utils.logger import setup_logger
 
-from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.data import register_all_shapes
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 from hrnet_d2.engine.predictor import model_input, test_augmentations
-from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import UserError
 
 logger = logging.getLogger("hrnet_d2.export")
 
@@ -226,23 +222,18 @@ def load_model(cfg):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
+    parser = tool_argument_parser(__doc__, opts_flag=True)
     parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     parser.add_argument("--export-method", choices=["tracing", "scripting"], default="tracing")
     parser.add_argument("--what", choices=["model", "backbone"], default="model")
     parser.add_argument("--sample-image", default=None, help="image used for tracing (default: first test image)")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
 
 def main(argv=None):
-    args = add_debug_argument(get_parser()).parse_args(argv)
-    setup_logger(name="hrnet_d2")
-    setup_logger(name="detectron2")
-    register_all_shapes()
-    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    args = get_parser().parse_args(argv)
+    cfg = tool_setup(args)
     if args.export_method == "scripting" and args.format != "torchscript":
         raise UserError("--export-method scripting only produces TorchScript (--format torchscript)")
     model = load_model(cfg)
@@ -260,4 +251,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, sys.argv[1:])
+    run_tool(main)

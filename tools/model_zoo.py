@@ -1,19 +1,20 @@
 #!/usr/bin/env python
-"""Generate the model-zoo tables (docs/model_zoo.md and the README blocks) from the code.
+"""Generate the model-zoo tables from the code: docs/model_zoo.md (the training recipes), the
+README's "COCO model zoo" block and the ImageNet-weights block of docs/weights.md.
 
-Parameters and GFLOPs are computed from the code (hrnet_d2/analysis.py), published
-AP comes from the table below with its source, so the README cannot drift from the
-configs: tests/test_model_zoo.py regenerates the table and compares.  The README's
-"COCO model zoo" and ImageNet-weights tables are rendered from hrnet_d2.zoo, the table
-behind ``hrnet_d2://`` (tests/test_zoo.py compares).
+Parameters and GFLOPs of the training recipes are computed from the code (hrnet_d2/analysis.py),
+the AP they target comes from the table below with its source, so docs/model_zoo.md cannot drift
+from the configs: tests/test_model_zoo.py regenerates it and compares.  The README's "COCO model
+zoo" block (the published detectors, the README's only AP table) and the ImageNet-weights block of
+docs/weights.md are rendered from hrnet_d2.checkpoint.zoo, the table behind ``hrnet_d2://``
+(tests/test_zoo.py compares).
 
-    python tools/model_zoo.py            # rewrite docs/model_zoo.md and the README block
-    python tools/model_zoo.py --check    # exit 1 if either is out of date
+    python tools/model_zoo.py              # rewrite docs/model_zoo.md and both hrnet_d2:// blocks
+    python tools/model_zoo.py --check      # exit 1 if any of them is out of date
+    python tools/model_zoo.py --zoo-only   # only the hrnet_d2:// blocks (fast: no model is built)
 """
 
-import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,16 +24,18 @@ import torch
 
 from hrnet_d2.analysis import count_flops, count_parameters, load_model, norm_affine, parameter_groups
 from hrnet_d2.checkpoint import zoo
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser
+from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIG_DIR = REPO / "configs"
 DOC = REPO / "docs" / "model_zoo.md"
 README = REPO / "README.md"
-BLOCK_START, BLOCK_END = "<!-- model-zoo:start -->", "<!-- model-zoo:end -->"
+WEIGHTS_DOC = REPO / "docs" / "weights.md"
 COCO_ZOO_MARKERS = ("<!-- coco-model-zoo:start -->", "<!-- coco-model-zoo:end -->")
 IMAGENET_MARKERS = ("<!-- imagenet-weights:start -->", "<!-- imagenet-weights:end -->")
+EVAL_MARKERS = ("<!-- coco-eval-commands:start -->", "<!-- coco-eval-commands:end -->")
 INPUT_SIZE = (800, 1333)
 
 HRNET_OD = "https://github.com/HRNet/HRNet-Object-Detection"
@@ -40,7 +43,7 @@ SOURCES = {
     "faster": f"{HRNET_OD}#faster-r-cnn",
     "mask": f"{HRNET_OD}#mask-r-cnn",
 }
-# Published COCO val2017 results of the model each config targets: the
+# Published COCO val2017 results of the model each training config targets: the
 # HRNet-Object-Detection README (mmdetection v0.x), rows "SyncBN N, MS train N"
 # (single-scale training with frozen BN statistics, as in our configs).
 # params / gflops are that README's own #Params / GFLOPs columns (Faster R-CNN only).
@@ -113,7 +116,7 @@ def _ap(value):
 def render_table(rows: List[Row], root: str = "") -> str:
     """``root``: path from the page to the repository root, for the config links."""
     lines = [
-        "| config | body | params (M) | GFLOPs | published box AP | published mask AP | published #Params / GFLOPs | source |",
+        "| config | body | params (M) | GFLOPs | target box AP | target mask AP | published #Params / GFLOPs | source |",
         "|:--|:--:|--:|--:|--:|--:|:--:|:--|",
     ]
     for r in rows:
@@ -134,46 +137,47 @@ def _legend():
     return (
         f"params and GFLOPs: computed by this project from the configs (`python tools/model_zoo.py`; fvcore, "
         f"1 multiply-add = 1 FLOP, G = 1e9, one {INPUT_SIZE[0]}x{INPUT_SIZE[1]} image, ROI heads on 1000 "
-        "proposals / 100 detections; see docs/model_zoo.md). **published** columns: COCO val2017 numbers of the "
-        f"model each config targets (with Detectron2's R-CNN recipe: differences in configs/Base-RCNN-HRNetV2p.yaml), copied from [HRNet-Object-Detection]({HRNET_OD}) (mmdetection v0.x, rows "
-        'without SyncBN or multi-scale training); "n/a": no published number for the same recipe. '
+        "proposals / 100 detections; see below). **target** columns: the COCO val2017 AP published for the "
+        "model each training config is modelled on (with Detectron2's R-CNN recipe: differences in "
+        f"configs/Base-RCNN-HRNetV2p.yaml), copied from [HRNet-Object-Detection]({HRNET_OD}) (mmdetection v0.x, rows "
+        'without SyncBN or multi-scale training); "n/a": no published number for the same recipe. These are '
+        "other checkpoints than the mmdetection 2.x models of the README's COCO model zoo (`hrnet_d2://coco/...`), "
+        "which have their own published AP (e.g. Faster R-CNN W18 1x: 36.1 here, 36.9 there): compare a model "
+        "only with the number published for that model. "
         "**Measured by this project: nothing yet** — no COCO training has been run here, so there is no "
         "AP of ours to report. Published #Params count units of 2^20 and exclude BatchNorm affine terms; "
         "our params exclude them too (norm weight/bias: trained with the configs' BNEval norm) and count units "
-        'of 10^6 (see docs/model_zoo.md, "Why the published #Params differ").\n\n' + notes
+        'of 10^6 (see "Why the published #Params differ" below).\n\n' + notes
     )
 
 
-def readme_block(rows: List[Row]) -> str:
-    return f"{BLOCK_START}\n{render_table(rows)}\n\n{_legend()}\n{BLOCK_END}"
-
-
-def parse_readme_gflops(text: str) -> Dict[str, str]:
+def parse_gflops(text: str) -> Dict[str, str]:
     """GFLOPs per config as written in a rendered table (lets the test recompute one)."""
     out = {}
-    for m in re.finditer(r"^\| \[[^\]]+\]\(configs/([^)]+)\) \| [^|]+ \| [^|]+ \| ([^|]+?) \|", text, re.M):
+    for m in re.finditer(r"^\| \[[^\]]+\]\((?:\.\./)?configs/([^)]+)\) \| [^|]+ \| [^|]+ \| ([^|]+?) \|", text, re.M):
         out[m.group(1)] = m.group(2)
     return out
 
 
-def current_block(text: str, start_marker: str, end_marker: str) -> str:
+def current_block(text: str, start_marker: str, end_marker: str, path=README) -> str:
     start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise SystemExit(f"{README}: markers {start_marker} ... {end_marker} not found")
+        raise SystemExit(f"{path}: markers {start_marker} ... {end_marker} not found")
     return text[start : end + len(end_marker)]
 
 
-def current_readme_block(text: str) -> str:
-    return current_block(text, BLOCK_START, BLOCK_END)
-
-
-# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.zoo)
+# ---------------------------------------------------------------- hrnet_d2:// tables (from hrnet_d2.checkpoint.zoo)
 def _dash(value):
     return "–" if value is None else f"{value:.1f}"
 
 
+def eval_command(e) -> str:
+    return f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
+
+
 def coco_zoo_block() -> str:
-    """README block: every published COCO model, its config, name, published AP and evaluation command."""
+    """README block: every published COCO model, its config, name and published AP, and how to evaluate one
+    (every model's command: ``eval_block``, in docs/weights.md)."""
     lines = [
         COCO_ZOO_MARKERS[0],
         "| `hrnet_d2://` name | config | body | published box AP | published mask AP | source: mmdetection 3.3.0 model (checkpoint) |",
@@ -189,21 +193,26 @@ def coco_zoo_block() -> str:
         f"**Published** = COCO val2017 AP copied from {zoo.MMDET_METAFILE} ([mmdetection configs/hrnet]({zoo.MMDET_HRNET})): "
         "mmdetection's own evaluation of these checkpoints. **Measured here: none** — the machine this project is built on has "
         "no COCO and no network access, so no AP of a converted model has been measured. Evaluate one (COCO under "
-        "`$DETECTRON2_DATASETS/coco`):",
+        "`$DETECTRON2_DATASETS/coco`; every model's command: "
+        "[docs/weights.md](docs/weights.md#evaluate-a-published-detector)):",
         "",
         "```bash",
-        *(
-            f"python train_net.py --config-file configs/{e.config} --eval-only MODEL.WEIGHTS hrnet_d2://{e.name}"
-            for e in zoo.coco_models()
-        ),
+        eval_command(zoo.coco_models()[0]),
         "```",
         COCO_ZOO_MARKERS[1],
     ]
     return "\n".join(lines)
 
 
+def eval_block() -> str:
+    """docs/weights.md block: the evaluation command of every published COCO model."""
+    return "\n".join(
+        [EVAL_MARKERS[0], "```bash", *(eval_command(e) for e in zoo.coco_models()), "```", EVAL_MARKERS[1]]
+    )
+
+
 def imagenet_block() -> str:
-    """README block: the ImageNet bodies behind ``hrnet_d2://imagenet/<arch>``."""
+    """docs/weights.md block: the ImageNet bodies behind ``hrnet_d2://imagenet/<arch>``."""
     lines = [
         IMAGENET_MARKERS[0],
         "| `hrnet_d2://` name | official file (HRNet-Image-Classification) | timm | downloaded from (sha256 prefix) |",
@@ -219,8 +228,17 @@ def imagenet_block() -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text, markers, block):
-    return text.replace(current_block(text, *markers), block)
+def _replace_block(text, markers, block, path=README):
+    return text.replace(current_block(text, *markers, path=path), block)
+
+
+# (file, markers, block) of every block rendered from hrnet_d2.checkpoint.zoo
+def zoo_blocks():
+    return [
+        (README, COCO_ZOO_MARKERS, coco_zoo_block()),
+        (WEIGHTS_DOC, IMAGENET_MARKERS, imagenet_block()),
+        (WEIGHTS_DOC, EVAL_MARKERS, eval_block()),
+    ]
 
 
 # ---------------------------------------------------------------- parameter difference
@@ -314,10 +332,15 @@ GFLOPs only within this table.
 
 
 def render_doc(rows: List[Row]) -> str:
-    return f"""# Model zoo
+    return f"""# Model zoo: the training recipes
 
 Generated by `python tools/model_zoo.py` — do not edit by hand (`tests/test_model_zoo.py` checks that this file
-and the README block match the code).
+matches the code).
+
+Every COCO training config (`configs/COCO-*/`, not the `*_mmdet.yaml` inference configs of converted
+detectors): its size, its cost, and the AP of the published model it is modelled on. Nothing here has been
+trained on COCO by this project. The detectors you can download and run by name are in the README's
+[COCO model zoo](../README.md#coco-model-zoo).
 
 {render_table(rows, root="../")}
 
@@ -342,45 +365,49 @@ and the README block match the code).
 
 def write(rows: List[Row]):
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render_doc(rows))
-    text = README.read_text()
-    text = text.replace(current_readme_block(text), readme_block(rows))
-    text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
-    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+    _write_text(DOC, render_doc(rows))
+    write_zoo_blocks()
 
 
 def write_zoo_blocks():
     """Only the hrnet_d2:// tables (no model is built): ``--zoo-only``."""
-    text = README.read_text()
-    text = _replace_block(text, COCO_ZOO_MARKERS, coco_zoo_block())
-    README.write_text(_replace_block(text, IMAGENET_MARKERS, imagenet_block()))
+    for path, markers, block in zoo_blocks():
+        _write_text(path, _replace_block(path.read_text(), markers, block, path=path))
+
+
+def _write_text(path, text):
+    """The whole file or, if interrupted, the old one (never a half-written README)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/model_zoo.md or the README block is stale")
+    parser = tool_argument_parser(__doc__.split("\n\n")[0], config=False)
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/model_zoo.md or a hrnet_d2:// block is stale"
+    )
     parser.add_argument(
         "--zoo-only",
         action="store_true",
-        help="only rewrite (or with --check, only check) the README tables rendered from hrnet_d2.zoo (fast)",
+        help="only rewrite (or with --check, only check) the tables rendered from hrnet_d2.checkpoint.zoo "
+        "(README, docs/weights.md; fast)",
     )
-    args = add_debug_argument(parser).parse_args(argv)
-    zoo_blocks = [coco_zoo_block(), imagenet_block()]
+    args = parser.parse_args(argv)
+    wanted = [(path, block) for path, _, block in zoo_blocks()]
     if args.zoo_only:
         if args.check:
-            stale = [b.splitlines()[0] for b in zoo_blocks if b not in README.read_text()]
+            stale = [f"{p}: {b.splitlines()[0]}" for p, b in wanted if b not in p.read_text()]
             if stale:
                 print("out of date (run python tools/model_zoo.py --zoo-only):", ", ".join(stale))
             return int(bool(stale))
         write_zoo_blocks()
-        print(f"wrote the hrnet_d2:// tables in {README}")
+        print(f"wrote the hrnet_d2:// tables in {README} and {WEIGHTS_DOC}")
         return 0
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     rows = collect()
     if args.check:
         stale = [
             str(p)
-            for p, want in ((DOC, render_doc(rows)), (README, readme_block(rows)), *((README, b) for b in zoo_blocks))
+            for p, want in ((DOC, render_doc(rows)), *wanted)
             if want not in (p.read_text() if p.exists() else "")
         ]
         if stale:
@@ -388,9 +415,9 @@ def main(argv=None):
             return 1
         return 0
     write(rows)
-    print(f"wrote {DOC} and the README model-zoo block")
+    print(f"wrote {DOC} and the hrnet_d2:// tables in {README} and {WEIGHTS_DOC}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main))
+    run_tool(main)

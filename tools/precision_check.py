@@ -14,7 +14,6 @@ class with IoU >= ``--iou``, and the score difference of those pairs.  Writes a 
     python tools/precision_check.py --config-file <yaml> --dtype fp16 --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cuda
 """
 
-import argparse
 import json
 import logging
 import os
@@ -25,14 +24,14 @@ from tqdm import tqdm
 
 from detectron2.evaluation import print_csv_format
 from detectron2.structures import pairwise_iou
-from detectron2.utils.logger import setup_logger
 
-from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.engine import Trainer
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 from hrnet_d2.modeling.inference_autocast import autocast_heads
-from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import UserError
+from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +70,7 @@ def set_inference_autocast(model, dtype):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
+    parser = tool_argument_parser(__doc__, default_config=DEFAULT_CONFIG, opts_flag=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="autocast dtype to compare with fp32")
     parser.add_argument("--score", type=float, default=0.5, help="fp32 detections at or above this score are matched")
     parser.add_argument("--iou", type=float, default=0.9, help="IoU for a detection to count as the same")
@@ -85,12 +83,8 @@ def main(argv=None):
     )
     parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = add_debug_argument(parser).parse_args(argv)
-    setup_logger(name="hrnet_d2")
-    setup_logger(name="detectron2")
-    register_all_shapes()
-    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    args = parser.parse_args(argv)
+    cfg = tool_setup(args)
     ensure_all_generated(list(cfg.DATASETS.TEST))
     weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if not os.path.isfile(weights):
@@ -165,11 +159,10 @@ def main(argv=None):
     )
     path = args.output or out_dir + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(path, lambda f: json.dump(summary, f, indent=1), mode="w")
     logger.info("Wrote %s", path)
     return summary
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    run_tool(main)

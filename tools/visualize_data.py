@@ -10,10 +10,8 @@ and semantic maps, whichever the dataset has.
     python tools/visualize_data.py --config-file ... --source dataloader --output-dir ... --max-images 16
 """
 
-import argparse
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import cv2
@@ -22,23 +20,19 @@ from tqdm import tqdm
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.data import detection_utils as utils
-from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-from hrnet_d2 import get_hrnet_cfg
-from hrnet_d2.data import ensure_all_generated, register_all_shapes
+from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.data.checks import check_datasets
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
+    parser = tool_argument_parser(__doc__)
     parser.add_argument("--source", choices=["annotation", "dataloader"], required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-images", type=int, default=50, help="stop after this many images")
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
 
@@ -65,10 +59,8 @@ def _draw_loaded(per_image, cfg, metadata, scale):
 
 
 def main(argv=None):
-    args = add_debug_argument(get_parser()).parse_args(argv)
-    setup_logger(name="hrnet_d2")
-    register_all_shapes()
-    cfg = get_hrnet_cfg(args.config_file, args.opts)
+    args = get_parser().parse_args(argv)
+    cfg = tool_setup(args, loggers=("hrnet_d2",))
     cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, 1)
     names = list(cfg.DATASETS.TRAIN)
     ensure_all_generated(names)
@@ -99,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, sys.argv[1:])
+    run_tool(main)

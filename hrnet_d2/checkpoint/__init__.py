@@ -6,6 +6,13 @@ Importing this package registers the ``hrnet_d2://`` handler in Detectron2's Pat
 """
 
 from .catalog import UnknownZooName, ZooDownloadError
-from .detection_checkpoint import AtomicCheckpointer, CheckpointError, CheckpointNotFound
+from .detection_checkpoint import AtomicCheckpointer, CheckpointError, CheckpointNotFound, CheckpointWriteError
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "CheckpointNotFound", "UnknownZooName", "ZooDownloadError"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "CheckpointWriteError",
+    "UnknownZooName",
+    "ZooDownloadError",
+]

@@ -5,8 +5,9 @@ import argparse
 import sys
 
 from ..modeling.arch import ARCHITECTURES
+from ..modeling.build import BACKBONES, DETECTOR_BACKBONE
 from ..utils.errors import UserError, add_debug_argument, debug_enabled
-from .convert import BODY_PREFIX, convert_file
+from .convert import convert_file
 
 __all__ = ["main"]
 
@@ -15,7 +16,7 @@ def _parser():
     p = argparse.ArgumentParser(
         prog="python -m hrnet_d2.convert",
         description="Convert an HRNet checkpoint (official ImageNet .pth, timm .pth/.safetensors, or "
-        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
+        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN or FCOS .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
     )
     p.add_argument("src", help="input checkpoint")
     p.add_argument("dst", help="output .pth (Detectron2 format)")
@@ -27,8 +28,8 @@ def _parser():
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="expected architecture (checked)")
     p.add_argument(
         "--backbone",
-        choices=sorted(BODY_PREFIX),
-        help="target MODEL.BACKBONE.NAME (default: from --config-file, else build_hrnetv2p_backbone)",
+        choices=sorted(BACKBONES),
+        help=f"target MODEL.BACKBONE.NAME (default: from --config-file, else {DETECTOR_BACKBONE})",
     )
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides for --config-file")
     return add_debug_argument(p)

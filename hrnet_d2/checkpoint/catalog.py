@@ -1,8 +1,8 @@
 """``hrnet_d2://<name>``: published weights by name, for ``MODEL.WEIGHTS`` (Detectron2's PathManager).
 
 ``MODEL.WEIGHTS hrnet_d2://coco/faster_rcnn_hrnetv2p_w32_1x`` (or ``hrnet_d2://imagenet/w32``)
-downloads the checkpoint named in ``hrnet_d2.zoo.ZOO`` from its official URL, checks its SHA-256
-prefix, converts it with ``hrnet_d2.convert.convert_file`` and returns the converted file, cached:
+downloads the checkpoint named in ``hrnet_d2.checkpoint.zoo.ZOO`` from its official URL, checks its SHA-256
+prefix, converts it with ``hrnet_d2.checkpoint.convert.convert_file`` and returns the converted file, cached:
 
     <cache>/downloads/<URL path>      the downloaded file (kept: converting again needs no download)
     <cache>/<name>.pth                the Detectron2 checkpoint
@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from detectron2.utils.file_io import PathHandler, PathManager
 
 from ..utils.errors import UserError
+from ..utils.file_io import atomic_path
 from .zoo import ZOO, ZooEntry
 
 __all__ = [
@@ -108,13 +109,6 @@ def _unlink(path):
         pass
 
 
-def _publish(tmp, path):
-    """Rename a complete file to its final name, its data on disk first (as checkpoint.atomic_write)."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _convert_command(entry: ZooEntry, src: str) -> str:
     from ..config import CONFIG_DIR
 
@@ -141,11 +135,9 @@ def _fetch(entry: ZooEntry, url: str, sha256, dst: str) -> None:
     from iopath.common.download import download
 
     folder, final = os.path.split(dst)
-    staging = f".{final}.download"
-    _unlink(os.path.join(folder, staging))
     logger.info(f"{PREFIX}{entry.name}: downloading {url} to {dst}")
-    got = download(url, folder, filename=staging)  # writes <staging>.tmp, renames it to <staging>
-    try:
+    with atomic_path(dst, tmp_name=f".{final}.download") as staging:
+        got = download(url, folder, filename=os.path.basename(staging))  # via <staging>.tmp, renamed to <staging>
         if sha256:
             digest = _sha256(got)
             if not digest.startswith(sha256):
@@ -155,9 +147,6 @@ def _fetch(entry: ZooEntry, url: str, sha256, dst: str) -> None:
                     f"corrupted download, or the file changed at its source). Nothing was kept in the cache "
                     f"({dst}); try again."
                 )
-        _publish(got, dst)
-    finally:
-        _unlink(got)
 
 
 def _download(entry: ZooEntry):
@@ -196,12 +185,7 @@ def resolve(name: str) -> str:
         if os.path.isfile(out):  # another process made it while we waited
             return out
         src, download = _download(entry)
-        tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
-        try:
-            _convert(entry, src, tmp, checked=bool(download.sha256))
-            _publish(tmp, out)
-        finally:
-            _unlink(tmp)
+        _convert(entry, src, out, checked=bool(download.sha256))  # convert_file writes it atomically
     logger.info(f"{PREFIX}{name}: converted {src} -> {out}")
     return out
 

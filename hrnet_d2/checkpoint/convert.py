@@ -9,10 +9,12 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
     head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
     and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
     first: moved last, its regression and mask channels dropped).  The detector kind, stages
-    and number of classes are read from the tensors and checked against ``--config-file``.
+    and number of classes are read from the tensors and checked against ``--config-file``;
+  * mmdetection HRNet FCOS checkpoints (``bbox_head.conv_centerness``: body, HRFPN neck, FCOSHead ->
+    ``FCOSDetector``'s ``head.*``; ``fcos_rules.py``).
 
 Files are read without running pickled code (``torch.load(weights_only=True)``,
-safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``).  Usage::
+safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.utils.safe_load``).  Usage::
 
     python -m hrnet_d2.convert hrnetv2_w32_imagenet_pretrained.pth pretrained/hrnetv2_w32_imagenet_d2.pth \\
         --config-file configs/COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml
@@ -23,15 +25,18 @@ safetensors, or for ``.pkl`` the restricted unpickler of ``hrnet_d2.safe_load``)
 import os
 import re
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..modeling.arch import ARCHITECTURES
+from ..modeling.build import BACKBONES, DETECTOR_BACKBONE
+from ..utils.file_io import atomic_write
+from .fcos_rules import FCOSHeadSpec
 from .layouts import ConversionError, arch_name, describe_source, describe_specs, detect_stage_specs, load_state_dict
 from .mmdet_rules import HEAD_ROOTS, Detector, check_heads_against_model, convert_heads, detector_check
 
-__all__ = ["BODY_PREFIX", "PYRAMID_PREFIX", "Conversion", "convert_state_dict", "convert_file"]
+__all__ = ["PYRAMID_PREFIX", "Conversion", "convert_state_dict", "convert_file"]
 
 # Parts of the HRNet body (what hrnet_d2.HRNet holds).
 _BODY = re.compile(r"^(conv1|bn1|conv2|bn2|layer1|transition\d+|stage\d+)\.")
@@ -45,13 +50,6 @@ _NECK_RULES = [
     (re.compile(r"^fpn_convs?\.(\d+)\.(?:bn|gn|norm)\.(.+)$"), r"fpn_convs.\1.norm.\2"),
     (re.compile(r"^fpn_conv\.(weight|bias)$"), r"fpn_convs.0.\1"),  # share_conv=True
 ]
-# Detectron2 key prefix of the body, per MODEL.BACKBONE.NAME.
-BODY_PREFIX = {
-    "build_hrnetv2p_backbone": "backbone.bottom_up.",
-    "build_hrnetv2p_with_body_backbone": "backbone.bottom_up.",
-    "build_hrnet_fpn_backbone": "backbone.bottom_up.",
-    "build_hrnet_backbone": "backbone.",
-}
 PYRAMID_PREFIX = "backbone."
 
 
@@ -67,7 +65,7 @@ class Conversion:
         self.stem_channels = None
         self.source_format = ""
         self.body_prefix = ""
-        self.detector: Optional[Detector] = None
+        self.detector: Optional[Union[Detector, FCOSHeadSpec]] = None
 
     @property
     def arch(self):
@@ -79,7 +77,9 @@ class Conversion:
             lines.append(f"Detector: {self.detector.describe()}")
         neck = sum(1 for src, _ in self.mapped if src.startswith("neck."))
         heads = Counter(
-            dst.split(".")[0] for _, dst in self.mapped if dst.startswith(("proposal_generator.", "roi_heads."))
+            dst.split(".")[0]
+            for _, dst in self.mapped
+            if dst.startswith(("proposal_generator.", "roi_heads.", "head."))
         )
         lines.append(f"Mapped {len(self.mapped)} tensors:")
         lines.append(f"  HRNet body ({len(self.mapped) - neck - sum(heads.values())}) -> {self.body_prefix}*")
@@ -87,6 +87,8 @@ class Conversion:
             lines.append(f"  HRFPN neck ({neck}) -> {PYRAMID_PREFIX}reduction_conv.*, {PYRAMID_PREFIX}fpn_convs.*")
         if heads["proposal_generator"]:
             lines.append(f"  RPN head ({heads['proposal_generator']}) -> proposal_generator.rpn_head.*")
+        if heads["head"]:
+            lines.append(f"  FCOS head ({heads['head']}) -> head.cls_subnet*, head.bbox_subnet*, head.cls_score*, ...")
         if heads["roi_heads"]:
             lines.append(
                 f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
@@ -134,7 +136,7 @@ def _expected_body(specs, stem_channels):
 def convert_state_dict(
     state_dict: Dict[str, torch.Tensor],
     *,
-    backbone: str = "build_hrnetv2p_backbone",
+    backbone: str = DETECTOR_BACKBONE,
     expected_specs=None,
     expected_stem_channels: Optional[int] = None,
     expected_from: str = "",
@@ -151,9 +153,9 @@ def convert_state_dict(
     the :class:`Detector` read from the heads) raises ConversionError when the heads do not fit
     the target config.
     """
-    if backbone not in BODY_PREFIX:
-        raise ConversionError(f"backbone {backbone!r} is not one of {sorted(BODY_PREFIX)}")
-    body_prefix = BODY_PREFIX[backbone]
+    if backbone not in BACKBONES:
+        raise ConversionError(f"backbone {backbone!r} is not one of {sorted(BACKBONES)}")
+    body_prefix = BACKBONES[backbone].body_prefix
     conv = Conversion()
     conv.body_prefix = body_prefix
     mmdet = any(k.startswith("backbone.") for k in state_dict)
@@ -210,7 +212,7 @@ def convert_state_dict(
             f"{describe_source(source)}incomplete HRNet body: {len(absent)} tensors missing, e.g. {absent[:3]}"
         )
 
-    pyramid_target = backbone == "build_hrnetv2p_backbone"
+    pyramid_target = BACKBONES[backbone].hrnetv2p
     for k, v in neck.items():
         if k.endswith("num_batches_tracked"):
             conv.dropped.append(("neck." + k, "BatchNorm step counter"))
@@ -234,13 +236,13 @@ def convert_state_dict(
 
 def _target_from_config(config_file, opts):
     from ..config import get_hrnet_cfg
-    from ..modeling.build import stage_specs_from_cfg
+    from ..config.validate import stage_specs_from_cfg
 
     cfg = get_hrnet_cfg(config_file, opts)
     name = cfg.MODEL.BACKBONE.NAME
-    if name not in BODY_PREFIX:
+    if name not in BACKBONES:
         raise ConversionError(
-            f"{config_file}: MODEL.BACKBONE.NAME = {name!r} is not an hrnet_d2 backbone; allowed: {sorted(BODY_PREFIX)}"
+            f"{config_file}: MODEL.BACKBONE.NAME = {name!r} is not an hrnet_d2 backbone; allowed: {sorted(BACKBONES)}"
         )
     where = f"{config_file} (MODEL.HRNET.ARCH = {cfg.MODEL.HRNET.ARCH!r})"
     return cfg, name, stage_specs_from_cfg(cfg), cfg.MODEL.HRNET.STEM_CHANNELS, where
@@ -252,7 +254,7 @@ def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=Non
     With ``config_file``, an mmdetection detector's heads are checked against the model
     it describes (kind, cascade stages, MASK_ON, NUM_CLASSES, every tensor's shape).
     """
-    target = backbone or "build_hrnetv2p_backbone"
+    target = backbone or DETECTOR_BACKBONE
     cfg, expected_specs, expected_stem, expected_from, expected_detector = None, None, None, "", None
     if config_file:
         cfg, cfg_backbone, expected_specs, expected_stem, expected_from = _target_from_config(config_file, opts)
@@ -277,12 +279,10 @@ def convert_file(src, dst, *, config_file=None, opts=(), arch=None, backbone=Non
     if conv.detector is not None and cfg is not None:
         check_heads_against_model(conv, cfg, config_file, src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    torch.save(
-        {
-            "model": {k: v.contiguous() for k, v in conv.state_dict.items()},
-            "__author__": f"hrnet_d2.convert from {os.path.basename(src)}",
-            "matching_heuristics": False,
-        },
-        dst,
-    )
+    data = {
+        "model": {k: v.contiguous() for k, v in conv.state_dict.items()},
+        "__author__": f"hrnet_d2.convert from {os.path.basename(src)}",
+        "matching_heuristics": False,
+    }
+    atomic_write(dst, lambda f: torch.save(data, f))  # whole or not at all (hrnet_d2:// caches it)
     return conv

@@ -7,7 +7,7 @@ same folder, fsyncs it and renames it over the target (``os.replace`` is atomic 
 POSIX): a reader sees the old file or the complete new one, never a partial one.
 Loading a file that is not a readable checkpoint raises ``CheckpointError`` naming it.
 
-Files are read without running code in them (``hrnet_d2.safe_load``): ``.pth`` / ``.pyth``
+Files are read without running code in them (``hrnet_d2.utils.safe_load``): ``.pth`` / ``.pyth``
 with ``torch.load(weights_only=True)``, Detectron2 / Caffe2 ``.pkl`` files with a restricted
 unpickler; a file that references anything else raises ``UnsafeFileError`` naming the
 file and the refused global.
@@ -15,7 +15,7 @@ file and the refused global.
 Given the config (``cfg=``), it also checks what MODEL.WEIGHTS gives the HRNet backbone,
 where Detectron2 only logs skipped keys and trains on from random weights:
   * official / timm ImageNet and mmdetection HRNet checkpoints are recognised by their
-    key layout and converted on the fly (``hrnet_d2.convert``), as Detectron2 does for
+    key layout and converted on the fly (``hrnet_d2.checkpoint.convert``), as Detectron2 does for
     Caffe2 ``.pkl`` files; a log line says so;
   * a checkpoint whose backbone does not fit the config (another width or architecture,
     another pyramid layout) stops with what was found and what was expected;
@@ -32,10 +32,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from ..modeling.build import BACKBONES, backbone_name
 from ..utils.errors import UserError
 from ..utils.file_io import atomic_write, is_local_path
 from ..utils.safe_load import UnsafeFileError, load_pickle, torch_load
-from .convert import BODY_PREFIX, convert_state_dict
+from .convert import convert_state_dict
 from .layouts import (
     ConversionError,
     checkpoint_layout,
@@ -49,6 +50,7 @@ __all__ = [
     "AtomicCheckpointer",
     "CheckpointError",
     "CheckpointNotFound",
+    "CheckpointWriteError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,18 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A local checkpoint path that does not exist."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (disk full, quota, file-size limit); the message names
+    the file and the OS error.  The previous checkpoint stays the one ``--resume`` reads."""
+
+
+def _os_error(error):
+    """The OSError behind a failed save: itself, or what torch's zip writer met while writing."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 # BatchNorm statistics a checkpoint may hold for a model whose norm has none (GN, FrozenBN): harmless
@@ -75,7 +89,7 @@ def _listed(items):
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose saves are atomic, whose loads run no code from the file
-    (``hrnet_d2.safe_load``) and whose load errors name the file.
+    (``hrnet_d2.utils.safe_load``) and whose load errors name the file.
 
     Args:
         model, save_dir, checkpointables: as DetectionCheckpointer.
@@ -143,9 +157,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return None
         if self._lazy:
             return self._hrnet_target_from_model()
-        if cfg.MODEL.BACKBONE.NAME not in BODY_PREFIX:
+        if cfg.MODEL.BACKBONE.NAME not in BACKBONES:
             return None
-        from ..modeling.build import stage_specs_from_cfg
+        from ..config.validate import stage_specs_from_cfg
 
         h = cfg.MODEL.HRNET
         where = f"MODEL.HRNET.ARCH = {h.ARCH!r}" if h.ARCH else "MODEL.HRNET.STAGE1..4"
@@ -153,21 +167,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _hrnet_target_from_model(self):
         """As _hrnet_target, read from the model (LazyConfig models have no MODEL.* keys)."""
-        from ..modeling.hrnet import HRNet
-        from ..modeling.pyramid import HRNetV2p
-
-        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HRNet)]
-        if len(found) != 1:
+        name = backbone_name(getattr(self.model, "backbone", None))
+        if name is None:
             return None
-        prefix = found[0][0] + "."
-        if prefix == "backbone.":
-            name = "build_hrnet_backbone"
-        elif prefix == "backbone.bottom_up.":
-            name = (
-                "build_hrnetv2p_backbone" if isinstance(self.model.backbone, HRNetV2p) else "build_hrnet_fpn_backbone"
-            )
-        else:
-            return None
+        prefix = BACKBONES[name].body_prefix
         body = {k[len(prefix) :]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
         specs, stem = detect_stage_specs(body)
         return name, specs, stem, "the model of the config"
@@ -209,7 +212,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _check_fit(self, incompatible, given, target):
         """Stop when the loaded checkpoint does not fit or fill the HRNet backbone."""
         name, specs, _, where = target
-        body = BODY_PREFIX[name]
+        body = BACKBONES[name].body_prefix
         source = f"{self._weights_key} {self._loading}"
         ours = "backbone."
         wrong = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes if k.startswith(ours)]
@@ -290,7 +293,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         os.makedirs(self.save_dir, exist_ok=True)
         self.logger.info("Saving checkpoint to {}".format(save_file))
-        atomic_write(save_file, lambda f: torch.save(data, f))
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        except (OSError, RuntimeError) as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            last = self.get_checkpoint_file() if self.has_checkpoint() else None
+            kept = f"; {last} stays the last complete checkpoint" if last else ""
+            reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno and cause.strerror else str(cause)
+            raise CheckpointWriteError(f"Cannot write checkpoint {save_file}: {reason}{kept}") from e
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):

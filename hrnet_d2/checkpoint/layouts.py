@@ -161,7 +161,7 @@ def detect_stage_specs(body: Dict[str, torch.Tensor], source="") -> Tuple[Tuple[
 
 
 def arch_name(specs) -> Optional[str]:
-    """The name in hrnet_d2.arch.ARCHITECTURES with these stage specs, or None."""
+    """The name in hrnet_d2.modeling.arch.ARCHITECTURES with these stage specs, or None."""
     for name, ref in ARCHITECTURES.items():
         if tuple(ref) == tuple(specs):
             return name

@@ -8,6 +8,7 @@ from typing import Dict, NamedTuple
 
 import torch
 
+from .fcos_rules import FCOSHeadSpec, convert_fcos_head, fcos_check, is_fcos_head
 from .layouts import ConversionError, describe_source, key_indices
 
 __all__ = [
@@ -195,6 +196,9 @@ def convert_heads(conv, heads, target, expected, source):
         for k in heads:
             conv.dropped.append((k, "detector head: the target backbone has no HRNetV2p pyramid for it"))
         return
+    if is_fcos_head(heads):
+        convert_fcos_head(conv, heads, expected, source)
+        return
     named, background_first = _head_tensors(heads, source)
     detector = detect_detector(named, background_first, source)
     conv.detector = detector
@@ -229,7 +233,11 @@ def detector_check(cfg, config_file, source):
             f"{config_file} ({key})"
         )
 
+    fcos = fcos_check(cfg, config_file, source)
+
     def check(det):
+        if isinstance(det, FCOSHeadSpec):
+            return fcos(det)
         if m.META_ARCHITECTURE != "GeneralizedRCNN" or m.PROPOSAL_GENERATOR.NAME not in ("RPN", "MMDetRPN"):
             fail(
                 "detector",
@@ -286,7 +294,7 @@ def check_heads_against_model(conv, cfg, config_file, source):
     with torch.device("meta"):
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    heads = ("proposal_generator.", "roi_heads.")
+    heads = ("proposal_generator.", "roi_heads.", "head.")  # head.: FCOSDetector
     for k, v in conv.state_dict.items():
         if not k.startswith(heads):
             continue

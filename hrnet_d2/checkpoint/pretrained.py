@@ -1,6 +1,6 @@
 """The converted ImageNet weights the shipped configs name, and a check that stops training
 at once (before any model or data is built) when that file is missing.  Where the weights
-come from is in the model-zoo table (``hrnet_d2.zoo``)."""
+come from is in the model-zoo table (``hrnet_d2.checkpoint.zoo``)."""
 
 import os
 
@@ -13,7 +13,7 @@ from .zoo import imagenet_bodies
 
 __all__ = ["IMAGENET_CHECKPOINTS", "PretrainedWeightsMissing", "converted_weights_path", "check_pretrained_weights"]
 
-# arch -> (file name in the official HRNet-Image-Classification release, timm model name); from hrnet_d2.zoo
+# arch -> (file name in the official HRNet-Image-Classification release, timm model name); from hrnet_d2.checkpoint.zoo
 IMAGENET_CHECKPOINTS = {arch: (e.official_file, e.timm_name) for arch, e in imagenet_bodies().items()}
 assert set(IMAGENET_CHECKPOINTS) == set(ARCHITECTURES)
 

@@ -1,11 +1,10 @@
 """The model zoo: every published checkpoint that ``hrnet_d2://<name>`` resolves, in one table.
 
-Facts only; fetching, checking and converting is ``hrnet_d2/catalog.py``.  Two kinds of entries:
+Facts only; fetching, checking and converting is ``catalog.py``.  Two kinds of entries:
 
 * ``coco/<detector>``: the HRNetV2p COCO detectors published by mmdetection.  Name, URL,
   box / mask AP are copied verbatim from mmdetection 3.3.0's ``configs/hrnet/metafile.yml``
-  (Faster / Mask / Cascade / Cascade Mask R-CNN; HTC and FCOS are not Detectron2 architectures
-  and are left out); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
+  (Faster / Mask / Cascade / Cascade Mask R-CNN, and FCOS run by ``FCOSDetector``); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
   ``config`` is the Detectron2 config that reproduces the checkpoint's test-time settings.
 * ``imagenet/<arch>``: the ImageNet-pretrained HRNet bodies of HRNet-Image-Classification
   (whose own links are OneDrive share pages, not downloadable files), as published by timm: the
@@ -58,7 +57,7 @@ class ZooEntry:
 
     Args:
         name: what follows ``hrnet_d2://``: ``coco/<detector>`` or ``imagenet/<arch>``.
-        arch: the HRNet body (a key of ``hrnet_d2.arch.ARCHITECTURES``).
+        arch: the HRNet body (a key of ``hrnet_d2.modeling.arch.ARCHITECTURES``).
         downloads: where to get it, tried in order when one cannot be fetched (network or
             HTTP error; never after a hash mismatch).
         source: where the URL, hash and numbers come from.
@@ -225,6 +224,56 @@ _MMDET_MODELS = [
         "cascade_mask_rcnn_hrnetv2p_w40_20e_coco/cascade_mask_rcnn_hrnetv2p_w40_20e_coco_20200527_204922-969c4610.pth",
         45.1,
         39.3,
+    ),
+    # FCOS (issue 21): FCOSDetector with mmdetection's conventions (configs/Base-FCOS-HRNetV2p-mmdet.yaml)
+    (
+        "fcos_hrnetv2p_w18_1x",
+        "fcos_hrnetv2p-w18-gn-head_4xb4-1x_coco",
+        "fcos_hrnetv2p_w18_gn-head_4x4_1x_coco/fcos_hrnetv2p_w18_gn-head_4x4_1x_coco_20201212_100710-4ad151de.pth",
+        35.3,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w18_2x",
+        "fcos_hrnetv2p-w18-gn-head_4xb4-2x_coco",
+        "fcos_hrnetv2p_w18_gn-head_4x4_2x_coco/fcos_hrnetv2p_w18_gn-head_4x4_2x_coco_20201212_101110-5c575fa5.pth",
+        38.2,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w32_1x",
+        "fcos_hrnetv2p-w32-gn-head_4xb4-1x_coco",
+        "fcos_hrnetv2p_w32_gn-head_4x4_1x_coco/fcos_hrnetv2p_w32_gn-head_4x4_1x_coco_20201211_134730-cb8055c0.pth",
+        39.5,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w32_2x",
+        "fcos_hrnetv2p-w32-gn-head_4xb4-2x_coco",
+        "fcos_hrnetv2p_w32_gn-head_4x4_2x_coco/fcos_hrnetv2p_w32_gn-head_4x4_2x_coco_20201212_112133-77b6b9bb.pth",
+        40.8,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w18_ms_2x",
+        "fcos_hrnetv2p-w18-gn-head_ms-640-800-4xb4-2x_coco",
+        "fcos_hrnetv2p_w18_gn-head_mstrain_640-800_4x4_2x_coco/fcos_hrnetv2p_w18_gn-head_mstrain_640-800_4x4_2x_coco_20201212_111651-441e9d9f.pth",
+        38.3,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w32_ms_2x",
+        "fcos_hrnetv2p-w32-gn-head_ms-640-800-4xb4-2x_coco",
+        "fcos_hrnetv2p_w32_gn-head_mstrain_640-800_4x4_2x_coco/fcos_hrnetv2p_w32_gn-head_mstrain_640-800_4x4_2x_coco_20201212_090846-b6f2b49f.pth",
+        41.9,
+        None,
+    ),
+    (
+        "fcos_hrnetv2p_w40_ms_2x",
+        "fcos_hrnetv2p-w40-gn-head_ms-640-800-4xb4-2x_coco",
+        "fcos_hrnetv2p_w40_gn-head_mstrain_640-800_4x4_2x_coco/fcos_hrnetv2p_w40_gn-head_mstrain_640-800_4x4_2x_coco_20201212_124752-f22d2ce5.pth",
+        42.7,
+        None,
     ),
 ]
 

@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as CN
 
 __all__ = [
     "add_hrnet_config",
+    "add_fcos_config",
     "get_config_file",
     "get_hrnet_cfg",
     "CONFIG_DIR",
@@ -15,10 +16,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND and DATALOADER.DROP_INVALID_BOXES keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND, DATALOADER.DROP_INVALID_BOXES
+    and DIST keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
-    # A name from hrnet_d2.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
+    # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
     # w32, w40, w44, w48, w64), or "" to use the explicit MODEL.HRNET.STAGE{1..4} specs.
     _C.MODEL.HRNET.ARCH = "w32"
     for k in range(1, 5):
@@ -46,7 +48,7 @@ def add_hrnet_config(cfg):
     # HRNetV2p also its upsample + concat + reduction (the stride-4 concatenation).
     _C.MODEL.HRNET.ACTIVATION_CHECKPOINT = False
     # Inference fast path: in eval mode without gradients, FrozenBN/eval-BN are folded into
-    # the convs and add/ReLU fused (hrnet_d2/layers.py); training and state_dict are unaffected.
+    # the convs and add/ReLU fused (hrnet_d2/modeling/fold.py); training and state_dict are unaffected.
     _C.MODEL.HRNET.INFERENCE_FUSE = True
     # Training fast path: when every norm has frozen statistics (FrozenBN, BNEval), each norm is
     # folded into its conv inside autograd at every step (gradients reach the conv and the
@@ -83,8 +85,11 @@ def add_hrnet_config(cfg):
     _C.MODEL.HRNET_PYRAMID.SHARE_CONV = False
     _C.MODEL.HRNET_PYRAMID.NORM = ""
     _C.MODEL.HRNET_PYRAMID.UPSAMPLE_MODE = "bilinear"
+    # Stride of the levels' 3x3 convs: 1 = p2.. at strides 4, 8, ...; 2 = p3.. at strides 8, 16, ...
+    # (mmdetection's HRFPN stride=2, used by its HRNet FCOS: NUM_LEVELS 5 gives p3..p7, strides 8..128).
+    _C.MODEL.HRNET_PYRAMID.CONV_STRIDE = 1
 
-    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint.py): a checkpoint
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/): a checkpoint
     # that leaves body tensors at their random init (a partial file, another backbone's weights)
     # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
     # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
@@ -95,6 +100,55 @@ def add_hrnet_config(cfg):
     # outside its image are an error (DataError naming the json and annotation id);
     # True drops them with a warning that counts them (Detectron2 drops them silently).
     _C.DATALOADER.DROP_INVALID_BOXES = False
+    add_fcos_config(cfg)
+
+
+def add_fcos_config(cfg):
+    """Add the MODEL.FCOS keys of ``MODEL.META_ARCHITECTURE: "FCOSDetector"`` (hrnet_d2/fcos.py): Detectron2's
+    FCOS from YAML.  The defaults are Detectron2's FCOS (its LazyConfig ``fcos.py``); configs/Base-FCOS-HRNetV2p-mmdet.yaml
+    sets mmdetection's conventions, each key saying its mmdetection name."""
+    _C = cfg
+    _C.MODEL.FCOS = CN()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Head: NUM_CONVS 3x3 convs (+ NORM + ReLU) in each of the classification and regression towers.
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    _C.MODEL.FCOS.NORM = "GN"  # a detectron2.layers.get_norm name, "" for none
+    # Bias in the towers' convs (Detectron2: always; mmdetection conv_bias="auto": none when NORM is set).
+    _C.MODEL.FCOS.CONV_BIAS = True
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    # Centerness predicted from the regression tower (Detectron2; mmdetection centerness_on_reg=True) or
+    # from the classification tower (False: mmdetection's default, its HRNet FCOS).
+    _C.MODEL.FCOS.CENTERNESS_ON_REG = True
+    # One learnable scalar per level multiplying the regression output (mmdetection's Scale; Detectron2: none).
+    _C.MODEL.FCOS.LEVEL_SCALES = False
+    # What the regression output is: "linear" = distances in units of the level's stride (Detectron2);
+    # "exp" = exp(output) pixels (mmdetection norm_on_bbox=False, its HRNet FCOS); "relu" = max(output, 0)
+    # strides (mmdetection norm_on_bbox=True).
+    _C.MODEL.FCOS.REG_ACTIVATION = "linear"
+    # Locations at (i + ANCHOR_OFFSET) * stride: 0.0 (Detectron2), 0.5 (mmdetection's MlvlPointGenerator).
+    _C.MODEL.FCOS.ANCHOR_OFFSET = 0.0
+    # Training: a location is positive only within this many strides of a box's centre (Detectron2: 1.5, always;
+    # mmdetection center_sampling=True, center_sample_radius); 0.0 = no centre sampling (mmdetection's default).
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Inference.  "detectron2": score = sqrt(sigmoid(cls) * sigmoid(centerness)), thresholded and ranked;
+    # "mmdetection": sigmoid(cls) thresholded and ranked (top TOPK_CANDIDATES_TEST per level), score =
+    # sigmoid(cls) * sigmoid(centerness), boxes clipped to the image and empty ones dropped before NMS.
+    _C.MODEL.FCOS.TEST_CONVENTION = "detectron2"
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2  # mmdetection score_thr
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level; mmdetection nms_pre
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # mmdetection nms.iou_threshold (class-wise NMS in both)
+    # detections per image: TEST.DETECTIONS_PER_IMAGE (mmdetection max_per_img)
+
+    # Several processes (docs/distributed.md): how long a collective (gradient all-reduce,
+    # barrier, metrics gather) waits for the other processes before the job ends with one line
+    # naming the rank that was lost; finding that rank takes at most as long again.  Must exceed
+    # the longest time one process works alone (rank 0 saving a checkpoint, generating data).
+    # Detectron2's launch uses 30 minutes.
+    _C.DIST = CN()
+    _C.DIST.TIMEOUT_SECONDS = 1800
 
 
 def get_config_file(name: str) -> str:
@@ -110,7 +164,7 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     """Detectron2's default config + our keys, merged from a YAML file and ``KEY VALUE`` overrides.
 
     The file (and its ``_BASE_`` files) is read with ``yaml.safe_load``: a python tag raises
-    ``hrnet_d2.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
+    ``hrnet_d2.utils.safe_load.UnsafeFileError`` naming file and tag.  ``allow_unsafe_yaml=True``
     (default: the ``HRNET_D2_ALLOW_UNSAFE_YAML`` environment variable) restores Detectron2's
     ``yaml.unsafe_load`` fallback, for files you trust.
     """

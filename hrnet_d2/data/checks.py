@@ -11,12 +11,14 @@ The model's class count is checked against each training dataset's categories.
 import json
 import logging
 import os
+import socket
 from collections import Counter
 
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..utils.errors import UserError
@@ -345,24 +347,47 @@ class DatasetFilesMissing(UserError, FileNotFoundError):
     """A dataset's files are not on disk (or the dataset is not registered)."""
 
 
-def check_datasets(names):
-    """Stop with a readable message, before any model is built, when a dataset's files
-    are missing (e.g. COCO not under $DETECTRON2_DATASETS)."""
+def _missing_files(names):
     problems = []
     for name in names:
         if name not in DatasetCatalog.list():
-            problems.append(f"  {name}: not a registered dataset")
+            problems.append(f"{name}: not a registered dataset")
             continue
         meta = MetadataCatalog.get(name)
         for key in _PATH_KEYS:
             path = getattr(meta, key, None) if hasattr(meta, key) else None
             if path and not os.path.exists(path):
-                problems.append(f"  {name}: {key} {path} does not exist")
+                problems.append(f"{name}: {key} {path} does not exist")
+    return problems
+
+
+def check_datasets(names):
+    """Stop with a readable message, before any model is built, when a dataset's files
+    are missing (e.g. COCO not under $DETECTRON2_DATASETS).
+
+    In a job of several machines every process calls it (a collective): each machine reads
+    its own files, and a machine that lacks some stops every process with one line naming
+    that machine's rank, its host and the path."""
+    problems = _missing_files(names)
+    if comm.get_world_size() > 1 and comm.get_world_size() > comm.get_local_size():
+        machine = comm.get_rank() // comm.get_local_size()
+        reports = comm.all_gather((machine, socket.gethostname(), problems))
+        missing = {(m, host): p for m, host, p in reports if p}
+        if missing:
+            (machine, host), problems = min(missing.items())
+            others = sorted({m for m, _ in missing} - {machine})
+            also = f" (also missing on machine rank(s) {', '.join(map(str, others))})" if others else ""
+            raise DatasetFilesMissing(
+                f"Dataset files are missing on machine rank {machine} ({host}): {'; '.join(problems)}{also}. "
+                "Every machine reads the datasets from its own disk at the same path (a shared folder, or a copy "
+                "on each machine; generated datasets are made on each machine)."
+            )
+        return
     if problems:
         root = os.environ.get("DETECTRON2_DATASETS", "datasets")
         raise DatasetFilesMissing(
             "Dataset files are missing:\n"
-            + "\n".join(problems)
+            + "\n".join(f"  {p}" for p in problems)
             + f"\nDetectron2 looks for builtin datasets under $DETECTRON2_DATASETS (now: {root!r}); "
             "see https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html for the layout.\n"
             "To try hrnet_d2 without downloading anything, run the quickstart "

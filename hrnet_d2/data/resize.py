@@ -14,9 +14,13 @@ import numpy as np
 
 from detectron2.data import transforms as T
 
-from ..utils.errors import ConfigValueError
-
-__all__ = ["RESIZE_BACKENDS", "CV2ResizeShortestEdge", "resize_augmentation", "use_resize_backend"]
+__all__ = [
+    "RESIZE_BACKENDS",
+    "CV2ResizeShortestEdge",
+    "resize_augmentation",
+    "resize_shortest_edge",
+    "use_resize_backend",
+]
 
 RESIZE_BACKENDS = ("PIL", "cv2")
 
@@ -52,26 +56,27 @@ class CV2ResizeShortestEdge(T.ResizeShortestEdge):
         return _CV2ResizeTransform(h, w, newh, neww, self.interp)
 
 
-def _check(cfg):
-    if cfg.INPUT.RESIZE_BACKEND not in RESIZE_BACKENDS:
-        raise ConfigValueError("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, f"allowed: {list(RESIZE_BACKENDS)}")
-    return cfg.INPUT.RESIZE_BACKEND
+def resize_shortest_edge(backend, *args, **kwargs):
+    """A ``ResizeShortestEdge(*args, **kwargs)`` done by ``backend``: "PIL" (Detectron2's own) or "cv2"
+    (mmcv's, :class:`CV2ResizeShortestEdge`)."""
+    if backend not in RESIZE_BACKENDS:
+        raise ValueError(f"backend = {backend!r} is invalid: allowed: {list(RESIZE_BACKENDS)}")
+    return (CV2ResizeShortestEdge if backend == "cv2" else T.ResizeShortestEdge)(*args, **kwargs)
 
 
 def resize_augmentation(cfg):
     """The test-time resize of ``cfg`` (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, ``RESIZE_BACKEND``)."""
-    cls = CV2ResizeShortestEdge if _check(cfg) == "cv2" else T.ResizeShortestEdge
-    return cls([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST, "choice")
+    return resize_shortest_edge(
+        cfg.INPUT.RESIZE_BACKEND, [cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST, "choice"
+    )
 
 
 def use_resize_backend(cfg, augmentations):
     """``augmentations`` with each ``ResizeShortestEdge`` done by ``INPUT.RESIZE_BACKEND``."""
-    if _check(cfg) == "PIL":
-        return list(augmentations)
     out = []
     for aug in augmentations:
         if type(aug) is T.ResizeShortestEdge:
             style = "range" if aug.is_range else "choice"
-            aug = CV2ResizeShortestEdge(aug.short_edge_length, aug.max_size, style, aug.interp)
+            aug = resize_shortest_edge(cfg.INPUT.RESIZE_BACKEND, aug.short_edge_length, aug.max_size, style, aug.interp)
         out.append(aug)
     return out

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.file_io import atomic_write
+
 __all__ = ["CLASSES", "generate_split", "register_shapes", "DEFAULT_ROOT", "shapes_root"]
 
 logger = logging.getLogger(__name__)
@@ -126,9 +128,9 @@ def generate_split(root, split, num_images, size=128, max_objects=4, seed=0):
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)],
     }
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, json_path)  # the json marks a complete split: write it last, atomically
+    # the json marks a complete split: written last, atomically (a temporary file of its own, so
+    # that the machines of a job sharing this folder can generate it at the same time)
+    atomic_write(json_path, lambda f: f.write(json.dumps(data)), mode="w")
     logger.info("Generated %d images in %s", num_images, image_dir)
     return json_path
 

@@ -1,6 +1,6 @@
 """Keypoint, semantic and panoptic versions of the generated "shapes" dataset.
 
-Everything is derived from the instance annotations that ``synthetic.py`` writes (the
+Everything is derived from the instance annotations that ``shapes.py`` writes (the
 polygon of each shape), so the extra datasets need no generator of their own and stay
 consistent with the instance one:
 
@@ -14,7 +14,7 @@ consistent with the instance one:
 * ``{split}_panoptic_separated`` — instances + a stuff map ``0 = things, 1 = background``,
   Detectron2's "panoptic separated" layout used to train ``PanopticFPN``.
 
-``{split}`` is any name of ``synthetic.SPLITS`` (``shapes_train``, ``shapes_tiny_train``, ...).
+``{split}`` is any name of ``shapes.SPLITS`` (``shapes_train``, ``shapes_tiny_train``, ...).
 Files are written next to the instance split on first use and reused afterwards.
 """
 
@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.file_io import atomic_write
 from .shapes import CLASSES, SPLITS, generate_split, shapes_root
 
 __all__ = [
@@ -111,9 +112,7 @@ def _write_keypoints_json(root, base):
         annotations=annotations,
         categories=[{"id": 1, "name": "shape", "supercategory": "shape", "keypoints": names, "skeleton": skeleton}],
     )
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(json.dumps(data)), mode="w")
     return out
 
 
@@ -146,7 +145,7 @@ def _write_label_maps(root, base):
         semantic, stuff = _label_maps(data, image)
         cv2.imwrite(str(paths["sem_seg"] / image["file_name"]), semantic)
         cv2.imwrite(str(paths["panoptic_stuff"] / image["file_name"]), stuff)
-    marker.write_text(json.dumps(params))  # written last: marks the split complete
+    atomic_write(marker, lambda f: f.write(json.dumps(params)), mode="w")  # written last: marks the split complete
 
 
 def ensure_generated_extras(dataset_names, root=None):

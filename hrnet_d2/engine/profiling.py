@@ -60,7 +60,6 @@ ISA_FLAGS = (
     "avx512f",
     "avx512_vnni",
     "avx512_bf16",
-    "avx512_fp16",
     "amx_tile",
     "amx_bf16",
     "amx_int8",
@@ -68,10 +67,10 @@ ISA_FLAGS = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def isa_flags():
-    """The ISA_FLAGS this CPU reports in /proc/cpuinfo (Linux), in that order."""
+def isa_flags(cpuinfo="/proc/cpuinfo"):
+    """The ISA_FLAGS this CPU reports in ``cpuinfo`` (Linux's /proc/cpuinfo), in that order."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         flags = []

@@ -7,7 +7,7 @@ schedule the uninterrupted run would have.
 Detectron2's training samplers are infinite, seeded streams; on ``--resume`` they
 start again from the beginning, so a resumed run sees different images than the run
 it continues.  ``ResumableSampler`` skips the indices that the iterations before the
-checkpoint consumed (``Trainer.resume_or_load`` sets ``start``), so that the images
+checkpoint consumed (``ResumeState.before_train`` sets ``start``), so that the images
 after a resume are the ones an uninterrupted run would have seen.
 """
 
@@ -24,9 +24,40 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
-__all__ = ["ResumableSampler", "ResumeState", "build_resumable_train_loader", "capture_rng_state", "restore_rng_state"]
+from ..utils.errors import UserError
+
+__all__ = [
+    "ResumableSampler",
+    "ResumeMismatch",
+    "ResumeState",
+    "build_resumable_train_loader",
+    "capture_rng_state",
+    "restore_rng_state",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class ResumeMismatch(UserError):
+    """The processes of a job would start at different iterations (a checkpoint only some see)."""
+
+
+def check_same_start(start_iter):
+    """Stop every process, with one line, unless all of them start at ``start_iter`` (each
+    process reads OUTPUT_DIR/last_checkpoint itself on --resume and restarts)."""
+    if comm.get_world_size() == 1:
+        return
+    starts = comm.all_gather(start_iter)
+    if len(set(starts)) > 1:
+        by_start = {}
+        for rank, start in enumerate(starts):
+            by_start.setdefault(start, []).append(rank)
+        found = "; ".join(f"iteration {s} on rank(s) {', '.join(map(str, r))}" for s, r in sorted(by_start.items()))
+        raise ResumeMismatch(
+            f"The processes would resume at different iterations ({found}): not all of them see the same "
+            "OUTPUT_DIR/last_checkpoint. With several machines OUTPUT_DIR must be one folder that every machine "
+            "sees (a shared file system)"
+        )
 
 
 class ResumableSampler(Sampler):
@@ -71,6 +102,8 @@ class ResumeState(hooks.HookBase):
       have.
     * Each rank's training data stream (a :class:`ResumableSampler`) skips the samples
       that the iterations before the checkpoint consumed.
+    * All ranks must start at the same iteration (:func:`check_same_start`): a checkpoint
+      that only some ranks see stops the job with one line.
 
     Register it on every rank, after the LRScheduler hook and right before the
     PeriodicCheckpointer (which exists on rank 0 only); at the checkpointer's
@@ -109,6 +142,7 @@ class ResumeState(hooks.HookBase):
 
     def before_train(self):
         start = self.trainer.start_iter
+        check_same_start(start)
         if self._sampler is not None:
             self._sampler.start = start * self._images_per_rank
         if self._to_restore is not None:

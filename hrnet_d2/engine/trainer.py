@@ -19,11 +19,10 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
 from ..checkpoint import AtomicCheckpointer
-from ..config.validate import validate_config
+from ..config.validate import check_world_size, validate_config
 from ..data.checks import check_num_classes, load_dataset_dicts
 from ..data.mapper import CheckedDatasetMapper
 from ..modeling.inference_autocast import autocast_heads
-from ..utils.errors import ConfigValueError
 from .launch import create_ddp_model
 from .resume import ResumeState, build_resumable_train_loader
 from .train_loop import build_train_step
@@ -114,18 +113,7 @@ class Trainer(DefaultTrainer):
     def auto_scale_workers(cfg, num_workers):
         """DefaultTrainer's scaling to ``num_workers`` processes (SOLVER.REFERENCE_WORLD_SIZE),
         with one-line errors where Detectron2 asserts."""
-        ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
-        if not isinstance(ref, int) or ref < 0 or (ref not in (0, num_workers) and batch % ref):
-            raise ConfigValueError(
-                "SOLVER.REFERENCE_WORLD_SIZE",
-                ref,
-                f"must be 0 (no scaling) or a number of processes that divides SOLVER.IMS_PER_BATCH = {batch} "
-                f"(for a smaller batch than the recipe's, also set SOLVER.REFERENCE_WORLD_SIZE 0)",
-            )
-        if not ref and batch % num_workers:
-            raise ConfigValueError(
-                "SOLVER.IMS_PER_BATCH", batch, f"must be divisible by the number of training processes ({num_workers})"
-            )
+        check_world_size(cfg, num_workers)
         return DefaultTrainer.auto_scale_workers(cfg, num_workers)
 
     @classmethod

@@ -1,16 +1,12 @@
 """The model: the architecture table, the HRNet body, the HRNetV2p pyramid, their builders in
-Detectron2's ``BACKBONE_REGISTRY``, and the heads with mmdetection's test-time conventions."""
+Detectron2's ``BACKBONE_REGISTRY``, the heads with mmdetection's test-time conventions, and Detectron2's
+FCOS as a YAML-buildable meta-architecture (``FCOSDetector``)."""
 
 from .arch import ARCHITECTURES, StageSpec
-from .build import (
-    build_hrnet_backbone,
-    build_hrnet_fpn_backbone,
-    build_hrnetv2p_backbone,
-    build_hrnetv2p_with_body_backbone,
-)
-from .hrnet import HighResolutionModule, HRNet
+from .fcos import FCOSDetector, FCOSDetectorHead
+from .hrnet import HighResolutionModule, HRNet, build_hrnet_backbone
 from .mmdet_heads import MMDetCascadeROIHeads, MMDetROIHeads, MMDetRPN
-from .pyramid import HRNetV2p
+from .pyramid import HRNetV2p, build_hrnet_fpn_backbone, build_hrnetv2p_backbone, build_hrnetv2p_with_body_backbone
 
 __all__ = [
     "ARCHITECTURES",
@@ -25,4 +21,6 @@ __all__ = [
     "MMDetRPN",
     "MMDetROIHeads",
     "MMDetCascadeROIHeads",
+    "FCOSDetector",
+    "FCOSDetectorHead",
 ]

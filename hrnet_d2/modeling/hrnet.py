@@ -24,10 +24,10 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 
-from ..utils.errors import check_feature_names
-from .arch import StageSpec
+from ..utils.errors import ArgumentValueError, feature_names_problem
+from .arch import ARCHITECTURES, StageSpec
 from .blocks import BLOCKS
 from .fold import FoldsConvNorms, all_norms_foldable
 from .layers import (
@@ -42,7 +42,16 @@ from .layers import (
     upsample_to,
 )
 
-__all__ = ["HighResolutionModule", "HRNet", "HRStage", "Transition", "branch_name", "HRV2_NAME"]
+__all__ = [
+    "HighResolutionModule",
+    "HRNet",
+    "HRStage",
+    "Transition",
+    "branch_name",
+    "HRV2_NAME",
+    "build_hrnet_backbone",
+    "stage_specs_from_cfg",
+]
 
 HRV2_NAME = "hrv2"  # spelled out in HRNet.forward too (TorchScript takes no str globals)
 
@@ -250,7 +259,6 @@ class HRNet(FoldsConvNorms, Backbone):
         if len(stages) != 4:
             raise ValueError(f"HRNet has 4 stages (strides 4/8/16/32), got {len(stages)} stage specs")
         self.activation_checkpoint = activation_checkpoint
-        self.checkpoint_stem = True  # with activation_checkpoint: also the stem + stage 1 (stride 2/4)
         self.inference_fuse = inference_fuse
         self.training_fuse = training_fuse
         self.channels_last = channels_last
@@ -288,7 +296,9 @@ class HRNet(FoldsConvNorms, Backbone):
         self._out_feature_channels[HRV2_NAME] = sum(channels)
         if out_features is None:
             out_features = [branch_name(i) for i in range(len(channels))]
-        check_feature_names("MODEL.HRNET.OUT_FEATURES", out_features, self._out_feature_channels, "the HRNet body")
+        problem = feature_names_problem(out_features, self._out_feature_channels, "the HRNet body")
+        if problem:
+            raise ArgumentValueError("HRNet", "out_features", list(out_features), problem)
         self._out_features = list(out_features)
         self._branch_names = [branch_name(i) for i in range(len(channels))]
         self._hrv2 = HRV2_NAME in self._out_features
@@ -353,10 +363,7 @@ class HRNet(FoldsConvNorms, Backbone):
         backward (MODEL.HRNET.ACTIVATION_CHECKPOINT, only while training with grad); ``fold``:
         each piece runs (and is recomputed) on weights folded in autograd."""
         stem = self._stem_and_layer1_fused if fold else self._stem_and_layer1
-        if self.checkpoint_stem:
-            xs = [checkpoint(stem, x, use_reentrant=False, context_fn=recompute_context(self))]
-        else:
-            xs = [stem(x)]
+        xs = [checkpoint(stem, x, use_reentrant=False, context_fn=recompute_context(self))]
         for k in range(1, self.num_stages):
             transition = getattr(self, f"transition{k}")
             xs = transition.forward_fused(xs) if fold else transition(xs)
@@ -408,7 +415,7 @@ class HRNet(FoldsConvNorms, Backbone):
 
     def uses_training_fold(self) -> bool:
         """Whether ``forward`` with gradients folds the norms into the convs inside autograd
-        (layers.TrainFoldedConv): gradients enabled, MODEL.HRNET.TRAINING_FUSE on, every norm
+        (fold.TrainFoldedConv): gradients enabled, MODEL.HRNET.TRAINING_FUSE on, every norm
         an affine map (FrozenBN, BNEval, eval-mode BN; never BN/SyncBN in training), and not
         exporting."""
         if not self.training_fuse or not torch.is_grad_enabled() or exporting():
@@ -447,3 +454,40 @@ class HRNet(FoldsConvNorms, Backbone):
             name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
             for name in self._out_features
         }
+
+
+def stage_specs_from_cfg(cfg):
+    """The four StageSpecs of MODEL.HRNET: the architecture table's ``ARCH``, or the explicit
+    STAGE1..4 keys when ``ARCH`` is "" (checked by :func:`hrnet_d2.config.validate.validate_config`)."""
+    h = cfg.MODEL.HRNET
+    if h.ARCH:
+        return ARCHITECTURES[h.ARCH]
+    stages = [getattr(h, f"STAGE{k}") for k in range(1, 5)]
+    return tuple(
+        StageSpec(s.NUM_MODULES, s.NUM_BRANCHES, s.BLOCK, tuple(s.NUM_BLOCKS), tuple(s.NUM_CHANNELS), s.FUSE_METHOD)
+        for s in stages
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnet_backbone(cfg, input_shape: ShapeSpec):
+    """The HRNet body (:class:`HRNet`) from MODEL.HRNET.* and MODEL.BACKBONE.FREEZE_AT.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config with :func:`add_hrnet_config`'s keys.
+        input_shape (ShapeSpec): the input; HRNet takes 3 channels.
+    """
+    h = cfg.MODEL.HRNET
+    return HRNet(
+        stage_specs_from_cfg(cfg),
+        norm=h.NORM,
+        out_features=list(h.OUT_FEATURES),
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        upsample_mode=h.FUSE_UPSAMPLE_MODE,
+        hrv2_upsample_mode=h.HRV2_UPSAMPLE_MODE,
+        stem_channels=h.STEM_CHANNELS,
+        activation_checkpoint=h.ACTIVATION_CHECKPOINT,
+        inference_fuse=h.INFERENCE_FUSE,
+        training_fuse=h.TRAINING_FUSE,
+        channels_last=h.CHANNELS_LAST,
+    )

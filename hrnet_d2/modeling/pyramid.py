@@ -17,16 +17,28 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from detectron2.layers import Conv2d
-from detectron2.modeling.backbone import Backbone
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from ..utils.errors import ConfigValueError, check_feature_names
+from ..utils.errors import ArgumentValueError, feature_names_problem
+from .hrnet import build_hrnet_backbone
 from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
-__all__ = ["HRNetV2p", "POOLING_TYPES", "AUTOCAST_DTYPES"]
+__all__ = [
+    "HRNetV2p",
+    "POOLING_TYPES",
+    "AUTOCAST_DTYPES",
+    "CONV_STRIDES",
+    "build_hrnetv2p_backbone",
+    "build_hrnetv2p_with_body_backbone",
+    "build_hrnet_fpn_backbone",
+]
 
 POOLING_TYPES = ("AVG", "MAX")
-# MODEL.HRNET.INFERENCE_AUTOCAST values ("" = fp32)
+# conv_stride values: the levels' 3x3 convs (mmdetection HRFPN ``stride``)
+CONV_STRIDES = (1, 2)
+# inference_autocast values ("" = fp32)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,12 +59,12 @@ class HRNetV2p(Backbone):
         keep_body_outputs=False,
         activation_checkpoint=False,
         inference_autocast="",
+        conv_stride=1,
     ):
         """
         Args:
             bottom_up (Backbone): the HRNet body (or any backbone with strided outputs).
-            in_features (list[str]): body outputs to concatenate (MODEL.HRNET_PYRAMID.IN_FEATURES);
-                all are resized to the finest of them, whose stride becomes the first level's.
+            in_features (list[str]): body outputs to concatenate; all are resized to the finest of them, whose stride becomes the first level's.
             out_channels (int): channels of the reduction conv and of every level.
             num_levels (int): levels p{k}..: the finest stride, then each pooled 2x further.
             pooling (str): "AVG" or "MAX", the pooling that makes the coarser levels.
@@ -65,17 +77,26 @@ class HRNetV2p(Backbone):
             activation_checkpoint (bool): in training, recompute the upsample + concat +
                 reduction in backward instead of keeping the stride-4 concatenation (sum of
                 all branch widths, the largest activation of the detector).
-            inference_autocast (str): MODEL.HRNET.INFERENCE_AUTOCAST: "bf16" or "fp16" runs body
+            inference_autocast (str): "bf16" or "fp16" runs body
                 and pyramid under ``torch.autocast`` in eval mode (the outputs are cast back to
                 fp32, so the heads run in fp32); "" keeps fp32.  Training is never affected.
+            conv_stride (int): stride of every level's 3x3 conv: 1 gives
+                p2.. at strides 4, 8, ...; 2 halves every level once more, p3.. at strides 8, 16, ...
+                (mmdetection's HRFPN ``stride=2``, used by its HRNet FCOS: p3..p7, strides 8..128).
         """
         super().__init__()
         shapes = bottom_up.output_shape()
-        check_feature_names(
-            "MODEL.HRNET_PYRAMID.IN_FEATURES", in_features, shapes, "the HRNet body (MODEL.HRNET.OUT_FEATURES)"
-        )
+        problem = feature_names_problem(in_features, shapes, f"bottom_up ({type(bottom_up).__name__})")
+        if problem:
+            raise ArgumentValueError("HRNetV2p", "in_features", list(in_features), problem)
         if pooling not in POOLING_TYPES:
-            raise ConfigValueError("MODEL.HRNET_PYRAMID.POOLING", pooling, f"allowed: {list(POOLING_TYPES)}")
+            raise ArgumentValueError("HRNetV2p", "pooling", pooling, f"allowed: {list(POOLING_TYPES)}")
+        if inference_autocast and inference_autocast not in AUTOCAST_DTYPES:
+            raise ArgumentValueError(
+                "HRNetV2p", "inference_autocast", inference_autocast, f"allowed: {['', *AUTOCAST_DTYPES]}"
+            )
+        if conv_stride not in CONV_STRIDES:
+            raise ArgumentValueError("HRNetV2p", "conv_stride", conv_stride, f"allowed: {list(CONV_STRIDES)}")
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         self.upsample_mode = upsample_mode
@@ -88,7 +109,15 @@ class HRNetV2p(Backbone):
         self.reduction_conv = Conv2d(in_channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels))
 
         def level_conv():
-            return Conv2d(out_channels, out_channels, 3, padding=1, bias=use_bias, norm=get_norm(norm, out_channels))
+            return Conv2d(
+                out_channels,
+                out_channels,
+                3,
+                stride=conv_stride,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, out_channels),
+            )
 
         self.share_conv = share_conv
         self.fpn_convs = nn.ModuleList([level_conv() for _ in range(1 if share_conv else num_levels)])
@@ -99,10 +128,11 @@ class HRNetV2p(Backbone):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
 
-        first = int(math.log2(base_stride))
+        first_stride = base_stride * conv_stride
+        first = int(math.log2(first_stride))
         self.levels = [f"p{first + i}" for i in range(num_levels)]
         self._out_features = list(self.levels)
-        self._out_feature_strides = {f: base_stride * 2**i for i, f in enumerate(self._out_features)}
+        self._out_feature_strides = {f: first_stride * 2**i for i, f in enumerate(self._out_features)}
         self._out_feature_channels = {f: out_channels for f in self._out_features}
         self.keep_body_outputs = keep_body_outputs
         if keep_body_outputs:
@@ -111,10 +141,6 @@ class HRNetV2p(Backbone):
             self._out_feature_channels.update({k: v.channels for k, v in shapes.items()})
         self._size_divisibility = bottom_up.size_divisibility
         self.activation_checkpoint = activation_checkpoint
-        if inference_autocast and inference_autocast not in AUTOCAST_DTYPES:
-            raise ConfigValueError(
-                "MODEL.HRNET.INFERENCE_AUTOCAST", inference_autocast, f"allowed: {['', *AUTOCAST_DTYPES]}"
-            )
         self.inference_autocast = inference_autocast
 
     @property
@@ -177,3 +203,59 @@ class HRNetV2p(Backbone):
             for i, conv in enumerate(self.fpn_convs):
                 results[self.levels[i]] = conv(levels[i])
         return results
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False):
+    """The HRNet body + the HRNetV2p pyramid (:class:`HRNetV2p`, p2..p6 by default), what
+    the detectors use; MODEL.HRNET_PYRAMID.* on top of :func:`build_hrnet_backbone`'s keys.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config with :func:`add_hrnet_config`'s keys.
+        input_shape (ShapeSpec): the input; HRNet takes 3 channels.
+        keep_body_outputs (bool): also return the body's outputs (see
+            :func:`build_hrnetv2p_with_body_backbone`).
+    """
+    p = cfg.MODEL.HRNET_PYRAMID
+    return HRNetV2p(
+        build_hrnet_backbone(cfg, input_shape),
+        in_features=list(p.IN_FEATURES),
+        out_channels=p.OUT_CHANNELS,
+        num_levels=p.NUM_LEVELS,
+        pooling=p.POOLING,
+        share_conv=p.SHARE_CONV,
+        norm=p.NORM,
+        upsample_mode=p.UPSAMPLE_MODE,
+        keep_body_outputs=keep_body_outputs,
+        activation_checkpoint=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT,
+        inference_autocast=cfg.MODEL.HRNET.INFERENCE_AUTOCAST,
+        conv_stride=p.CONV_STRIDE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnetv2p_with_body_backbone(cfg, input_shape: ShapeSpec):
+    """HRNetV2p (same keys) whose outputs also include the body's, so Panoptic FPN's semantic
+    head can read the HRNetV2 representation (``hrv2``) while the R-CNN heads read p2..p6.
+    Args as :func:`build_hrnetv2p_backbone`."""
+    return build_hrnetv2p_backbone(cfg, input_shape, keep_body_outputs=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """The HRNet body under Detectron2's own FPN (MODEL.FPN.*), for comparison with HRNetV2p.
+    Args as :func:`build_hrnet_backbone`."""
+    bottom_up = build_hrnet_backbone(cfg, input_shape)
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    # Detectron2's FPN only asserts (its default [] fits no HRNet): its argument checked as HRNetV2p's is
+    problem = feature_names_problem(in_features, bottom_up.output_shape(), "bottom_up (HRNet)")
+    if problem:
+        raise ArgumentValueError("FPN", "in_features", in_features, problem)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

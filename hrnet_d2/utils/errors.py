@@ -12,6 +12,7 @@ import sys
 import time
 
 __all__ = [
+    "ArgumentValueError",
     "ConfigError",
     "ConfigValueError",
     "UserError",
@@ -20,6 +21,7 @@ __all__ = [
     "debug_enabled",
     "exit_on_user_error",
     "exit_on_user_error_in_worker",
+    "feature_names_problem",
 ]
 
 DEBUG_ENV = "HRNET_D2_DEBUG"
@@ -64,7 +66,7 @@ def exit_on_user_error_in_worker(fn, *args, **kwargs):
     Every rank usually meets the same mistake (same config, same files): rank 0 prints it and
     exits 2 at once; the others hold their message back a moment, during which ``launch``'s
     parent ends them, so the message is printed once.  A mistake only one other rank meets is
-    printed by that rank after the delay.  The parent then exits 2 (see ``train_net.cli``).
+    printed by that rank after the delay.  The parent then exits 2 (see ``engine.launch.launch_cli``).
     """
     try:
         return fn(*args, **kwargs)
@@ -91,14 +93,34 @@ class ConfigValueError(ConfigError):
         super().__init__(f"{key} = {value!r} is invalid: {allowed}")
 
 
+class ArgumentValueError(ValueError):
+    """A bad constructor argument of a module (``HRNet``, ``HRNetV2p``, ...), named as the module's own
+    argument, as Detectron2's modules do: ``HRNet: out_features = ['hr6'] is invalid: ...``.  The config
+    validation (:mod:`hrnet_d2.config.validate`) reports it under the config key or LazyConfig path
+    that gave the argument."""
+
+    def __init__(self, owner, argument, value, allowed):
+        self.owner, self.argument, self.value, self.allowed = owner, argument, value, allowed
+        super().__init__(f"{owner}: {argument} = {value!r} is invalid: {allowed}")
+
+
+def feature_names_problem(names, available, what):
+    """What is wrong with ``names`` as a non-empty list of distinct names from ``available``
+    (the ``output_shape()`` of ``what``), or None."""
+    names = list(names)
+    if not names:
+        return f"needs at least one of {sorted(available)} ({what})"
+    for name in names:
+        if name not in available:
+            return f"{name!r} is not produced by {what}; it produces {sorted(available)}"
+    if len(set(names)) != len(names):
+        return "lists a feature twice"
+    return None
+
+
 def check_feature_names(key, names, available, what):
     """Raise :class:`ConfigValueError` for ``key`` unless ``names`` is a non-empty list of
     distinct names from ``available`` (the ``output_shape()`` of ``what``)."""
-    names = list(names)
-    if not names:
-        raise ConfigValueError(key, names, f"needs at least one of {sorted(available)} ({what})")
-    for name in names:
-        if name not in available:
-            raise ConfigValueError(key, names, f"{name!r} is not produced by {what}; it produces {sorted(available)}")
-    if len(set(names)) != len(names):
-        raise ConfigValueError(key, names, "lists a feature twice")
+    problem = feature_names_problem(names, available, what)
+    if problem:
+        raise ConfigValueError(key, list(names), problem)

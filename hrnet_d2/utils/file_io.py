@@ -1,9 +1,10 @@
 """Files written whole or not at all, and local vs remote paths."""
 
 import os
-import tempfile
+import secrets
+from contextlib import contextmanager
 
-__all__ = ["atomic_write", "is_local_path"]
+__all__ = ["atomic_path", "atomic_write", "is_local_path"]
 
 
 def _fsync_dir(path):
@@ -19,30 +20,44 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write(path, write_fn, mode="wb"):
-    """Call ``write_fn(f)`` on a temporary file next to ``path``, then rename it to ``path``.
+@contextmanager
+def atomic_path(path, tmp_name=None):
+    """A temporary path next to ``path`` for any writer (``open``, a downloader, ``torch.save``...):
+    when the block ends normally the file there is fsynced and renamed to ``path`` (``os.replace``
+    is atomic on POSIX: readers see the old file or the complete new one); when it raises, the
+    temporary file is removed.  The file is created by the writer, with its usual permissions.
 
-    The temporary name does not end in ``.pth``, so Detectron2's checkpoint listing
+    The temporary name (``.<name>.<random>.tmp``, or ``tmp_name`` in the same folder, removed
+    first if a killed run left it) does not end in ``.pth``, so Detectron2's checkpoint listing
     (``get_all_checkpoint_files``) and ``max_to_keep`` clean-up never see it.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, tmp_name or f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    _unlink(tmp)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; keep open()'s usual permissions
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call ``write_fn(f)`` on a new file opened with ``mode`` ("wb" or "w") at a temporary path next
+    to ``path``, then rename it to ``path`` (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode.replace("w", "x")) as f:
+            write_fn(f)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def is_local_path(path):
