@@ -367,13 +367,13 @@ def validate_config(cfg):
     """Check every key hrnet_d2 models use, before anything is built or read; returns the
     backbone's ``output_shape()``.
 
-    A config is checked once per process: called again with the same MODEL.* and INPUT.* keys (all
+    A config is checked once per process: called again with the same MODEL.*, INPUT.* and TEST.* keys (all
     it reads; e.g. ``Trainer.build_model`` after ``train_net.py``'s early check, also on the copy whose
     SOLVER keys ``auto_scale_workers`` scaled), it returns the first call's result.
 
     Raises ConfigError (a ValueError) naming the key, the value and what is allowed.
     """
-    dump = cfg.MODEL.dump() + cfg.INPUT.dump()
+    dump = cfg.MODEL.dump() + cfg.INPUT.dump() + cfg.TEST.dump()
     if dump in _validated:
         return dict(_validated[dump])
     check_device(cfg.MODEL.DEVICE)
