@@ -34,6 +34,7 @@ from hrnet_d2.data.checks import check_num_classes
 from hrnet_d2.engine import ResumeState, create_ddp_model, launch_cli, set_cpu_threads, use_checked_data
 from hrnet_d2.engine.train_loop import build_train_step
 from hrnet_d2.utils.errors import add_debug_argument
+from hrnet_d2.utils.file_io import check_output_dir
 
 logger = logging.getLogger("detectron2")
 
@@ -110,6 +111,8 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_device(cfg.train.device, key="train.device")  # before anything is generated or built
+    if comm.is_main_process():
+        check_output_dir(cfg.train.output_dir, key="train.output_dir")
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")

@@ -42,6 +42,7 @@ from hrnet_d2.data.user_datasets import add_dataset_argument, apply_user_dataset
 from hrnet_d2.engine import Trainer, launch_cli, set_cpu_threads
 from hrnet_d2.engine.predictor import visualize_predictions
 from hrnet_d2.utils.errors import add_debug_argument
+from hrnet_d2.utils.file_io import check_output_dir
 from hrnet_d2.utils.safe_load import ALLOW_UNSAFE_YAML_ENV
 
 logger = logging.getLogger("hrnet_d2")
@@ -50,9 +51,11 @@ logger = logging.getLogger("hrnet_d2")
 def setup(args):
     allow_unsafe_yaml = getattr(args, "allow_unsafe_yaml", False) or None  # None: HRNET_D2_ALLOW_UNSAFE_YAML decides
     cfg = get_hrnet_cfg(args.config_file, args.opts, allow_unsafe_yaml=allow_unsafe_yaml)
-    note = apply_user_datasets(cfg, args.dataset)  # --dataset: registered here, i.e. in every worker
+    note = apply_user_datasets(cfg, args.dataset, args.opts)  # --dataset: registered here, i.e. in every worker
     cfg.freeze()
     validate_config(cfg)  # config mistakes stop before any output is written or data generated
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)  # a folder that cannot be made or written: one line, before anything is built
     default_setup(cfg, args)
     # default_setup configures the detectron2/fvcore loggers; ours too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hrnet_d2", abbrev_name="hrnet_d2")

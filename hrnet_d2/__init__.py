@@ -3,7 +3,8 @@
 ``import hrnet_d2`` registers ``build_hrnet_backbone``, ``build_hrnetv2p_backbone``,
 ``build_hrnetv2p_with_body_backbone`` and ``build_hrnet_fpn_backbone`` in Detectron2's
 BACKBONE_REGISTRY, the heads with mmdetection's test-time conventions (``MMDetRPN``,
-``MMDetROIHeads``, ``MMDetCascadeROIHeads``) for converted models, Detectron2's FCOS as a YAML-buildable
+``MMDetROIHeads``, ``MMDetCascadeROIHeads``) for converted models, Hybrid Task Cascade's ROI heads
+(``HybridTaskCascadeROIHeads``, ``HybridTaskCascade``), Detectron2's FCOS as a YAML-buildable
 meta-architecture (``FCOSDetector``), and the ``hrnet_d2://``
 weights names in Detectron2's PathManager.
 
@@ -20,6 +21,7 @@ from .modeling import (
     HighResolutionModule,
     HRNet,
     HRNetV2p,
+    HybridTaskCascadeROIHeads,
     MMDetCascadeROIHeads,
     MMDetROIHeads,
     MMDetRPN,
@@ -51,6 +53,7 @@ __all__ = [
     "MMDetRPN",
     "MMDetROIHeads",
     "MMDetCascadeROIHeads",
+    "HybridTaskCascadeROIHeads",
     "FCOSDetector",
     "FCOSDetectorHead",
 ]

@@ -100,7 +100,9 @@ def mmdet_config(name, num_classes=80, test_scale=None):
         for h in heads if isinstance(heads, list) else [heads]:
             h.num_classes = num_classes
         if "mask_head" in cfg.model.roi_head:
-            cfg.model.roi_head.mask_head.num_classes = num_classes
+            heads = cfg.model.roi_head.mask_head  # one dict (shared by the stages) or one per stage (HTC)
+            for h in heads if isinstance(heads, list) else [heads]:
+                h.num_classes = num_classes
     else:  # a dense detector (FCOS): bbox_head at the top
         cfg.model.bbox_head.num_classes = num_classes
     if test_scale is not None:  # (long, short) edge, as mmdet's Resize(scale=...)
@@ -162,6 +164,11 @@ def randomly_initialised_detector(cfg, calibration_image, seed=0):
         s = float(out.std())
         conv.conv.weight /= s
         conv.conv.bias /= s
+    semantic = getattr(model.roi_head, "semantic_head", None)
+    if semantic is not None:  # HTC: its embedding (added to the RoI features) at std ~1 too
+        s = float(semantic(model.neck(feats))[1].std())
+        semantic.conv_embedding.conv.weight /= s
+        semantic.conv_embedding.conv.bias /= s
     g = torch.Generator().manual_seed(seed + 1)
 
     def normal_(t, std):

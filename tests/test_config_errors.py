@@ -11,6 +11,7 @@ from hrnet_d2.engine import Trainer
 QUICKSTART = "quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
 RETINANET = "shapes/retinanet_hrnetv2p_w18_small_shapes.yaml"
 SEMANTIC = "shapes/semantic_hrnetv2_w18_small_shapes.yaml"
+HTC = "shapes/htc_hrnetv2p_w18_small_shapes.yaml"
 FCOS = "shapes/fcos_hrnetv2p_w18_small_shapes.yaml"
 YAML_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("Base-"))
 
@@ -90,6 +91,18 @@ CASES = [
     ("one-channel PIXEL_MEAN", QUICKSTART, ["MODEL.PIXEL_MEAN", "[120.0]", "MODEL.PIXEL_STD", "[58.0]"],
      "MODEL.PIXEL_MEAN", "[120.0]"),
     ("grayscale INPUT.FORMAT", QUICKSTART, ["INPUT.FORMAT", "L"], "INPUT.FORMAT", "'L'"),
+    ("HTC: unknown mask ensemble", HTC, ["MODEL.HTC.MASK_TEST_STAGES", "average"], "MODEL.HTC.MASK_TEST_STAGES",
+     "'average'"),
+    ("HTC: loss weights for 2 of 3 stages", HTC, ["MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "(1.0, 0.5)"],
+     "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "[1.0, 0.5]"),
+    ("HTC: semantic level not produced", HTC, ["MODEL.HTC.SEMANTIC.IN_FEATURES", "['p2', 'p7']"],
+     "MODEL.HTC.SEMANTIC.IN_FEATURES", "'p7'"),
+    ("HTC: fusion level not an input", HTC, ["MODEL.HTC.SEMANTIC.FUSION_FEATURE", "p6",
+     "MODEL.HTC.SEMANTIC.IN_FEATURES", "['p2', 'p3']"], "MODEL.HTC.SEMANTIC.FUSION_FEATURE", "'p6'"),
+    ("HTC: embedding narrower than the RoI features", HTC, ["MODEL.HTC.SEMANTIC.CONV_DIM", "32"],
+     "MODEL.HTC.SEMANTIC.CONV_DIM", "32"),
+    ("HTC: unknown fusion target", HTC, ["MODEL.HTC.SEMANTIC.FUSION", "['bbox', 'keypoint']"],
+     "MODEL.HTC.SEMANTIC.FUSION", "'keypoint'"),
     ("FCOS level the pyramid does not produce", FCOS, ["MODEL.FCOS.IN_FEATURES", "['p2', 'p3']"],
      "MODEL.FCOS.IN_FEATURES", "'p2'"),
     ("FCOS regression activation", FCOS, ["MODEL.FCOS.REG_ACTIVATION", "softplus"], "MODEL.FCOS.REG_ACTIVATION", "'softplus'"),

@@ -196,3 +196,165 @@ def test_demo_lazy_config(images, tmp_path, monkeypatch):
         with torch.no_grad():
             expected = reference([{"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
         assert_same_detections(ours, expected["instances"])
+
+
+# ---------------------------------------------------------------- predictions as data, odd files, video, batches
+TINY_VAL = ("DATASETS.TEST", "('shapes_tiny_val',)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+
+
+@pytest.fixture(scope="module")
+def quickstart_weights(tmp_path_factory):
+    return save_model(QUICKSTART, tmp_path_factory.mktemp("qs"))
+
+
+def _coco_ap(json_file, results_file, kind):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(json_file)
+    evaluation = COCOeval(gt, gt.loadRes(str(results_file)), kind)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return evaluation.stats[0] * 100
+
+
+def test_json_gives_the_ap_of_eval_only(quickstart_weights, tmp_path):
+    import json
+
+    from detectron2.data import MetadataCatalog
+
+    from hrnet_d2.checkpoint import AtomicCheckpointer
+    from hrnet_d2.engine import Trainer
+
+    register_all_shapes()
+    dicts = DatasetCatalog.get("shapes_tiny_val")
+    meta = MetadataCatalog.get("shapes_tiny_val")
+    cfg = make_cfg(QUICKSTART, "MODEL.WEIGHTS", str(quickstart_weights), "OUTPUT_DIR", str(tmp_path), *TINY_VAL)
+    model = Trainer.build_model(cfg)
+    AtomicCheckpointer(model, cfg=cfg, complete=True).load(cfg.MODEL.WEIGHTS)
+    evaluated = Trainer.test(cfg, model)  # one test set: {"bbox": ..., "segm": ...}
+
+    out = tmp_path / "pred" / "results.json"
+    folder = os.path.dirname(dicts[0]["file_name"])
+    demo.main(["--input", folder, "--json", str(out), "--opts", "MODEL.WEIGHTS", str(quickstart_weights), *TINY_VAL])
+    results = json.loads(out.read_text())
+    listing = json.loads((tmp_path / "pred" / "results_images.json").read_text())
+    assert sorted(im["id"] for im in listing["images"]) == sorted(d["image_id"] for d in dicts)
+    assert [c["name"] for c in listing["categories"]] == list(meta.thing_classes)
+    assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    for kind in ("bbox", "segm"):
+        ap = _coco_ap(meta.json_file, out, kind)
+        assert ap == pytest.approx(evaluated[kind]["AP"], abs=1e-9), kind
+    # and the same detections as the evaluator's own results file
+    theirs = json.loads((tmp_path / "inference" / "coco_instances_results.json").read_text())
+
+    def key(r):
+        return (r["image_id"], r["category_id"], round(r["score"], 5))
+
+    assert sorted(map(key, results)) == sorted(map(key, theirs))
+    # negative control: the category ids shifted by one give another AP
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps([dict(r, category_id=r["category_id"] % 4 + 1) for r in results]))
+    assert _coco_ap(meta.json_file, shifted, "bbox") != pytest.approx(evaluated["bbox"]["AP"], abs=1e-9)
+
+
+def test_batches_give_the_same_predictions(quickstart_weights, images, tmp_path):
+    import json
+
+    runs = {}
+    for batch, workers in ((1, 0), (2, 2)):
+        out = tmp_path / f"b{batch}.json"
+        demo.main(
+            ["--input", str(images), "--json", str(out), "--batch-size", str(batch), "--num-workers", str(workers)]
+            + ["--opts", "MODEL.WEIGHTS", str(quickstart_weights), *TINY_VAL]
+        )
+        runs[batch] = json.loads(out.read_text())
+    assert len(runs[1]) == len(runs[2]) > 0  # same-size images: the same padding, the same detections
+    for a, b in zip(runs[1], runs[2]):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory, images):
+    """Grayscale, RGBA, 16-bit and EXIF-rotated files, and two that are not readable images."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("odd")
+    rgb = cv2.imread(str(sorted(images.iterdir())[0]))[:, :, ::-1]  # 96x96
+    rgb = np.ascontiguousarray(rgb[:, :80])  # 96 high, 80 wide: rotation shows
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    (folder / "truncated.jpg").write_bytes((folder / "rotated.jpg").read_bytes()[:300])
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def test_odd_and_broken_images(quickstart_weights, odd_images, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "vis"
+    with caplog.at_level(logging.WARNING, logger="hrnet_d2.demo"):
+        written = demo.main(
+            ["--input", str(odd_images), "--output", str(out), "--opts", "MODEL.WEIGHTS", str(quickstart_weights)]
+        )
+    assert sorted(os.path.basename(p) for p in written) == ["deep16.png", "gray.png", "rgba.png", "rotated.png"]
+    for name in ("gray", "rgba", "deep16"):
+        assert cv2.imread(str(out / f"{name}.png")).shape == (96, 80, 3), name
+    assert cv2.imread(str(out / "rotated.png")).shape == (80, 96, 3)  # EXIF orientation applied
+    deep = cv2.imread(str(out / "deep16.png"))
+    assert deep.max() > 100  # 16-bit scaled to 8 bits, not clipped to white or black
+    text = caplog.text
+    assert "2 of 6 inputs could not be read and were skipped" in text
+    assert "truncated.jpg is not a readable image" in text and "notes.png is not a readable image" in text
+
+
+def test_nothing_readable_exits_non_zero(quickstart_weights, odd_images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(
+            [
+                "--input",
+                str(odd_images / "truncated.jpg"),
+                str(odd_images / "notes.png"),
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+            + ["--opts", "MODEL.WEIGHTS", str(quickstart_weights)]
+        )
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: none of the 2 inputs could be read"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_video_round_trip(quickstart_weights, images, tmp_path):
+    frames = [cv2.imread(str(p)) for p in sorted(images.iterdir())] * 3  # 6 frames, 96x96, BGR
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 96))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    out = tmp_path / "out" / "drawn.mp4"
+    demo.main(
+        ["--video-input", str(clip), "--output", str(out), "--confidence-threshold", "0"]
+        + ["--opts", "MODEL.WEIGHTS", str(quickstart_weights), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    )
+    src, dst = cv2.VideoCapture(str(clip)), cv2.VideoCapture(str(out))
+    assert int(dst.get(cv2.CAP_PROP_FRAME_COUNT)) == len(frames)
+    assert (int(dst.get(cv2.CAP_PROP_FRAME_WIDTH)), int(dst.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (96, 96)
+    differs = []
+    for _ in frames:
+        (ok1, a), (ok2, b) = src.read(), dst.read()
+        assert ok1 and ok2
+        differs.append(np.abs(a.astype(int) - b.astype(int)).max() > 60)  # drawn boxes, beyond codec noise
+    assert all(differs)
+    with pytest.raises(UserError, match="cannot be opened as a video"):
+        demo.main(["--video-input", str(images / "nope.mp4"), "--output", str(tmp_path / "x.mp4")])

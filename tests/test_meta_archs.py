@@ -108,6 +108,7 @@ TINY = {"shapes_train": "shapes_tiny_train", "shapes_val": "shapes_tiny_val"}
 SHAPES_CONFIGS = {
     "cascade_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
     "cascade_mask_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "segm"],
+    "htc_hrnetv2p_w18_small_shapes.yaml": ["bbox", "segm"],
     "retinanet_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
     "fcos_hrnetv2p_w18_small_shapes.yaml": ["bbox"],
     "keypoint_rcnn_hrnetv2p_w18_small_shapes.yaml": ["bbox", "keypoints"],
@@ -197,3 +198,62 @@ def test_shapes_config_trains_and_evaluates(config, tmp_path):
         assert 0 <= results["sem_seg"]["mIoU"] <= 100
     if "keypoints" in results:
         assert "AP" in results["keypoints"]
+
+
+HTC_GROUPS = [
+    "backbone.bottom_up.",
+    "backbone.fpn_convs.",
+    "proposal_generator.",
+    *[f"roi_heads.box_head.{k}." for k in range(3)],
+    *[f"roi_heads.box_predictor.{k}." for k in range(3)],
+    *[f"roi_heads.mask_head.heads.{k}.mask_fcn" for k in range(3)],
+    *[f"roi_heads.mask_head.heads.{k}.predictor." for k in range(3)],
+    "roi_heads.mask_head.heads.1.conv_res.",
+    "roi_heads.mask_head.heads.2.conv_res.",
+    "roi_heads.semantic_head.lateral_convs.",
+    "roi_heads.semantic_head.convs.",
+    "roi_heads.semantic_head.conv_embedding.",
+]
+
+
+def _train_htc(tmp_path, *opts):
+    cfg = tiny_cfg("htc_hrnetv2p_w18_small_shapes.yaml", tmp_path, iters=3)
+    cfg.merge_from_list(["TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), *opts])
+    trainer = Trainer(cfg)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    history = trainer.storage.histories()
+    assert all(math.isfinite(v) for v, _ in history["total_loss"].values())
+    for k in range(3):
+        for name in (f"loss_cls_stage{k}", f"loss_box_reg_stage{k}", f"loss_mask_stage{k}"):
+            assert name in history and all(math.isfinite(v) for v, _ in history[name].values()), name
+    moved = {k for k, v in trainer.model.named_parameters() if not torch.equal(before[k], v.detach())}
+    still = [g for g in HTC_GROUPS if not any(k.startswith(g) for k in moved)]
+    assert not still, f"groups that did not move: {still}"
+    return trainer, history, moved
+
+
+def test_htc_trains_every_stage_and_branch(tmp_path):
+    """Hybrid Task Cascade (hrnet_d2/modeling/htc.py) on the shapes data with label maps (panoptic-separated
+    split): each stage's box and mask losses and the semantic loss are finite, and every trainable group moves
+    (each stage's box and mask head, the conv_res of stages 1-2, the whole semantic head)."""
+    trainer, history, moved = _train_htc(tmp_path)
+    assert "loss_semantic_seg" in history and all(math.isfinite(v) for v, _ in history["loss_semantic_seg"].values())
+    assert any(k.startswith("roi_heads.semantic_head.conv_logits.") for k in moved)
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_htc_without_label_maps_says_so(tmp_path, caplog):
+    """Without label maps (GeneralizedRCNN, instance-only data) the semantic branch trains through the box and
+    mask losses only; a log line says so and its classifier, which no loss reaches, is frozen."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hrnet_d2.modeling.htc"):
+        trainer, history, moved = _train_htc(
+            tmp_path, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "DATASETS.TRAIN", ("shapes_tiny_train",)
+        )
+    assert any("without mmdetection's loss_semantic_seg" in r.getMessage() for r in caplog.records)
+    assert "loss_semantic_seg" not in history
+    frozen = [k for k, v in trainer.model.named_parameters() if not v.requires_grad]
+    assert frozen == ["roi_heads.semantic_head.conv_logits.weight", "roi_heads.semantic_head.conv_logits.bias"]
+    assert not any(k.startswith("roi_heads.semantic_head.conv_logits.") for k in moved)

@@ -1,13 +1,14 @@
 """Converted mmdetection detectors against mmdetection 3.3 itself (the oracle, tests/mmdet_oracle.py).
 
-mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN, Cascade Mask R-CNN and FCOS, built from its
+mmdetection's own Faster R-CNN, Mask R-CNN, Cascade R-CNN, Cascade Mask R-CNN, Hybrid Task Cascade and FCOS, built from its
 shipped configs/hrnet/*_w18_* with random weights, are saved as mmdetection checkpoints, converted
 with ``python -m hrnet_d2.convert --config-file configs/.../*_mmdet.yaml`` and run by Detectron2 on
 the same image files.  Targets (issue 10): every mmdetection detection with score >= 0.05 has one of
 ours with the same class, box IoU >= 0.99, score within 1e-3, mask IoU >= 0.98 (or at most 2 pixels
 differing, for masks of a few tens of pixels), and the converse;
 RPN proposals agree too.  Negative controls: the class scores, the mask logits or the RPN deltas
-perturbed (each rule can fail), the class order not fixed, Detectron2's own cascade heads; for FCOS
+perturbed (each rule can fail), the class order not fixed, Detectron2's own cascade heads; for HTC a conv_res or
+semantic tensor perturbed, the mask information flow off, mmdetection 2.x's mask ensemble; for FCOS
 (issue 21) a level scale perturbed and each of mmdetection's conventions switched back to Detectron2's.
 """
 
@@ -40,6 +41,7 @@ KINDS = {
         "cascade-mask-rcnn_hrnetv2p-w18_20e_coco",
         "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
     ),
+    "htc": ("htc_hrnetv2p-w18_20e_coco", "COCO-InstanceSegmentation/htc_hrnetv2p_w18_20e_mmdet.yaml"),
     "fcos": ("fcos_hrnetv2p-w18-gn-head_4xb4-1x_coco", "COCO-Detection/fcos_hrnetv2p_w18_1x_mmdet.yaml"),
 }
 FIGURES = {}  # measured agreement, written to $HRNET_D2_ORACLE_FIGURES (JSON) when set
@@ -227,6 +229,35 @@ def test_negative_control_detectron2_cascade_heads(pairs, images, one_torch_thre
     assert not figures["agree"], figures
 
 
+def _built_and_perturbed(pair, name, fraction):
+    """The pair's converted model with its tensor ``name`` perturbed (:func:`_perturbed`)."""
+    model = pair.build(pair.d2_ckpt)
+    return _perturbed(model, model.state_dict()[name], fraction)  # state_dict tensors share the parameters' storage
+
+
+HTC_CONTROLS = {
+    # stage 2's conv_res (the mask information flow into the last mask head), 5% of its std
+    "conv_res": lambda pair: _built_and_perturbed(pair, "roi_heads.mask_head.heads.2.conv_res.weight", 0.05),
+    # the semantic embedding added to every box and mask RoI feature, 2% of its std
+    "semantic": lambda pair: _built_and_perturbed(pair, "roi_heads.semantic_head.conv_embedding.weight", 0.02),
+    # no mask information flow: each mask head on the RoI features alone
+    "no_info_flow": lambda pair: pair.build(pair.d2_ckpt, "MODEL.HTC.MASK_INFO_FLOW", False),
+    # mmdetection 1.x/2.x's mask ensemble (all stages' probabilities averaged) is not what 3.3 computes
+    "mean_of_stages": lambda pair: pair.build(pair.d2_ckpt, "MODEL.HTC.MASK_TEST_STAGES", "mean"),
+}
+
+
+@pytest.mark.parametrize("control", list(HTC_CONTROLS))
+def test_negative_controls_hybrid_task_cascade(control, pairs, images, one_torch_thread):
+    """The HTC comparison can fail: a perturbed conv_res or semantic tensor, the information flow off, or
+    the stages' masks averaged (mmdetection 2.x) instead of the last stage's (3.3) each break the agreement."""
+    pair = pairs("htc")
+    model = HTC_CONTROLS[control](pair)
+    figures = pair.compare(images[1][1:], model)
+    FIGURES[f"negative_control_htc_{control}"] = figures
+    assert not figures["agree"], figures
+
+
 @pytest.mark.parametrize("kind", ["mask", "cascade"])
 def test_v1_conventions_effect(kind, pairs, images, one_torch_thread):
     """Measures (README) what Detectron2 cannot express of mmdetection v1 inference: mmdetection's own v1
@@ -333,6 +364,31 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_tor
         ),
         ("faster", None, ["MODEL.MASK_ON", "True"], r"mask head mismatch: found Faster R-CNN \(no mask head\)"),
         (
+            "htc",
+            "COCO-InstanceSegmentation/cascade_mask_rcnn_hrnetv2p_w18_20e_mmdet.yaml",
+            [],
+            r"detector mismatch: found Hybrid Task Cascade .*expected no Hybrid Task Cascade .*HTC needs "
+            r"'HybridTaskCascadeROIHeads'",
+        ),
+        (
+            "cascade_mask",
+            "COCO-InstanceSegmentation/htc_hrnetv2p_w18_20e_mmdet.yaml",
+            [],
+            r"detector mismatch: found Cascade Mask R-CNN .*expected a Hybrid Task Cascade",
+        ),
+        (
+            "htc",
+            None,
+            ["MODEL.HTC.SEMANTIC_ON", "False"],
+            r"semantic head mismatch: found Hybrid Task Cascade with a semantic head .*MODEL.HTC.SEMANTIC_ON = False",
+        ),
+        (
+            "htc",
+            None,
+            ["MODEL.HTC.SEMANTIC.NUM_CLASSES", "182"],
+            r"roi_heads.semantic_head.conv_logits.weight: found shape \(183, 256, 1, 1\) .*expected \(182, 256, 1, 1\)",
+        ),
+        (
             "cascade",
             "COCO-Detection/faster_rcnn_hrnetv2p_w18_1x_mmdet.yaml",
             [],
@@ -373,6 +429,10 @@ def test_negative_control_class_order_not_fixed(pairs, images, tmp_path, one_tor
         "num_classes",
         "mask_on_false",
         "mask_on_true",
+        "htc_vs_cascade_mask",
+        "cascade_mask_vs_htc",
+        "htc_semantic_off",
+        "htc_semantic_classes",
         "cascade_vs_faster",
         "faster_vs_cascade",
         "cascade_stages",
@@ -596,3 +656,59 @@ def test_fcos_conversion_refuses_what_does_not_fit(pairs, tmp_path):
             convert_file(str(src), str(tmp_path / f"{i}.pth"), config_file=cfg_file, opts=opts)
         assert "\n" not in str(info.value)
         assert not (tmp_path / f"{i}.pth").exists()
+
+
+def test_semantic_head_and_its_loss_are_mmdetections(one_torch_thread):
+    """The semantic branch in training (no detector needed): mmdetection's own ``FusedSemanticHead`` with our
+    head's weights gives the same logits, embedding and ``loss_semantic_seg`` (ignored pixels, padding with 255,
+    labels nearest-downsampled to stride 8) on the same 5 pyramid levels; a perturbed label map is the control."""
+    from mmdet.registry import MODELS
+
+    cfg = make_cfg("shapes/htc_hrnetv2p_w18_small_shapes.yaml")
+    roi_heads = build_model(cfg).roi_heads.eval()
+    ours = roi_heads.semantic_head
+    s = cfg.MODEL.HTC.SEMANTIC
+    theirs = MODELS.build(
+        dict(
+            type="FusedSemanticHead",
+            num_ins=len(s.IN_FEATURES),
+            fusion_level=s.IN_FEATURES.index(s.FUSION_FEATURE),
+            seg_scale_factor=1 / 8,
+            num_convs=s.NUM_CONVS,
+            in_channels=s.CONV_DIM,
+            conv_out_channels=s.CONV_DIM,
+            num_classes=s.NUM_CLASSES,
+            loss_seg=dict(type="CrossEntropyLoss", ignore_index=255, loss_weight=s.LOSS_WEIGHT),
+        )
+    ).eval()
+    mapped = {
+        k.replace(".weight", ".conv.weight").replace(".bias", ".conv.bias"): v for k, v in ours.state_dict().items()
+    }
+    mapped = {k.replace("conv_logits.conv.", "conv_logits."): v for k, v in mapped.items()}
+    theirs.load_state_dict(mapped)
+    g = torch.Generator().manual_seed(0)
+    h, w = 64, 96  # a padded batch (multiple of 32)
+    names = list(s.IN_FEATURES)
+    feats = [torch.randn(2, s.CONV_DIM, -(-h // 2**k), -(-w // 2**k), generator=g) for k in range(2, 2 + len(names))]
+    labels = torch.randint(0, s.NUM_CLASSES, (2, h, w), generator=g)
+    labels[:, :, 80:] = 255  # padding
+    labels[0, :8, :8] = 255  # ignored pixels
+    with torch.no_grad():
+        logits, embedding = theirs(feats)
+        our_logits, our_embedding = ours(feats)
+        reference = theirs.loss(logits, labels[:, None])
+        _, loss = roi_heads._semantic_loss(dict(zip(names, feats)), labels)
+        flipped = labels.clone()
+        flipped[labels == 0], flipped[labels == 1] = 1, 0
+        _, control = roi_heads._semantic_loss(dict(zip(names, feats)), flipped)
+    FIGURES["semantic_head"] = {
+        "max_abs_logit_diff": float((logits - our_logits).abs().max()),
+        "max_abs_embedding_diff": float((embedding - our_embedding).abs().max()),
+        "loss_mmdetection": float(reference),
+        "loss_ours": float(loss),
+        "loss_control": float(control),
+    }
+    torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_embedding, embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+    assert abs(float(control) - float(reference)) > 1e-3, FIGURES["semantic_head"]

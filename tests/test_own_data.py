@@ -71,15 +71,21 @@ def test_conflicts_and_mistakes_stop(splits, tmp_path):
     _, (train_json, train_dir), _ = splits
     name = _name()
     spec = f"{name}={train_json}:{train_dir}"
+    # the config file's class count is the data it was written for: the user's data decides
     cfg = make_cfg(RETINANET, "DATASETS.TRAIN", f"('{name}',)")  # the config sets NUM_CLASSES 4
+    note = apply_user_datasets(cfg, [spec], ["DATASETS.TRAIN", f"('{name}',)"])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 3 and "(the config said 4)" in note
+    # ... but a value given on the command line is the user's: a conflict stops with both numbers
+    opts = ["MODEL.RETINANET.NUM_CLASSES", "4", "DATASETS.TRAIN", f"('{name}',)"]
     with pytest.raises(
         DatasetArgumentError,
-        match=r"MODEL.RETINANET.NUM_CLASSES = 4 .* has 3 categories.*set MODEL.RETINANET.NUM_CLASSES 3",
+        match=r"MODEL.RETINANET.NUM_CLASSES = 4 \(set on the command line\).* has 3 categories.*"
+        r"set MODEL.RETINANET.NUM_CLASSES 3",
     ):
-        apply_user_datasets(cfg, [spec])
-    cfg = make_cfg(FASTER, "MODEL.ROI_HEADS.NUM_CLASSES", "5", "DATASETS.TRAIN", f"('{name}',)")  # on the command line
+        apply_user_datasets(make_cfg(RETINANET, *opts), [spec], opts)
+    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "5", "DATASETS.TRAIN", f"('{name}',)"]
     with pytest.raises(DatasetArgumentError, match=r"NUM_CLASSES = 5 .* has 3 categories"):
-        apply_user_datasets(cfg, [spec])
+        apply_user_datasets(make_cfg(FASTER, *opts), [spec], opts)
     with pytest.raises(DatasetArgumentError, match=r"use none of them; add e.g. DATASETS.TRAIN"):
         apply_user_datasets(make_cfg(FASTER), [f"{_name()}={train_json}:{train_dir}"])
     with pytest.raises(DataError, match=rf"{tmp_path / 'no.json'}.*does not exist"):

@@ -444,17 +444,17 @@ def test_unknown_name():
 
 # ---------------------------------------------------------------- the table
 NAME = re.compile(
-    r"^(coco/(?:(?:faster|mask|cascade|cascade_mask)_rcnn|fcos)_hrnetv2p_(w\d+)_(1x|2x|20e|ms_2x)|imagenet/(w\d+(_small_v[12])?))$"
+    r"^(coco/((?:faster|mask|cascade|cascade_mask)_rcnn|fcos|htc)_hrnetv2p_(w\d+)_(1x|2x|20e|ms_2x)|imagenet/(w\d+(_small_v[12])?))$"
 )
 HOSTS = {"coco": {"download.openmmlab.com"}, "imagenet": {"github.com", "huggingface.co"}}
 
 
 def test_table_entries_are_well_formed():
-    assert len(zoo.coco_models()) == 25 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
+    assert len(zoo.coco_models()) == 28 and set(zoo.imagenet_bodies()) == set(ARCHITECTURES)
     for name, e in zoo.ZOO.items():
         m = NAME.match(name)
         assert m and e.name == name, name
-        assert e.arch in ARCHITECTURES and e.arch == (m.group(2) or m.group(4)), name
+        assert e.arch in ARCHITECTURES and e.arch == (m.group(3) or m.group(5)), name
         for d in e.downloads:
             parts = urlsplit(d.url)
             assert parts.scheme == "https" and parts.netloc in HOSTS[e.kind], d.url
@@ -462,11 +462,9 @@ def test_table_entries_are_well_formed():
                 assert re.fullmatch(r"[0-9a-f]{8}", d.sha256) and parts.path.endswith(f"-{d.sha256}.pth"), d.url
         assert e.downloads[0].sha256, f"{name}: the first download must be hash-checked"
         if e.kind == "coco":
-            assert e.box_ap and (e.mask_ap is not None) == ("mask_rcnn" in name), name
-            assert (
-                e.config
-                == f"{'COCO-InstanceSegmentation' if 'mask' in name else 'COCO-Detection'}/{name[5:]}_mmdet.yaml"
-            )
+            segm = "mask_rcnn" in name or m.group(2) == "htc"
+            assert e.box_ap and (e.mask_ap is not None) == segm, name
+            assert e.config == f"{'COCO-InstanceSegmentation' if segm else 'COCO-Detection'}/{name[5:]}_mmdet.yaml"
         else:
             assert e.config is None and e.official_file and e.timm_name
 
@@ -478,10 +476,10 @@ def test_every_coco_model_has_its_config():
 
 
 def _metafile_mismatches(table, metafile_text):
-    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN, FCOS)."""
+    """Differences between our COCO entries and mmdetection's metafile (Faster/Mask/Cascade R-CNN, HTC, FCOS)."""
     published = {}
     for m in yaml.safe_load(metafile_text)["Models"]:
-        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "FCOS"):
+        if m["In Collection"] in ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "HTC", "FCOS"):
             metrics = {k: v for r in m["Results"] for k, v in r["Metrics"].items()}
             published[m["Name"]] = (m["Weights"], metrics.get("box AP"), metrics.get("mask AP"))
     ours = {e.source_name: (e.url, e.box_ap, e.mask_ap) for e in table if e.kind == "coco"}

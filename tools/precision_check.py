@@ -25,12 +25,11 @@ from tqdm import tqdm
 from detectron2.evaluation import print_csv_format
 from detectron2.structures import pairwise_iou
 
-from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 from hrnet_d2.modeling.inference_autocast import autocast_heads
-from hrnet_d2.utils.errors import UserError
 from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,12 +85,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = tool_setup(args)
     ensure_all_generated(list(cfg.DATASETS.TEST))
-    weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if not os.path.isfile(weights):
-        raise UserError(f"No weights at {weights}: set MODEL.WEIGHTS (or train first: bash scripts/quickstart.sh)")
     cfg.MODEL.HRNET.INFERENCE_AUTOCAST = ""  # the fp32 reference; the low dtype is switched on per batch
     model = Trainer.build_model(cfg).eval()
-    AtomicCheckpointer(model, cfg=cfg, complete=True).load(weights)
+    weights = load_inference_weights(model, cfg)  # MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth
     device = torch.device(cfg.MODEL.DEVICE).type
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)

@@ -16,7 +16,7 @@ def _parser():
     p = argparse.ArgumentParser(
         prog="python -m hrnet_d2.convert",
         description="Convert an HRNet checkpoint (official ImageNet .pth, timm .pth/.safetensors, or "
-        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN or FCOS .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
+        "mmdetection HRNet Faster/Mask/Cascade (Mask) R-CNN, Hybrid Task Cascade or FCOS .pth) into a Detectron2 checkpoint for MODEL.WEIGHTS.",
     )
     p.add_argument("src", help="input checkpoint")
     p.add_argument("dst", help="output .pth (Detectron2 format)")

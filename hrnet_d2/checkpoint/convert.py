@@ -4,9 +4,9 @@ Accepted inputs (the format is detected from the keys, the width from tensor sha
   * official HRNet-Image-Classification ImageNet checkpoints (``hrnetv2_w32_imagenet_pretrained.pth``,
     ``hrnet_w18_small_model_v1.pth``, ...): a plain state dict;
   * timm ``hrnet_*`` state dicts (``.pth`` or ``.safetensors``), which use the same names;
-  * mmdetection HRNet detection checkpoints: Faster R-CNN, Mask R-CNN, Cascade R-CNN and
-    Cascade Mask R-CNN, whole (body, HRFPN neck -> HRNetV2p, RPN head, shared-2fc box
-    head(s), mask head(s)), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
+  * mmdetection HRNet detection checkpoints: Faster R-CNN, Mask R-CNN, Cascade R-CNN,
+    Cascade Mask R-CNN and Hybrid Task Cascade, whole (body, HRFPN neck -> HRNetV2p, RPN head,
+    shared-2fc box head(s), mask head(s) with HTC's conv_res, HTC's fused semantic head), from mmdetection 2.x/3.x (``roi_head.*`` keys, background last)
     and from mmdetection v1.x / HRNet-Object-Detection (``bbox_head.*`` keys, background
     first: moved last, its regression and mask channels dropped).  The detector kind, stages
     and number of classes are read from the tensors and checked against ``--config-file``;
@@ -93,6 +93,7 @@ class Conversion:
             lines.append(
                 f"  ROI heads ({heads['roi_heads']}) -> roi_heads.box_head*, roi_heads.box_predictor*"
                 + (", roi_heads.mask_head*" if self.detector and self.detector.mask_heads else "")
+                + (", roi_heads.semantic_head*" if self.detector and self.detector.semantic_classes else "")
             )
         if self.detector and self.detector.background_first:
             lines.append(

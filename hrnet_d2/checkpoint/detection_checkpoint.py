@@ -36,6 +36,7 @@ from ..modeling.build import BACKBONES, backbone_name
 from ..utils.errors import UserError
 from ..utils.file_io import atomic_write, is_local_path
 from ..utils.safe_load import UnsafeFileError, load_pickle, torch_load
+from .class_transfer import checkpoint_class_names, is_class_specific, model_class_names, transfer_rows
 from .convert import convert_state_dict
 from .layouts import (
     ConversionError,
@@ -79,6 +80,28 @@ def _os_error(error):
 # BatchNorm statistics a checkpoint may hold for a model whose norm has none (GN, FrozenBN): harmless
 _NORM_STATISTICS = ("num_batches_tracked", "running_mean", "running_var")
 _MAX_LISTED = 3
+
+
+# the switch of class-name transfer (YAML, LazyConfig)
+TRANSFER_KEYS = ("MODEL.CLASS_NAME_TRANSFER", "train.class_name_transfer")
+
+
+def _layers(keys):
+    """Tensor names -> their layers (``roi_heads.box_head.2``, ``roi_heads.mask_head``, ...) with counts."""
+    groups = {}
+    for k in keys:
+        parts = k.split(".")
+        n = 2
+        while n < len(parts) - 1 and (parts[n].isdigit() or parts[n] == "heads"):
+            n += 1
+        layer = ".".join(parts[: max(1, min(n, len(parts) - 1))])
+        groups[layer] = groups.get(layer, 0) + 1
+    return ", ".join(f"{g} ({c} tensor{'s' * (c > 1)})" for g, c in groups.items())
+
+
+def _num_classes(model):
+    heads = getattr(model, "roi_heads", None)
+    return getattr(heads, "num_classes", "the config's")
 
 
 def _listed(items):
@@ -271,6 +294,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         target = self._hrnet_target()
         if target is not None:
             self._convert_foreign(checkpoint, target)
+        fine_tuning = self._cfg is not None and not self._complete
+        transferred = self._transfer_class_rows(checkpoint) if fine_tuning else None
         # fvcore pops "model" and deletes the tensors of other shapes from it: keep a view
         given = {strip_module_prefix(k): v for k, v in checkpoint["model"].items()}
         incompatible = super()._load_model(checkpoint)
@@ -278,7 +303,96 @@ class AtomicCheckpointer(DetectionCheckpointer):
             self._check_fit(incompatible, given, target)
         if self._complete:
             self._check_complete(incompatible)
+        elif fine_tuning:
+            self._check_detector(incompatible, given, transferred)
         return incompatible
+
+    def _option(self, yaml_key, lazy_key, default):
+        if self._lazy:
+            from omegaconf import OmegaConf
+
+            return OmegaConf.select(self._cfg, lazy_key, default=default)
+        node = self._cfg
+        for part in yaml_key.split("."):
+            node = getattr(node, part, None) if node is not None else None
+        return default if node is None else node
+
+    def _transfer_class_rows(self, checkpoint):
+        """Class-name transfer (``class_transfer``): the class-specific tensors of the checkpoint
+        are replaced, in place, by the model's fresh ones with the rows of the classes of the same
+        name copied.  Returns (layers, matched names, fresh names), or None when nothing was done."""
+        if not self._option(*TRANSFER_KEYS, True):
+            return None
+        old_names = checkpoint_class_names(checkpoint, self._loading)
+        new_names = model_class_names(self._cfg)
+        if not old_names or not new_names or list(old_names) == list(new_names):
+            return None
+        sd = checkpoint["model"]
+        ours = self.model.state_dict()
+        layers = []
+        for key in list(sd):
+            name = strip_module_prefix(key)
+            if not is_class_specific(name) or name.startswith("sem_seg_head.") or name not in ours:
+                continue
+            rows = transfer_rows(name, torch.as_tensor(sd[key]), ours[name].detach().cpu(), old_names, new_names)
+            if rows is not None:
+                sd[key] = rows
+                layers.append(name)
+        if not layers:
+            return None
+        matched = [n for n in new_names if n in set(old_names)]
+        fresh = [n for n in new_names if n not in set(old_names)]
+        key = TRANSFER_KEYS[1 if self._lazy else 0]
+        self.logger.info(
+            "Class-name transfer (%s): %d of the %d classes start from the checkpoint's rows of the class of the same "
+            "name: %s; fresh: %s (in %s)",
+            f"{key}=False" if self._lazy else f"{key} False",
+            len(matched),
+            len(new_names),
+            ", ".join(matched) or "none",
+            ", ".join(fresh) or "none",
+            ", ".join(sorted({k.rsplit(".", 1)[0] for k in layers})),
+        )
+        return layers, matched, fresh
+
+    def _check_detector(self, incompatible, given, transferred):
+        """Fine-tuning: class-specific layers of another class count are re-initialised (logged);
+        any other layer of the detector that a detector checkpoint leaves at its random init stops."""
+
+        def counted(k):
+            return not k.startswith("backbone.") and not k.endswith("num_batches_tracked")
+
+        reinit = [k for k, _, _ in incompatible.incorrect_shapes if is_class_specific(k)]
+        reinit += transferred[0] if transferred else []  # re-sized, some rows then copied by name
+        if reinit:
+            self.logger.info(
+                "Fine-tuning to %s classes: the class-specific layers (classifier, box regression, mask predictor) "
+                "are re-initialised for the new class count%s: %s; every other tensor of the checkpoint is loaded",
+                _num_classes(self.model),
+                " (rows of classes named as in the checkpoint copied, see above)" if transferred else "",
+                ", ".join(sorted({k.rsplit(".", 1)[0] for k in reinit})),
+            )
+        if not any(counted(k) for k in given):
+            return  # a backbone checkpoint (ImageNet weights): the heads start from their init
+        wrong = [k for k, _, _ in incompatible.incorrect_shapes if counted(k) and not is_class_specific(k)]
+        other_shapes = {k for k, _, _ in incompatible.incorrect_shapes}  # fvcore lists them as missing too
+        missing = [k for k in incompatible.missing_keys if counted(k) and k not in other_shapes]
+        if not missing and not wrong:
+            return
+        problems = []
+        if missing:
+            problems.append(f"{_layers(missing)} are not in it")
+        if wrong:
+            problems.append(f"{_layers(wrong)} have other shapes")
+        message = (
+            f"{self._weights_key} {self._loading} would leave layers of the detector that do not depend on the "
+            f"class count at their random init: " + "; ".join(problems)
+        )
+        self._stop_unless_allowed(
+            message,
+            "Use the checkpoint of a detector of this config (same heads: MODEL.MASK_ON, ROI_HEADS.NAME, cascade "
+            "stages), or a backbone-only checkpoint",
+        )
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -288,6 +402,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        names = model_class_names(self._cfg)
+        if names:  # what the class-specific rows stand for: class-name transfer when fine-tuned
+            data["thing_classes"] = names
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)

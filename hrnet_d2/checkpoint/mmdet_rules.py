@@ -1,5 +1,5 @@
 """mmdetection detector heads -> Detectron2 names: what a checkpoint's heads are (kind, cascade
-stages, mask heads, classes, read from the tensors), the name rules, the class-order fix of
+stages, mask heads, Hybrid Task Cascade's information flow and semantic head, classes, read from the tensors), the name rules, the class-order fix of
 mmdetection v1.x files, and the checks of the heads against the target config's model."""
 
 import re
@@ -13,6 +13,7 @@ from .layouts import ConversionError, describe_source, key_indices
 
 __all__ = [
     "CASCADE_HEADS",
+    "HTC_HEADS",
     "HEAD_ROOTS",
     "Detector",
     "check_heads_against_model",
@@ -61,8 +62,23 @@ _HEAD_RULES = [
         re.compile(r"^mask_head\.(\d+\.)?conv_logits\.(weight|bias)$"),
         lambda m: f"roi_heads.mask_head.{'heads.' + m[1] if m[1] else ''}predictor.{m[2]}",
     ),
+    # Hybrid Task Cascade (hrnet_d2/modeling/htc.py): HTCMaskHead's conv_res and FusedSemanticHead, whose
+    # mmcv ConvModules (conv + ReLU) are Detectron2 Conv2d's with the ReLU as activation
+    (
+        re.compile(r"^mask_head\.(\d+)\.conv_res\.conv\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.heads.{m[1]}.conv_res.{m[2]}",
+    ),
+    (
+        re.compile(r"^semantic_head\.((?:lateral_convs|convs)\.\d+|conv_embedding)\.conv\.(weight|bias)$"),
+        lambda m: f"roi_heads.semantic_head.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^semantic_head\.conv_logits\.(weight|bias)$"),
+        lambda m: f"roi_heads.semantic_head.conv_logits.{m[1]}",
+    ),
 ]
-CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads")
+HTC_HEADS = "HybridTaskCascadeROIHeads"
+CASCADE_HEADS = ("CascadeROIHeads", "MMDetCascadeROIHeads", HTC_HEADS)
 
 
 class Detector(NamedTuple):
@@ -73,9 +89,17 @@ class Detector(NamedTuple):
     mask_heads: int  # 0: no mask; Cascade Mask R-CNN has one per stage
     class_agnostic: bool  # box regression
     background_first: bool  # mmdetection v1.x / HRNet-Object-Detection class order
+    conv_res_heads: int = 0  # Hybrid Task Cascade: mask heads taking the previous stage's features
+    semantic_classes: int = 0  # Hybrid Task Cascade: FusedSemanticHead's classes (0: none)
+
+    @property
+    def htc(self):
+        return bool(self.conv_res_heads or self.semantic_classes)
 
     @property
     def kind(self):
+        if self.htc:
+            return "Hybrid Task Cascade"
         if self.cascade_stages:
             return "Cascade Mask R-CNN" if self.mask_heads else "Cascade R-CNN"
         return "Mask R-CNN" if self.mask_heads else "Faster R-CNN"
@@ -86,6 +110,11 @@ class Detector(NamedTuple):
             parts.append(f"{self.cascade_stages} stages")
         if self.mask_heads > 1:
             parts.append(f"{self.mask_heads} mask heads")
+        if self.htc:
+            parts.append(f"mask information flow into {self.conv_res_heads} heads")
+            parts.append(
+                f"semantic head of {self.semantic_classes} classes" if self.semantic_classes else "no semantic head"
+            )
         parts.append("class-agnostic" if self.class_agnostic else "class-specific")
         parts[-1] += " box regression"
         layout = (
@@ -175,7 +204,14 @@ def detect_detector(heads: Dict[str, torch.Tensor], background_first: bool, sour
                     f"for the {num_classes} classes of the box head (or 1: class-agnostic masks)"
                 )
         mask_heads = len(mprefixes)
-    return Detector(num_classes, len(stages), mask_heads, agnostic, background_first)
+    conv_res = sum(f"mask_head.{i}.conv_res.conv.weight" in keys for i in key_indices(keys, "mask_head."))
+    semantic = heads["semantic_head.conv_logits.weight"].shape[0] if "semantic_head.conv_logits.weight" in keys else 0
+    if (conv_res or semantic) and not (stages and mask_heads):
+        raise ConversionError(
+            f"{describe_source(source)}Hybrid Task Cascade layers (mask_head.<stage>.conv_res / semantic_head) "
+            "without cascade box and mask heads: not a convertible HTC checkpoint"
+        )
+    return Detector(num_classes, len(stages), mask_heads, agnostic, background_first, conv_res, semantic)
 
 
 def _fix_class_order(name, value, detector):
@@ -219,7 +255,8 @@ def convert_heads(conv, heads, target, expected, source):
         else:
             raise ConversionError(
                 f"{describe_source(source)}{original[k]}: a head tensor with no Detectron2 counterpart (only RPNHead, "
-                "Shared2FCBBoxHead and FCNMaskHead layers convert); refusing to leave it out silently"
+                "Shared2FCBBoxHead, FCNMaskHead / HTCMaskHead and FusedSemanticHead layers convert); refusing to "
+                "leave it out silently"
             )
 
 
@@ -238,12 +275,16 @@ def detector_check(cfg, config_file, source):
     def check(det):
         if isinstance(det, FCOSHeadSpec):
             return fcos(det)
-        if m.META_ARCHITECTURE != "GeneralizedRCNN" or m.PROPOSAL_GENERATOR.NAME not in ("RPN", "MMDetRPN"):
+        if m.META_ARCHITECTURE not in ("GeneralizedRCNN", "HybridTaskCascade") or m.PROPOSAL_GENERATOR.NAME not in (
+            "RPN",
+            "MMDetRPN",
+        ):
             fail(
                 "detector",
                 det.kind,
                 f"{m.META_ARCHITECTURE} with {m.PROPOSAL_GENERATOR.NAME}",
-                "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN with RPN or MMDetRPN",
+                "MODEL.META_ARCHITECTURE / MODEL.PROPOSAL_GENERATOR.NAME: need GeneralizedRCNN (or HybridTaskCascade) "
+                "with RPN or MMDetRPN",
             )
         cascade = m.ROI_HEADS.NAME in CASCADE_HEADS
         stages = len(m.ROI_BOX_CASCADE_HEAD.IOUS) if cascade else 0
@@ -262,12 +303,26 @@ def detector_check(cfg, config_file, source):
                 f"{'a' if m.MASK_ON else 'no'} mask head",
                 f"MODEL.MASK_ON = {m.MASK_ON}",
             )
-        if det.mask_heads > 1 and m.ROI_HEADS.NAME != "MMDetCascadeROIHeads":
+        if det.htc != (m.ROI_HEADS.NAME == HTC_HEADS):
+            fail(
+                "detector",
+                det.kind,
+                "a Hybrid Task Cascade" if m.ROI_HEADS.NAME == HTC_HEADS else "no Hybrid Task Cascade",
+                f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}" + (f"; HTC needs {HTC_HEADS!r}" if det.htc else ""),
+            )
+        if det.mask_heads > 1 and m.ROI_HEADS.NAME not in ("MMDetCascadeROIHeads", HTC_HEADS):
             fail(
                 "mask head",
                 f"{det.mask_heads} mask heads (one per cascade stage, averaged by mmdetection)",
                 "one mask head",
                 f"MODEL.ROI_HEADS.NAME = {m.ROI_HEADS.NAME!r}; 'MMDetCascadeROIHeads' has one per stage",
+            )
+        if det.htc and bool(det.semantic_classes) != m.HTC.SEMANTIC_ON:
+            fail(
+                "semantic head",
+                f"{det.kind} {'with' if det.semantic_classes else 'without'} a semantic head",
+                f"{'a' if m.HTC.SEMANTIC_ON else 'no'} semantic head",
+                f"MODEL.HTC.SEMANTIC_ON = {m.HTC.SEMANTIC_ON}",
             )
         if det.num_classes != m.ROI_HEADS.NUM_CLASSES:
             fail(

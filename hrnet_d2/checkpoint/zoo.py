@@ -4,7 +4,8 @@ Facts only; fetching, checking and converting is ``catalog.py``.  Two kinds of e
 
 * ``coco/<detector>``: the HRNetV2p COCO detectors published by mmdetection.  Name, URL,
   box / mask AP are copied verbatim from mmdetection 3.3.0's ``configs/hrnet/metafile.yml``
-  (Faster / Mask / Cascade / Cascade Mask R-CNN, and FCOS run by ``FCOSDetector``); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
+  (Faster / Mask / Cascade / Cascade Mask R-CNN, Hybrid Task Cascade run by ``HybridTaskCascadeROIHeads``,
+  and FCOS run by ``FCOSDetector``); the SHA-256 prefix is the 8 hex digits mmdetection puts in each file name.
   ``config`` is the Detectron2 config that reproduces the checkpoint's test-time settings.
 * ``imagenet/<arch>``: the ImageNet-pretrained HRNet bodies of HRNet-Image-Classification
   (whose own links are OneDrive share pages, not downloadable files), as published by timm: the
@@ -225,6 +226,27 @@ _MMDET_MODELS = [
         45.1,
         39.3,
     ),
+    (
+        "htc_hrnetv2p_w18_20e",
+        "htc_hrnetv2p-w18_20e_coco",
+        "htc_hrnetv2p_w18_20e_coco/htc_hrnetv2p_w18_20e_coco_20200210-b266988c.pth",
+        42.8,
+        37.9,
+    ),
+    (
+        "htc_hrnetv2p_w32_20e",
+        "htc_hrnetv2p-w32_20e_coco",
+        "htc_hrnetv2p_w32_20e_coco/htc_hrnetv2p_w32_20e_coco_20200207-7639fa12.pth",
+        45.4,
+        39.9,
+    ),
+    (
+        "htc_hrnetv2p_w40_20e",
+        "htc_hrnetv2p-w40_20e_coco",
+        "htc_hrnetv2p_w40_20e_coco/htc_hrnetv2p_w40_20e_coco_20200529_183411-417c4d5b.pth",
+        46.4,
+        40.8,
+    ),
     # FCOS (issue 21): FCOSDetector with mmdetection's conventions (configs/Base-FCOS-HRNetV2p-mmdet.yaml)
     (
         "fcos_hrnetv2p_w18_1x",
@@ -279,7 +301,7 @@ _MMDET_MODELS = [
 
 
 def _coco_entry(name, mmdet_name, path, box, mask):
-    folder = "COCO-InstanceSegmentation" if "mask_rcnn" in name else "COCO-Detection"
+    folder = "COCO-InstanceSegmentation" if "mask_rcnn" in name or name.startswith("htc_") else "COCO-Detection"
     return ZooEntry(
         name=f"coco/{name}",
         arch=re.search(r"_hrnetv2p_(w\d+)_", name).group(1),

@@ -16,8 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_hrnet_config(cfg):
-    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, INPUT.RESIZE_BACKEND, DATALOADER.DROP_INVALID_BOXES
-    and DIST keys to a Detectron2 config."""
+    """Add the MODEL.HRNET, MODEL.HRNET_PYRAMID, MODEL.HTC, MODEL.CLASS_NAME_TRANSFER, INPUT.RESIZE_BACKEND,
+    DATALOADER.DROP_INVALID_BOXES and DIST keys to a Detectron2 config."""
     _C = cfg
     _C.MODEL.HRNET = CN()
     # A name from hrnet_d2.modeling.arch.ARCHITECTURES (w18_small_v1, w18_small_v2, w18, w30,
@@ -89,12 +89,49 @@ def add_hrnet_config(cfg):
     # (mmdetection's HRFPN stride=2, used by its HRNet FCOS: NUM_LEVELS 5 gives p3..p7, strides 8..128).
     _C.MODEL.HRNET_PYRAMID.CONV_STRIDE = 1
 
-    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/): a checkpoint
-    # that leaves body tensors at their random init (a partial file, another backbone's weights)
-    # or whose backbone has other shapes stops loading, naming what is missing or differs.  True
-    # loads what fits and logs the rest as a warning (when that is intended).  Missing heads, and
-    # a missing pyramid (ImageNet weights), are normal: they never stop.
+    # Hybrid Task Cascade (MODEL.ROI_HEADS.NAME "HybridTaskCascadeROIHeads", hrnet_d2/modeling/htc.py); the cascade's
+    # stages and stage loss weights are MODEL.ROI_BOX_CASCADE_HEAD's.  Defaults: mmdetection's htc_r50_fpn_1x_coco / HRNet HTC configs.
+    _C.MODEL.HTC = CN()
+    _C.MODEL.HTC.INTERLEAVED = True  # stage k's mask head trained on stage k's regressed boxes
+    _C.MODEL.HTC.MASK_INFO_FLOW = True  # mask head k receives mask head k-1's features (conv_res)
+    # Test-time masks: "last" = the last stage's probabilities (mmdetection 3.x); "mean" = all stages'
+    # probabilities averaged (mmdetection 1.x/2.x, the HTC paper)
+    _C.MODEL.HTC.MASK_TEST_STAGES = "last"
+    _C.MODEL.HTC.SEMANTIC_ON = True  # mmdetection FusedSemanticHead + semantic_roi_extractor
+    _C.MODEL.HTC.SEMANTIC = CN()
+    _C.MODEL.HTC.SEMANTIC.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # num_ins=5
+    _C.MODEL.HTC.SEMANTIC.FUSION_FEATURE = "p3"  # fusion_level=1 (stride 8)
+    _C.MODEL.HTC.SEMANTIC.NUM_CONVS = 4
+    _C.MODEL.HTC.SEMANTIC.CONV_DIM = 256
+    _C.MODEL.HTC.SEMANTIC.NUM_CLASSES = 183  # COCO-stuff things + stuff (+ "other")
+    _C.MODEL.HTC.SEMANTIC.FUSION = ["bbox", "mask"]  # RoI features the pooled embedding is added to
+    # semantic_roi_extractor: RoIAlign(output_size=14, sampling_ratio=0), aligned=True, at the fusion stride
+    _C.MODEL.HTC.SEMANTIC.POOLER_TYPE = "ROIAlignV2"
+    _C.MODEL.HTC.SEMANTIC.POOLER_RESOLUTION = 14
+    _C.MODEL.HTC.SEMANTIC.POOLER_SAMPLING_RATIO = 0
+    # loss_seg: CrossEntropyLoss(ignore_index=255, loss_weight=0.2), label maps passed by MODEL.META_ARCHITECTURE
+    # "HybridTaskCascade" (a dataset's sem_seg_file_name, e.g. COCO-stuff's stuffthingmaps)
+    _C.MODEL.HTC.SEMANTIC.LOSS_WEIGHT = 0.2
+    _C.MODEL.HTC.SEMANTIC.IGNORE_VALUE = 255
+
+    # MODEL.WEIGHTS must fit and fill the whole HRNet body (hrnet_d2/checkpoint/detection_checkpoint.py):
+    # a checkpoint that leaves body tensors at their random init (a partial file, another backbone's
+    # weights) or whose backbone has other shapes stops loading, naming what is missing or differs.
+    # The same for the whole detector when fine-tuning from a detector checkpoint: a layer that does
+    # not depend on the class count (RPN head, box head, a cascade stage, the mask head) left at its
+    # random init stops; the class-specific layers (classifier, box regression, mask predictor) of
+    # another class count are re-initialised, named in one log line.  True loads what fits and logs
+    # the rest as a warning (when that is intended).  Backbone-only checkpoints (ImageNet weights:
+    # no heads, maybe no pyramid) are normal: they never stop.
     _C.MODEL.HRNET.ALLOW_PARTIAL_WEIGHTS = False
+    # MMDetCascadeROIHeads (hrnet_d2/modeling/mmdet_heads.py): the weight of each cascade stage's box
+    # and mask losses in training (mmdetection's stage_loss_weights); [] = 1 for every stage.
+    _C.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = []
+    # Fine-tuning a detector on other classes: a class of the training data with the name of a class
+    # the checkpoint was trained on (names saved with our checkpoints; COCO's for hrnet_d2://coco/...)
+    # starts from that class's rows of the classifier, box regression and mask predictor; the others
+    # start fresh.  One log line lists them.  False: all class-specific rows start fresh.
+    _C.MODEL.CLASS_NAME_TRANSFER = True
 
     # Training annotations whose box has a non-positive width/height or lies entirely
     # outside its image are an error (DataError naming the json and annotation id);

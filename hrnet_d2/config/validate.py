@@ -24,6 +24,7 @@ from ..modeling.blocks import BLOCKS
 from ..modeling.build import BACKBONES
 from ..modeling.fcos import REG_ACTIVATIONS, TEST_CONVENTIONS
 from ..modeling.hrnet import stage_specs_from_cfg as read_stage_specs
+from ..modeling.htc import MASK_TEST_STAGES, SEMANTIC_FUSION
 from ..modeling.layers import NORMS as HRNET_NORMS
 from ..modeling.layers import get_norm
 from ..utils.errors import ArgumentValueError, ConfigError, ConfigValueError, check_feature_names
@@ -43,8 +44,8 @@ __all__ = [
 INPUT_FORMATS = ("RGB", "BGR", "YUV-BT.601")  # 3-channel formats of detection_utils.read_image
 UPSAMPLE_MODES = ("nearest", "bilinear")
 ALLOWED_NORMS = ("BN", "SyncBN", "FrozenBN", *HRNET_NORMS, "GN", "nnSyncBN", "naiveSyncBN", "LN")
-_USES_RPN = ("GeneralizedRCNN", "ProposalNetwork", "PanopticFPN")
-_USES_ROI_HEADS = ("GeneralizedRCNN", "PanopticFPN")
+_USES_RPN = ("GeneralizedRCNN", "ProposalNetwork", "PanopticFPN", "HybridTaskCascade")
+_USES_ROI_HEADS = ("GeneralizedRCNN", "PanopticFPN", "HybridTaskCascade")
 _USES_SEM_SEG_HEAD = ("SemanticSegmentor", "PanopticFPN")
 
 # (module, argument) -> the YAML key the builders pass as that argument
@@ -327,6 +328,41 @@ def _check_consecutive_levels(key, names, shapes):
         )
 
 
+def _check_htc(cfg, shapes, what):
+    """MODEL.HTC (hrnet_d2/modeling/htc.py): one loss weight per stage (MODEL.ROI_BOX_CASCADE_HEAD's), a known test mode, semantic levels
+    the backbone produces, an embedding as wide as the RoI features it is added to."""
+    h = cfg.MODEL.HTC
+    c = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+    if c.STAGE_LOSS_WEIGHTS and len(c.STAGE_LOSS_WEIGHTS) != len(c.IOUS):
+        raise ConfigValueError(
+            "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS",
+            c.STAGE_LOSS_WEIGHTS,
+            f"needs one weight per stage ({len(c.IOUS)}: MODEL.ROI_BOX_CASCADE_HEAD.IOUS), or [] for 1 each",
+        )
+    check_choice("MODEL.HTC.MASK_TEST_STAGES", h.MASK_TEST_STAGES, MASK_TEST_STAGES)
+    s = h.SEMANTIC
+    if not h.SEMANTIC_ON:
+        return
+    check_feature_names("MODEL.HTC.SEMANTIC.IN_FEATURES", s.IN_FEATURES, shapes, what)
+    if s.FUSION_FEATURE not in s.IN_FEATURES:
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.FUSION_FEATURE",
+            s.FUSION_FEATURE,
+            f"must be one of MODEL.HTC.SEMANTIC.IN_FEATURES {list(s.IN_FEATURES)}",
+        )
+    channels = shapes[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+    if s.CONV_DIM != channels:
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.CONV_DIM",
+            s.CONV_DIM,
+            f"must be the RoI features' channels ({channels}): it is added to them",
+        )
+    if not s.FUSION or any(f not in SEMANTIC_FUSION for f in s.FUSION):
+        raise ConfigValueError(
+            "MODEL.HTC.SEMANTIC.FUSION", list(s.FUSION), f"a non-empty subset of {list(SEMANTIC_FUSION)}"
+        )
+
+
 def _check_fcos_keys(cfg, shapes):
     """Raise :class:`ConfigValueError` (one line: key, value, what is allowed) for a ``MODEL.FCOS`` key that cannot
     work with a backbone producing ``shapes`` (its ``output_shape()``)."""
@@ -399,6 +435,8 @@ def validate_config(cfg):
     if meta in _USES_ROI_HEADS:
         check_feature_names("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes, what)
         _check_consecutive_levels("MODEL.ROI_HEADS.IN_FEATURES", cfg.MODEL.ROI_HEADS.IN_FEATURES, shapes)
+        if cfg.MODEL.ROI_HEADS.NAME == "HybridTaskCascadeROIHeads":
+            _check_htc(cfg, shapes, what)
     if meta == "RetinaNet":
         check_feature_names("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, shapes, what)
         _check_anchors(cfg, "MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES)

@@ -253,7 +253,7 @@ def _classes_keys(cfg):
     """(config key, value, metadata field) of the class counts the meta-architecture uses."""
     meta = cfg.MODEL.META_ARCHITECTURE
     keys = []
-    if meta in ("GeneralizedRCNN", "PanopticFPN"):
+    if meta in ("GeneralizedRCNN", "PanopticFPN", "HybridTaskCascade"):
         keys.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
         if cfg.MODEL.KEYPOINT_ON:
             keys.append(

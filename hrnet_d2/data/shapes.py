@@ -47,6 +47,9 @@ def _polygon(kind, cx, cy, r, angle):
     if kind == "triangle":
         a = angle + np.arange(3) * 2 * math.pi / 3 - math.pi / 2
         return np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1)
+    if kind == "hexagon":
+        a = angle + np.arange(6) * math.pi / 3
+        return np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1)
     if kind == "star":
         a = angle + np.arange(10) * math.pi / 5 - math.pi / 2
         rr = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
@@ -54,7 +57,7 @@ def _polygon(kind, cx, cy, r, angle):
     raise ValueError(kind)
 
 
-def _make_image(rng, size, max_objects):
+def _make_image(rng, size, max_objects, classes=CLASSES):
     h = w = size
     background = rng.integers(0, 90, size=3)
     image = np.empty((h, w, 3), np.uint8)
@@ -65,10 +68,10 @@ def _make_image(rng, size, max_objects):
     occupancy = np.zeros((h, w), bool)
     for _ in range(rng.integers(1, max_objects + 1)):
         for _attempt in range(20):
-            kind = int(rng.integers(len(CLASSES)))
+            kind = int(rng.integers(len(classes)))
             r = float(rng.uniform(0.1, 0.25) * size)
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-            poly = _polygon(CLASSES[kind], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+            poly = _polygon(classes[kind], cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
             mask = np.zeros((h, w), np.uint8)
             cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1)
             mask = mask.astype(bool)
@@ -82,14 +85,17 @@ def _make_image(rng, size, max_objects):
     return image, objects
 
 
-def generate_split(root, split, num_images, size=128, max_objects=4, seed=0):
+def generate_split(root, split, num_images, size=128, max_objects=4, seed=0, classes=CLASSES):
     """Write ``root/shapes/{split}/*.png`` and ``root/shapes/annotations/{split}.json``.
 
-    Returns the json path.  Skipped when the json exists with the same parameters.
+    ``classes``: the shapes drawn, in category-id order (from circle, square, triangle, star,
+    hexagon).  Returns the json path.  Skipped when the json exists with the same parameters.
     """
     root = Path(root) / "shapes"
     json_path = root / "annotations" / f"{split}.json"
     params = dict(version=VERSION, split=split, num_images=num_images, size=size, max_objects=max_objects, seed=seed)
+    if tuple(classes) != CLASSES:
+        params["classes"] = list(classes)
     if json_path.is_file():
         try:
             if json.loads(json_path.read_text()).get("info", {}).get("params") == params:
@@ -102,7 +108,7 @@ def generate_split(root, split, num_images, size=128, max_objects=4, seed=0):
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # independent stream per (seed, split)
     images, annotations = [], []
     for i in tqdm(range(num_images), desc=f"generating shapes/{split}", disable=num_images < 50):
-        image, objects = _make_image(rng, size, max_objects)
+        image, objects = _make_image(rng, size, max_objects, tuple(classes))
         file_name = f"{i:06d}.png"
         cv2.imwrite(str(image_dir / file_name), image[:, :, ::-1])
         images.append({"id": i + 1, "file_name": file_name, "height": size, "width": size})
@@ -126,7 +132,7 @@ def generate_split(root, split, num_images, size=128, max_objects=4, seed=0):
         "info": {"description": "hrnet_d2 synthetic shapes", "params": params},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)],
+        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(classes)],
     }
     # the json marks a complete split: written last, atomically (a temporary file of its own, so
     # that the machines of a job sharing this folder can generate it at the same time)

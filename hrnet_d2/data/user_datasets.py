@@ -10,7 +10,6 @@ import json
 import os
 import re
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
@@ -24,7 +23,9 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+)=(?P<json>.+?\.json):(?P<root>.+
 _NUM_CLASSES_KEY = {
     "GeneralizedRCNN": ("ROI_HEADS", "NUM_CLASSES"),
     "PanopticFPN": ("ROI_HEADS", "NUM_CLASSES"),
+    "HybridTaskCascade": ("ROI_HEADS", "NUM_CLASSES"),
     "RetinaNet": ("RETINANET", "NUM_CLASSES"),
+    "FCOSDetector": ("FCOS", "NUM_CLASSES"),
 }
 
 
@@ -76,14 +77,20 @@ def _num_categories(json_file):
         return len(json.load(f)["categories"])
 
 
-def apply_user_datasets(cfg, specs):
+def _on_command_line(key, opts):
+    """True when ``key`` is set by the ``KEY VALUE`` overrides ``opts``."""
+    return key in list(opts or ())[0::2]
+
+
+def apply_user_datasets(cfg, specs, opts=()):
     """Register the ``--dataset`` specs and set the config's class count from them.
 
     The datasets must be named by ``DATASETS.TRAIN`` or ``DATASETS.TEST``.  NUM_CLASSES
-    (of the head the meta-architecture uses) is set from the categories of the selected
-    datasets (the training ones, else the test ones) when the config leaves it at
-    Detectron2's default; an explicit different value stops with both numbers.
-    Returns a line for the log when it set NUM_CLASSES, else None.
+    (of the head the meta-architecture uses) follows the categories of the selected datasets
+    (the training ones, else the test ones): a config file's value is the class count of the
+    data it was written for (a COCO config's 80), not the user's choice.  A value given on the
+    command line (``opts``, the ``KEY VALUE`` overrides) is kept, and stops with both numbers
+    when it differs.  Returns a line for the log when it set NUM_CLASSES, else None.
     """
     registered = {}
     for text in specs or ():
@@ -113,14 +120,13 @@ def apply_user_datasets(cfg, specs):
     head, field = _NUM_CLASSES_KEY[cfg.MODEL.META_ARCHITECTURE]
     key = f"MODEL.{head}.{field}"
     value = getattr(getattr(cfg.MODEL, head), field)
-    default = getattr(getattr(get_cfg().MODEL, head), field)
     if value == num:
         return None
-    if value != default:
+    if _on_command_line(key, opts):
         raise DatasetArgumentError(
-            f"{key} = {value} (set in the config or on the command line), but dataset {selected[0]!r} "
+            f"{key} = {value} (set on the command line), but dataset {selected[0]!r} "
             f"({registered[selected[0]]}) has {num} categories; drop the setting (it is then taken from the "
             f"categories) or set {key} {num}"
         )
     setattr(getattr(cfg.MODEL, head), field, num)
-    return f"{key} = {num}, from the categories of {selected}"
+    return f"{key} = {num}, from the categories of {selected} (the config said {value})"

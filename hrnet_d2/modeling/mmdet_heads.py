@@ -15,9 +15,15 @@ mmdetection 2.x/3.x computes something else:
 * the stages' class scores are averaged as logits, then soft-maxed (Detectron2 averages the
   stages' probabilities);
 * with ``MODEL.MASK_ON`` there is one mask head per stage, all applied to the final boxes, and
-  their sigmoid probabilities are averaged (Detectron2 has one mask head).  These per-stage
-  mask heads are inference-only (converted checkpoints); train Cascade Mask R-CNN with
-  Detectron2's ``CascadeROIHeads``.
+  their sigmoid probabilities are averaged (Detectron2 has one mask head).
+
+and mmdetection's ``CascadeRoIHead`` training of them (``loss``): each stage's mask head is trained
+on that stage's positives (the proposals its own IoU threshold labels foreground), and each
+stage's box and mask losses are weighted by ``MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS``
+(mmdetection's ``stage_loss_weights``, [1, 0.5, 0.25] in its HRNet configs).  What stays
+Detectron2's: stages after the first are not re-sampled (mmdetection samples 512 RoIs per image
+at every stage; Detectron2 keeps the first stage's sample and relabels it), and the box-head
+gradient is scaled by 1 / number of stages (``CascadeROIHeads._run_stage``).
 """
 
 from typing import List
@@ -26,12 +32,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, StandardROIHeads, build_mask_head
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Instances
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.structures import Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
 
 __all__ = ["MMDetBox2BoxTransform", "MMDetRPN", "MMDetROIHeads", "MMDetCascadeROIHeads", "StageMaskHeads"]
 
@@ -74,7 +83,8 @@ class MMDetROIHeads(StandardROIHeads):
 
 
 class StageMaskHeads(nn.Module):
-    """One mask head per cascade stage; at inference their probabilities are averaged."""
+    """One mask head per cascade stage; at inference their probabilities are averaged.  Trained by
+    :class:`MMDetCascadeROIHeads`, each head on its stage's positives."""
 
     def __init__(self, heads):
         """
@@ -86,10 +96,7 @@ class StageMaskHeads(nn.Module):
 
     def forward(self, x: torch.Tensor, instances: List[Instances]):
         if self.training:
-            raise NotImplementedError(
-                "MODEL.ROI_HEADS.NAME = 'MMDetCascadeROIHeads' with MODEL.MASK_ON: the per-stage mask heads "
-                "are inference-only (converted mmdetection checkpoints); train with 'CascadeROIHeads'"
-            )
+            raise RuntimeError("StageMaskHeads are trained stage by stage by MMDetCascadeROIHeads.forward")
         probs = torch.stack([head.layers(x) for head in self.heads]).sigmoid().mean(dim=0)
         if probs.shape[1] == 1:  # class-agnostic masks
             probs = probs[:, 0:1]
@@ -103,8 +110,82 @@ class StageMaskHeads(nn.Module):
 
 @ROI_HEADS_REGISTRY.register()
 class MMDetCascadeROIHeads(CascadeROIHeads):
-    """Detectron2's ``CascadeROIHeads`` with :class:`MMDetBox2BoxTransform` and mmdetection's
-    test-time stage ensemble (see the module doc)."""
+    """Detectron2's ``CascadeROIHeads`` with :class:`MMDetBox2BoxTransform`, mmdetection's
+    test-time stage ensemble and its per-stage mask heads and stage loss weights (see the module doc)."""
+
+    @configurable
+    def __init__(self, *, stage_loss_weights=None, **kwargs):
+        """
+        Args:
+            stage_loss_weights (list[float] or None): the weight of each stage's losses (box and mask);
+                None: 1 for every stage (Detectron2's ``CascadeROIHeads``).
+            kwargs: as ``CascadeROIHeads``.
+        """
+        super().__init__(**kwargs)
+        weights = tuple(stage_loss_weights) if stage_loss_weights else (1.0,) * self.num_cascade_stages
+        if len(weights) != self.num_cascade_stages:
+            raise ValueError(
+                f"stage_loss_weights {list(weights)}: one weight per cascade stage ({self.num_cascade_stages}) expected"
+            )
+        self.stage_loss_weights = weights
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["stage_loss_weights"] = list(cfg.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS) or None
+        return ret
+
+    def forward(self, images, features, proposals, targets=None):
+        if not self.training:
+            return super().forward(images, features, proposals, targets)
+        del images
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        losses, stages = self._box_losses(features, proposals, targets)
+        if self.mask_on:
+            losses.update(self._stage_mask_losses(features, stages))
+        losses.update(self._forward_keypoint(features, proposals))
+        return proposals, losses
+
+    def _box_losses(self, features, proposals, targets):
+        """``CascadeROIHeads._forward_box`` in training, with the stage loss weights; also returns
+        each stage's labelled proposals."""
+        box_features = [features[f] for f in self.box_in_features]
+        image_sizes = [x.image_size for x in proposals]
+        losses, stages, boxes = {}, [], None
+        storage = get_event_storage()
+        for k in range(self.num_cascade_stages):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+                proposals = self._match_and_label_boxes(proposals, k, targets)
+            predictions = self._run_stage(box_features, proposals, k)
+            boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
+            with storage.name_scope(f"stage{k}"):
+                stage_losses = self.box_predictor[k].losses(predictions, proposals)
+            w = self.stage_loss_weights[k]
+            losses.update({f"{name}_stage{k}": v * w for name, v in stage_losses.items()})
+            stages.append(proposals)
+        return losses, stages
+
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        """Detectron2's labelling of a later stage's proposals, plus the matched ``gt_masks``
+        (its mask head is trained on them)."""
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if self.mask_on:
+            for p, t in zip(proposals, targets):
+                if len(t) and t.has("gt_masks"):
+                    matched, _ = self.proposal_matchers[stage](pairwise_iou(t.gt_boxes, p.proposal_boxes))
+                    p.gt_masks = t.gt_masks[matched]
+        return proposals
+
+    def _stage_mask_losses(self, features, stages):
+        """Each stage's mask head on that stage's positives, weighted as the stage."""
+        losses = {}
+        mask_features = [features[f] for f in self.mask_in_features]
+        for k, (head, proposals) in enumerate(zip(self.mask_head.heads, stages)):
+            fg, _ = select_foreground_proposals(proposals, self.num_classes)
+            x = self.mask_pooler(mask_features, [p.proposal_boxes for p in fg])
+            losses[f"loss_mask_stage{k}"] = head(x, fg)["loss_mask"] * self.stage_loss_weights[k]
+        return losses
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -128,13 +209,17 @@ class MMDetCascadeROIHeads(CascadeROIHeads):
     def _forward_box(self, features, proposals, targets=None):
         if self.training:
             return super()._forward_box(features, proposals, targets)
-        features = [features[f] for f in self.box_in_features]
+        return self._cascade_inference([features[f] for f in self.box_in_features], proposals, self._run_stage)
+
+    def _cascade_inference(self, features, proposals, run_stage):
+        """mmdetection's ``CascadeRoIHead._refine_roi`` + ``predict_bbox``: every stage on the previous
+        stage's boxes, ``run_stage(features, proposals, k)`` giving stage k's (logits, deltas)."""
         image_sizes = [x.image_size for x in proposals]
         logits, boxes = [], None
         for k in range(self.num_cascade_stages):
             if k > 0:
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
-            predictions = self._run_stage(features, proposals, k)
+            predictions = run_stage(features, proposals, k)
             boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
             logits.append(predictions[0])
         # mmdetection: mean of the stages' logits, then softmax (Detectron2: mean of probabilities)

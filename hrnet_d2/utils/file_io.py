@@ -2,9 +2,16 @@
 
 import os
 import secrets
+import tempfile
 from contextlib import contextmanager
 
-__all__ = ["atomic_path", "atomic_write", "is_local_path"]
+from .errors import UserError
+
+__all__ = ["OutputDirError", "atomic_path", "atomic_write", "check_output_dir", "is_local_path"]
+
+
+class OutputDirError(UserError, OSError):
+    """An output folder that cannot be created or written."""
 
 
 def _fsync_dir(path):
@@ -63,3 +70,22 @@ def _unlink(path):
 def is_local_path(path):
     """True for a (non-empty) local file system path, False for "" and URLs (``detectron2://``, ``https://``...)."""
     return bool(path) and "://" not in str(path)
+
+
+def check_output_dir(path, key="OUTPUT_DIR"):
+    """Create ``path`` (a local folder) and check that a file can be written in it; else raise
+    ``OutputDirError`` naming ``key`` and the path.  Remote paths (``s3://``...) are left to PathManager."""
+    if not is_local_path(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and os.path.abspath(str(e.filename)) != os.path.abspath(path) else ""
+        raise OutputDirError(
+            f"{key} = {path!r} cannot be created or written: {reason}{where}. Choose another folder (e.g. {key} "
+            "./output/run1)"
+        ) from e
