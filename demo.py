@@ -129,7 +129,10 @@ class Predictor:
             from detectron2.modeling import build_model
 
             validate_config(cfg)
+            from hrnet_d2.modeling.inference_autocast import autocast_heads
+
             self.model = build_model(cfg)
+            autocast_heads(self.model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)
             self.augmentation = test_augmentations(cfg)
             self.input_format = cfg.INPUT.FORMAT
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"

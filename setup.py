@@ -35,6 +35,7 @@ setup(
         "tqdm",
         "safetensors",
     ],
-    extras_require={"test": ["pytest", "timm", "onnx", "onnxruntime"]},
+    # int8 experiments (tools/experiment_compile_int8.py): install with --no-deps (requirements-int8.txt)
+    extras_require={"test": ["pytest", "timm", "onnx", "onnxruntime"], "int8": ["torchao==0.18.0"]},
     entry_points={"console_scripts": ["hrnet-d2-convert=hrnet_d2.checkpoint.__main__:main"]},
 )

@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from hrnet_d2 import ARCHITECTURES, HRNet
+from hrnet_d2.engine.profiling import isa_flags
 from hrnet_d2.engine.train_loop import CPUAMPTrainer, build_train_step
 
 
@@ -366,7 +367,7 @@ def test_benchmark_quick(tmp_path):
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cores"]
     measures = {r["measure"] for r in data["results"]}
     assert any("forward" in m for m in measures) and any("training" in m for m in measures)
-    assert data["machine"]["isa"] == benchmark.isa_flags()
+    assert data["machine"]["isa"] == isa_flags()
     peaks = [r for r in data["results"] if r["measure"].startswith("peak: ")]
     assert [r["measure"] for r in peaks] == ["peak: 3x3 conv / matmul, fp32"]
     assert all(r["conv3x3_gflops"] > 0 and r["matmul_gflops"] > 0 for r in peaks)
@@ -375,8 +376,20 @@ def test_benchmark_quick(tmp_path):
     for r in body_rows:  # achieved GFLOP/s = the model's FLOPs / our median time, as % of the same-dtype peak
         assert r["ours_gflops"] == pytest.approx(r["gflop"] / r["ours_s"])
         assert r["ours_pct_of_conv_peak"] == pytest.approx(100 * r["ours_gflops"] / peaks[0]["conv3x3_gflops"])
+    profiles = [r for r in data["results"] if r["measure"].startswith("profile: ")]
+    assert [r["measure"] for r in profiles] == [
+        "profile: Faster R-CNN W18_SMALL_V1, fp32",
+        "profile: Mask R-CNN W18_SMALL_V1, fp32",
+    ]
+    for r in profiles:
+        stages = r["stages"]
+        assert r["detections"] > 0, "the profiled detector must detect things (mask head and pasting do work)"
+        assert sum(s["pct"] for k, s in stages.items() if k != "whole") == pytest.approx(100, abs=5)
+        for k in ("body", "pyramid", "RPN head", "box head"):
+            assert stages[k]["s"] > 0 and stages[k]["gflops"] == pytest.approx(stages[k]["gflop"] / stages[k]["s"])
+    assert "mask head" in profiles[1]["stages"] and "mask head" not in profiles[0]["stages"]
     for r in payload["results"]:
-        if r["measure"].startswith("peak: "):
+        if r["measure"].startswith(("peak: ", "profile: ")):
             continue
         if "MiB" in r["measure"]:  # RSS may not grow at all for so small an input
             assert r["ours_s"] >= 0 and r["timm_s"] >= 0
@@ -393,6 +406,8 @@ def test_benchmark_flop_count_and_isa_flags(tmp_path):
     """The FLOP count behind the GFLOP/s column against a hand count, and the ISA flags read from fixed
     /proc/cpuinfo texts against flags listed by hand."""
     import benchmark
+
+    from hrnet_d2.engine.profiling import native_bf16
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
     x = torch.randn(2, 8, 10, 12)
@@ -419,6 +434,6 @@ def test_benchmark_flop_count_and_isa_flags(tmp_path):
     for name, (line, expected, native) in cpus.items():
         cpuinfo = tmp_path / name
         cpuinfo.write_text(f"processor\t: 0\nmodel name\t: {name}\nflags\t\t: {line}\n\nprocessor\t: 1\n")
-        assert benchmark.isa_flags(str(cpuinfo)) == expected, name
-        assert benchmark.native_bf16({"isa": benchmark.isa_flags(str(cpuinfo))}) is native, name
-    assert benchmark.isa_flags(str(tmp_path / "absent")) == []  # not Linux: no flags, no error
+        assert isa_flags(str(cpuinfo)) == expected, name
+        assert native_bf16({"isa": isa_flags(str(cpuinfo))}) is native, name
+    assert isa_flags(str(tmp_path / "absent")) == []  # not Linux: no flags, no error

@@ -194,7 +194,42 @@ def test_precision_check_fp32_control_and_bf16(tmp_path):
     assert same and "AP" in control["results"]["fp32"]["bbox"]
     low = precision_check.main(argv + ["--dtype", "bf16", "--opts", *opts])
     saved = json.loads((tmp_path / "precision_bf16.json").read_text())
-    assert saved["dtype"] == "bf16" and saved["images"] == 2 and saved["fp32_detections"] == control["fp32_detections"]
+    assert (
+        saved["dtype"] == "bf16"
+        and saved["mode"] == "switch"
+        and saved["images"] == 2
+        and saved["fp32_detections"] == control["fp32_detections"]
+    )
     assert low["matched_fraction"] >= 0.5 and set(low["results"]) == {"fp32", "bf16"}, low
     assert 0 < low["max_score_diff"] < 0.01, low  # bf16 changes the scores, a little
     assert set(low["results"]["bf16"]) == {"bbox", "segm"}
+
+
+def test_eval_batches_images_and_gives_the_same_detections():
+    """TEST.IMS_PER_BATCH: the test loader batches images; on the shapes images (one size: no
+    extra padding in a batch) the batched forward gives the per-image detections."""
+    from hrnet_d2.data import ensure_all_generated
+    from hrnet_d2.engine.profiling import calibrate_detections
+
+    ensure_all_generated(["shapes_tiny_val"])
+    opts = [*TINY, "DATASETS.TEST", "('shapes_tiny_val',)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"]
+    cfg = make_cfg("shapes/Base-HRNetV2p-shapes.yaml", *opts, "TEST.IMS_PER_BATCH", 2)
+    batches = list(Trainer.build_test_loader(cfg, "shapes_tiny_val"))
+    singles = list(Trainer.build_test_loader(make_cfg("shapes/Base-HRNetV2p-shapes.yaml", *opts), "shapes_tiny_val"))
+    assert [len(b) for b in singles] == [1] * len(singles)
+    assert len(batches[0]) == 2 and sum(len(b) for b in batches) == len(singles)
+    assert len({tuple(d["image"].shape) for b in singles for d in b}) == 1, "one image size: batching pads nothing"
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg).eval()
+    with torch.no_grad():
+        assert calibrate_detections(model, batches[0], min_detections=5) >= 5
+        one = [model(b)[0]["instances"] for b in singles[:2]]
+        two = model(batches[0])
+    for a, b in zip(one, two):
+        b = b["instances"]
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+        assert torch.equal(b.pred_classes, a.pred_classes)
+    with pytest.raises(ValueError, match=r"TEST.IMS_PER_BATCH = 0 is invalid"):
+        Trainer.build_model(make_cfg("shapes/Base-HRNetV2p-shapes.yaml", *opts, "TEST.IMS_PER_BATCH", 0))

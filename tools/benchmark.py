@@ -9,13 +9,20 @@ round-robin so load from other processes hits all of them alike):
   in channels_last, and both under autocast (bf16 on CPU, fp16 on CUDA);
 * Faster R-CNN (``faster_rcnn_hrnetv2p_w32_1x.yaml`` with MODEL.HRNET.ARCH <arch>) inference and one training
   step (forward + backward), ours against the same detector with the timm body;
-* training peak memory, with and without MODEL.HRNET.ACTIVATION_CHECKPOINT.
+* training peak memory, with and without MODEL.HRNET.ACTIVATION_CHECKPOINT;
+* with ``--parts profile``: where Faster and Mask R-CNN inference time goes, stage by stage
+  (``hrnet_d2.engine.profiling``: preprocessing, body, pyramid, RPN head, proposal selection, ROIAlign,
+  box head, box post-processing, mask head, mask pasting), seconds, % of the whole and GFLOP/s
+  of the conv / FC stages against the peak rows, fp32 and (``--amp``) under
+  MODEL.HRNET.INFERENCE_AUTOCAST on backbone and heads.  The detectors have random weights whose
+  class scores are spread so that they detect things (``calibrate_detections``).
 
 Ratios are ours / timm (< 1: ours is faster / smaller).  Writes ``benchmark.json`` and
 ``benchmark.md`` into ``--output-dir``.
 
   .venv/bin/python tools/benchmark.py                       # w32, 800x1333, batch 1 and 2, CPU
   .venv/bin/python tools/benchmark.py --device cuda --amp   # GPU, fp16 autocast rows included
+  .venv/bin/python tools/benchmark.py --parts profile --amp --batch 1   # per-stage profile, fp32 and bf16
   .venv/bin/python tools/benchmark.py --quick               # smoke test (tiny model and input)
 """
 
@@ -25,7 +32,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -42,6 +48,18 @@ from detectron2.utils.events import EventStorage
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.checkpoint.pretrained import IMAGENET_CHECKPOINTS
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.engine.profiling import (
+    ISA_FLAGS,
+    STAGES,
+    calibrate_detections,
+    interleaved,
+    machine_info,
+    native_bf16,
+    peak_gflops,
+    profile_inference,
+    summarize,
+)
+from hrnet_d2.modeling.inference_autocast import autocast_heads
 from hrnet_d2.modeling.pyramid import HRNetV2p
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
@@ -103,53 +121,6 @@ class TimmBody(Backbone):
         return 32
 
 
-def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "device": device,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    info["isa"] = isa_flags()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-# the CPU features that decide which fp32 / bf16 kernels oneDNN can use
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def isa_flags(cpuinfo="/proc/cpuinfo"):
-    """The ISA_FLAGS this CPU reports in ``cpuinfo`` (Linux's /proc/cpuinfo), in that order."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return [flag for flag in ISA_FLAGS if flag in flags]
-
-
-def native_bf16(info):
-    """Whether the CPU computes bf16 natively (AMX or AVX-512 bf16); elsewhere autocast bf16 is emulated."""
-    return any(flag in info["isa"] for flag in ("amx_bf16", "avx512_bf16"))
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_AMP_DTYPE = {
     "cpu": "bf16",
@@ -163,20 +134,6 @@ def autocast(args, enabled):
 
 def rel_l2(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def interleaved(variants, reps, warmup, device):
-    """{name: [seconds]}: every variant once per round, ``warmup`` rounds discarded."""
-    times = {name: [] for name in variants}
-    for r in range(warmup + reps):
-        for name, fn in variants.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 class PeakMemory:
@@ -234,37 +191,6 @@ def _release_freed_memory():
         pass
 
 
-def peak_gflops(args, device, dtypes):
-    """The machine's own throughput for what the body is made of, in GFLOP/s (2 FLOPs per
-    multiply-add): a 3x3 convolution (128 -> 128 channels at 200x336, a stride-4 map of an
-    800x1344 image; channels_last) and a 2048^3 matmul, for each dtype in ``dtypes``.
-    Medians over ``args.reps`` runs after ``args.warmup``.  These are the "peak" the body
-    rows are compared with: what this torch build reaches on this machine, not a datasheet number."""
-    c, h, w = 128, 200, 336
-    n = 2048
-    peaks = {}
-    for name in dtypes:
-        dtype = {"fp32": torch.float32, **AMP_DTYPES}[name]
-        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, dtype).to(memory_format=torch.channels_last)
-        x = torch.randn(1, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-
-        def run_conv():
-            with torch.no_grad():
-                conv(x)
-
-        def run_mm():
-            torch.mm(a, b)
-
-        times = interleaved({"conv": run_conv, "mm": run_mm}, max(args.reps, 3), max(args.warmup, 1), device)
-        peaks[name] = {
-            "conv3x3": 2 * c * c * 9 * h * w / statistics.median(times["conv"]) / 1e9,
-            "matmul": 2 * n**3 / statistics.median(times["mm"]) / 1e9,
-        }
-    return peaks
-
-
 def model_gflop(model, x):
     """FLOPs (2 per multiply-add, in G) of one forward of ``model`` on ``x`` (fvcore counts multiply-adds)."""
     from fvcore.nn import FlopCountAnalysis
@@ -315,21 +241,37 @@ def detector_inputs(batch, h, w, device, with_gt):
     return inputs
 
 
-def run(args):
-    device = args.device
+def check_device(device):
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    h, w = args.size
-    ph, pw = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # what the detector's padding gives
-    results = []
-    torch.manual_seed(0)
-    timm_model = timm_baseline(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
 
-    # --- body + HRNetV2p forward -------------------------------------------------------------
+
+def padded_size(args):
+    h, w = args.size
+    return (h + 31) // 32 * 32, (w + 31) // 32 * 32  # what the detector's padding gives
+
+
+def peak_rows(args, peaks):
+    """One row per dtype: the machine's 3x3-conv and matmul throughput (``peak_gflops``)."""
+    rows = []
+    for name, p in peaks.items():
+        rows.append(
+            {
+                "measure": f"peak: 3x3 conv / matmul, {name}",
+                "batch": 1,
+                "conv3x3_gflops": p["conv3x3"],
+                "matmul_gflops": p["matmul"],
+            }
+        )
+        print(f"{rows[-1]['measure']:<70} conv3x3 {p['conv3x3']:.1f} GFLOP/s  matmul {p['matmul']:.1f} GFLOP/s")
+    return rows
+
+
+def body_pair(args, timm_model):
+    """Our body + HRNetV2p and timm's body + our HRNetV2p, same weights (NCHW and channels_last timm)."""
+    device = args.device
     # weights are loaded after HRNetV2p is built: its init touches every conv below it
     ours = HRNetV2p(HRNet(ARCHITECTURES[args.arch], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"])
     load_timm_body(ours.bottom_up, timm_model)
@@ -338,180 +280,242 @@ def run(args):
     theirs.reduction_conv.load_state_dict(ours.reduction_conv.state_dict())
     theirs.fpn_convs.load_state_dict(ours.fpn_convs.state_dict())
     theirs = theirs.to(device).eval()
-    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
-    peak_dtypes = ["fp32"] + ([args.amp_dtype] if args.amp else [])
-    peaks = peak_gflops(args, device, peak_dtypes)
-    for name, p in peaks.items():
-        results.append(
+    return ours, theirs, copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+
+
+def body_rows(args, ours, theirs, theirs_cl, peaks, batch):
+    """body + HRNetV2p forward, ours against timm's body (fp32, channels_last, autocast)."""
+    ph, pw = padded_size(args)
+    x = torch.randn(batch, 3, ph, pw, device=args.device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def fwd(model, inp, amp=False):
+        def fn():
+            with torch.no_grad(), autocast(args, amp):
+                model(inp)
+
+        return fn
+
+    variants = {"timm": fwd(theirs, x), "ours": fwd(ours, x), "timm_channels_last": fwd(theirs_cl, x_cl)}
+    if args.amp:
+        variants["timm_channels_last_amp"] = fwd(theirs_cl, x_cl, True)
+        variants["ours_amp"] = fwd(ours, x, True)
+    with torch.no_grad():  # parity of what is timed
+        ref, out = theirs(x), ours(x)
+        err = max(((out[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+        if args.amp:
+            with autocast(args, True):
+                low = ours(x)
+            amp_err = max(rel_l2(low[k], out[k]) for k in out)
+    times = interleaved(variants, args.reps, args.warmup, args.device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gflop = model_gflop(theirs, x)  # the same arithmetic as ours (traced graph, plain convs)
+    pairs = [
+        ("body+HRNetV2p forward, fp32", "ours", "timm"),
+        ("body+HRNetV2p forward, fp32, both channels_last", "ours", "timm_channels_last"),
+    ]
+    if args.amp:
+        amp = args.amp_dtype
+        pairs += [
+            (f"body+HRNetV2p forward, ours {amp} autocast vs timm fp32", "ours_amp", "timm"),
+            (f"body+HRNetV2p forward, both {amp} autocast + channels_last", "ours_amp", "timm_channels_last_amp"),
+        ]
+    rows = []
+    for title, a, b in pairs:
+        dtype = args.amp_dtype if a.endswith("_amp") else "fp32"
+        rows.append(
             {
-                "measure": f"peak: 3x3 conv / matmul, {name}",
-                "batch": 1,
-                "conv3x3_gflops": p["conv3x3"],
-                "matmul_gflops": p["matmul"],
+                **timed_row(title, batch, times, a, b),
+                "max_rel_diff_fp32": err,
+                "gflop": gflop,
+                "ours_gflops": gflop / med[a],
+                "peak_dtype": dtype,
+                "ours_pct_of_conv_peak": 100 * gflop / med[a] / peaks[dtype]["conv3x3"],
             }
         )
-        print(
-            f"{results[-1]['measure']:<70} conv3x3 {p['conv3x3']:.1f} GFLOP/s  matmul {p['matmul']:.1f} GFLOP/s",
-            flush=True,
-        )
-    for batch in args.batch:
-        x = torch.randn(batch, 3, ph, pw, device=device)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        if a == "ours_amp":  # what autocast costs in accuracy: ||amp - fp32|| / ||fp32||, worst pyramid level
+            rows[-1]["amp_rel_l2_vs_fp32"] = amp_err
+    print_row(rows)
+    return rows
 
-        def fwd(model, inp, amp=False):
-            def fn():
-                with torch.no_grad(), autocast(args, amp):
-                    model(inp)
 
-            return fn
+def inference_rows(args, det, det_timm, batch):
+    """Faster R-CNN inference, ours against the timm-bodied twin (and ours under autocast)."""
+    h, w = args.size
+    inputs = detector_inputs(batch, h, w, args.device, with_gt=False)
 
-        variants = {
-            "timm": fwd(theirs, x),
-            "ours": fwd(ours, x),
-            "timm_channels_last": fwd(theirs_cl, x_cl),
-        }
-        if args.amp:
-            variants["timm_channels_last_amp"] = fwd(theirs_cl, x_cl, True)
-            variants["ours_amp"] = fwd(ours, x, True)
-        with torch.no_grad():  # parity of what is timed
-            ref, out = theirs(x), ours(x)
-            err = max(((out[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
-            if args.amp:
-                with autocast(args, True):
-                    low = ours(x)
-                amp_err = max(rel_l2(low[k], out[k]) for k in out)
-        times = interleaved(variants, args.reps, args.warmup, device)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        gflop = model_gflop(theirs, x)  # the same arithmetic as ours (traced graph, plain convs)
-        rows = [
-            ("body+HRNetV2p forward, fp32", "ours", "timm", None),
-            ("body+HRNetV2p forward, fp32, both channels_last", "ours", "timm_channels_last", None),
-        ]
-        if args.amp:
-            amp = args.amp_dtype
-            rows += [
-                (f"body+HRNetV2p forward, ours {amp} autocast vs timm fp32", "ours_amp", "timm", None),
-                (
-                    f"body+HRNetV2p forward, both {amp} autocast + channels_last",
-                    "ours_amp",
-                    "timm_channels_last_amp",
-                    None,
-                ),
-            ]
-        for title, a, b, _ in rows:
-            dtype = args.amp_dtype if a.endswith("_amp") else "fp32"
-            results.append(
+    def infer(model, amp=False):
+        def fn():
+            model.eval()  # the training-step rows of the previous batch size left it in train mode
+            with torch.no_grad(), autocast(args, amp):
+                model(inputs)
+
+        return fn
+
+    variants = {"timm": infer(det_timm), "ours": infer(det)}
+    if args.amp:
+        variants["ours_amp"] = infer(det, True)
+    times = interleaved(variants, args.reps, args.warmup, args.device)
+    rows = [timed_row("Faster R-CNN inference", batch, times, "ours", "timm")]
+    if args.amp:
+        rows.append(timed_row("Faster R-CNN inference, ours autocast vs timm fp32", batch, times, "ours_amp", "timm"))
+    print_row(rows)
+    return rows
+
+
+def training_rows(args, det, det_timm, det_ckpt, batch):
+    """One training step (time, peak memory), ours against timm-bodied, and activation checkpointing on / off."""
+    h, w = args.size
+    device = args.device
+    train_inputs = detector_inputs(batch, h, w, device, with_gt=True)
+    peaks = {}
+
+    def step(model, name, amp=False):
+        def fn():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            with PeakMemory(device) as mem, EventStorage():
+                with autocast(args, amp):
+                    losses = model(train_inputs)
+                sum(losses.values()).backward()
+            peaks.setdefault(name, []).append(mem.peak)
+
+        return fn
+
+    variants = {"timm": step(det_timm, "timm"), "ours": step(det, "ours"), "ours_ckpt": step(det_ckpt, "ours_ckpt")}
+    if args.amp:
+        variants["timm_amp"] = step(det_timm, "timm_amp", True)
+        variants["ours_amp"] = step(det, "ours_amp", True)
+    times = interleaved(variants, args.reps, args.warmup, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {k: statistics.median(v[args.warmup :] or v) for k, v in peaks.items()}
+    rows = [
+        timed_row("Faster R-CNN training step (fwd+bwd)", batch, times, "ours", "timm"),
+        {
+            "measure": "Faster R-CNN training peak memory (MiB)",
+            "batch": batch,
+            "ours_s": mem["ours"] / 2**20,
+            "timm_s": mem["timm"] / 2**20,
+            "ratio": _ratio(mem["ours"], mem["timm"]),
+        },
+        {
+            "measure": "training step, activation checkpoint on / off (ours)",
+            "batch": batch,
+            "ours_s": med["ours_ckpt"],
+            "timm_s": med["ours"],
+            "ratio": med["ours_ckpt"] / med["ours"],
+            "baseline": "ours, checkpoint off",
+        },
+        {
+            "measure": "training peak memory (MiB), activation checkpoint on / off (ours)",
+            "batch": batch,
+            "ours_s": mem["ours_ckpt"] / 2**20,
+            "timm_s": mem["ours"] / 2**20,
+            "ratio": _ratio(mem["ours_ckpt"], mem["ours"]),
+            "baseline": "ours, checkpoint off",
+        },
+    ]
+    if args.amp:
+        title = f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast"
+        rows.append(timed_row(title, batch, times, "ours_amp", "timm_amp"))
+    print_row(rows)
+    det.eval()
+    return rows
+
+
+PROFILE_CONFIGS = {
+    "Faster R-CNN": "COCO-Detection/faster_rcnn_hrnetv2p_w32_1x.yaml",
+    "Mask R-CNN": "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_w32_1x.yaml",
+}
+
+
+def profile_model(args, config):
+    """A randomly initialised detector of ``config`` (MODEL.HRNET.ARCH ``args.arch``) that detects
+    things on the profile's input (``calibrate_detections``), and that input (one image)."""
+    cfg = get_hrnet_cfg(get_config_file(config), ["MODEL.HRNET.ARCH", args.arch])
+    cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    h, w = args.size
+    inputs = detector_inputs(1, h, w, args.device, with_gt=False)
+    calibrate_detections(model, inputs)
+    return model, inputs
+
+
+def set_inference_autocast(model, dtype):
+    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model: backbone and heads ("" = fp32).  The heads'
+    hooks, once installed, follow the backbone's switch."""
+    model.backbone.inference_autocast = dtype
+    if dtype:
+        autocast_heads(model, dtype)
+
+
+def profile_rows(args, peaks):
+    """Per-stage inference times of Faster and Mask R-CNN at batch 1, fp32 and (with --amp) under
+    MODEL.HRNET.INFERENCE_AUTOCAST <amp dtype> (backbone and heads)."""
+    rows = []
+    dtypes = ["fp32"] + ([args.amp_dtype] if args.amp else [])
+    for name, config in PROFILE_CONFIGS.items():
+        model, inputs = profile_model(args, config)
+        for dtype in dtypes:
+            set_inference_autocast(model, "" if dtype == "fp32" else dtype)
+            result = profile_inference(model, inputs, reps=args.reps, warmup=args.warmup)
+            with torch.no_grad():
+                detections = len(model(inputs)[0]["instances"])
+            stages = summarize(result)
+            for stage in stages.values():
+                if "gflops" in stage:
+                    stage["pct_of_conv_peak"] = 100 * stage["gflops"] / peaks[dtype]["conv3x3"]
+            rows.append(
                 {
-                    **timed_row(title, batch, times, a, b),
-                    "max_rel_diff_fp32": err,
-                    "gflop": gflop,
-                    "ours_gflops": gflop / med[a],
-                    "peak_dtype": dtype,
-                    "ours_pct_of_conv_peak": 100 * gflop / med[a] / peaks[dtype]["conv3x3"],
+                    "measure": f"profile: {name} {args.arch.upper()}, {dtype}",
+                    "batch": 1,
+                    "dtype": dtype,
+                    "detections": detections,
+                    "stages": stages,
+                    "runs": result["runs"],
                 }
             )
-            if a == "ours_amp":  # what autocast costs in accuracy: ||amp - fp32|| / ||fp32||, worst pyramid level
-                results[-1]["amp_rel_l2_vs_fp32"] = amp_err
-        print_row(results[-len(rows) :])
-    del ours, theirs, theirs_cl
+            print_profile(rows[-1])
+        set_inference_autocast(model, "")
+    return rows
 
-    if args.skip_detector:
+
+def print_profile(row):
+    print(f"{row['measure']} ({row['detections']} detections)")
+    for stage, s in row["stages"].items():
+        achieved = f"  {s['gflops']:.0f} GFLOP/s ({s['pct_of_conv_peak']:.0f}% of peak)" if "gflops" in s else ""
+        print(f"  {stage:<26} {s['s']:.4f} s {s['pct']:5.1f}%{achieved}", flush=True)
+
+
+def run(args):
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ph, pw = padded_size(args)
+    torch.manual_seed(0)
+    dtypes = ["fp32"] + ([args.amp_dtype] if args.amp else [])
+    peaks = peak_gflops(args.device, dtypes, args.reps, args.warmup)
+    results = peak_rows(args, peaks)
+    if "profile" in args.parts:
+        results += profile_rows(args, peaks)
+    if not {"body", "detector"} & set(args.parts):
         return results
-    # --- Faster R-CNN inference / training step --------------------------------------------------
-    det = make_detector(args, device, timm_model).eval()
-    det_timm = timm_detector(det, timm_model, device).eval()
-    det_ckpt = make_detector(args, device, timm_model, activation_checkpoint=True)
-    det_ckpt.load_state_dict(det.state_dict())
-    for batch in args.batch:
-        inputs = detector_inputs(batch, h, w, device, with_gt=False)
-
-        def infer(model):
-            def fn():
-                model.eval()  # the training-step rows of the previous batch size left it in train mode
-                with torch.no_grad():
-                    model(inputs)
-
-            return fn
-
-        variants = {"timm": infer(det_timm), "ours": infer(det)}
-        if args.amp:
-
-            def infer_amp():
-                det.eval()
-                with torch.no_grad(), autocast(args, True):
-                    det(inputs)
-
-            variants["ours_amp"] = infer_amp
-        times = interleaved(variants, args.reps, args.warmup, device)
-        new = [timed_row("Faster R-CNN inference", batch, times, "ours", "timm")]
-        if args.amp:
-            new.append(
-                timed_row("Faster R-CNN inference, ours autocast vs timm fp32", batch, times, "ours_amp", "timm")
-            )
-        results += new
-        print_row(new)
-
-        train_inputs = detector_inputs(batch, h, w, device, with_gt=True)
-        peaks = {}
-
-        def step(model, name, amp=False):
-            def fn():
-                model.train()
-                model.zero_grad(set_to_none=True)
-                with PeakMemory(device) as mem, EventStorage():
-                    with autocast(args, amp):
-                        losses = model(train_inputs)
-                    sum(losses.values()).backward()
-                peaks.setdefault(name, []).append(mem.peak)
-
-            return fn
-
-        variants = {"timm": step(det_timm, "timm"), "ours": step(det, "ours"), "ours_ckpt": step(det_ckpt, "ours_ckpt")}
-        if args.amp:
-            variants["timm_amp"] = step(det_timm, "timm_amp", True)
-            variants["ours_amp"] = step(det, "ours_amp", True)
-        times = interleaved(variants, args.reps, args.warmup, device)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {k: statistics.median(v[args.warmup :] or v) for k, v in peaks.items()}
-        new = [
-            timed_row("Faster R-CNN training step (fwd+bwd)", batch, times, "ours", "timm"),
-            {
-                "measure": "Faster R-CNN training peak memory (MiB)",
-                "batch": batch,
-                "ours_s": mem["ours"] / 2**20,
-                "timm_s": mem["timm"] / 2**20,
-                "ratio": _ratio(mem["ours"], mem["timm"]),
-            },
-            {
-                "measure": "training step, activation checkpoint on / off (ours)",
-                "batch": batch,
-                "ours_s": med["ours_ckpt"],
-                "timm_s": med["ours"],
-                "ratio": med["ours_ckpt"] / med["ours"],
-                "baseline": "ours, checkpoint off",
-            },
-            {
-                "measure": "training peak memory (MiB), activation checkpoint on / off (ours)",
-                "batch": batch,
-                "ours_s": mem["ours_ckpt"] / 2**20,
-                "timm_s": mem["ours"] / 2**20,
-                "ratio": _ratio(mem["ours_ckpt"], mem["ours"]),
-                "baseline": "ours, checkpoint off",
-            },
-        ]
-        if args.amp:
-            new.append(
-                timed_row(
-                    f"Faster R-CNN training step (fwd+bwd), both {args.amp_dtype} autocast",
-                    batch,
-                    times,
-                    "ours_amp",
-                    "timm_amp",
-                )
-            )
-        results += new
-        print_row(new)
-        det.eval()
+    timm_model = timm_baseline(args.arch, torch.randn(1, 3, min(ph, 256), min(pw, 256)))
+    if "body" in args.parts:
+        ours, theirs, theirs_cl = body_pair(args, timm_model)
+        for batch in args.batch:
+            results += body_rows(args, ours, theirs, theirs_cl, peaks, batch)
+        del ours, theirs, theirs_cl
+    if "detector" in args.parts:
+        det = make_detector(args, args.device, timm_model).eval()
+        det_timm = timm_detector(det, timm_model, args.device).eval()
+        det_ckpt = make_detector(args, args.device, timm_model, activation_checkpoint=True)
+        det_ckpt.load_state_dict(det.state_dict())
+        for batch in args.batch:
+            results += inference_rows(args, det, det_timm, batch)
+            results += training_rows(args, det, det_timm, det_ckpt, batch)
     return results
 
 
@@ -568,7 +572,7 @@ def markdown(results, info, args):
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        if r["measure"].startswith("peak: "):
+        if r["measure"].startswith(("peak: ", "profile: ")):
             continue
         unit = "" if "MiB" in r["measure"] else " s"
         ref = r.get("baseline", "timm")
@@ -583,8 +587,39 @@ def markdown(results, info, args):
         lines.append(
             f"| {measure} | {r['batch']} | {r['ours_s']:.4g}{unit} | {r['timm_s']:.4g}{unit} ({ref}) | **{r['ratio']:.2f}** | {achieved} |"
         )
+    lines += profile_markdown([r for r in results if r["measure"].startswith("profile: ")])
     lines += ["", f"Command: `{' '.join(['.venv/bin/python', 'tools/benchmark.py'] + sys.argv[1:])}`", ""]
     return "\n".join(lines)
+
+
+def profile_markdown(rows):
+    """One table: a row per stage, per profiled model and dtype seconds / % of whole / GFLOP/s (% of the same-dtype conv peak)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Per-stage inference profile (batch 1; median s over the runs, % of the median whole; GFLOP/s for "
+        "the conv / FC stages, % of the same-dtype 3x3-conv peak above):",
+        "",
+        "| stage | " + " | ".join(f"{r['measure'][9:]} ({r['detections']} det.)" for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for stage in (*STAGES, "whole"):
+        cells = []
+        for r in rows:
+            s = r["stages"].get(stage)
+            if s is None:
+                cells.append("")
+                continue
+            cell = f"{s['s']:.3f} s ({s['pct']:.0f}%)"
+            if "gflops" in s:
+                cell += f", {s['gflops']:.0f} GFLOP/s ({s['pct_of_conv_peak']:.0f}%)"
+            if stage == "whole":
+                cell = f"**{s['s']:.3f} s** (runs {s['min']:.3f}-{s['max']:.3f})"
+            cells.append(cell)
+        if any(cells):
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -603,12 +638,23 @@ def main(argv=None):
         "--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing (CUDNN_BENCHMARK)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    parser.add_argument("--skip-detector", action="store_true", help="only the body + HRNetV2p forward")
+    parser.add_argument("--skip-detector", action="store_true", help="only the body + HRNetV2p forward (--parts body)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("body", "detector", "profile"),
+        default=("body", "detector"),
+        help="body: body + HRNetV2p vs timm; detector: Faster R-CNN inference / training vs timm-bodied; "
+        "profile: per-stage inference time of Faster and Mask R-CNN (fp32, and the --amp dtype on backbone + heads)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: w18_small_v1, 64x96, batch 1, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs"))
     args = add_debug_argument(parser).parse_args(argv)
     if args.quick:
         args.arch, args.size, args.batch, args.reps, args.warmup = "w18_small_v1", (64, 96), (1,), 1, 1
+        args.parts = ("body", "detector", "profile")
+    if args.skip_detector:
+        args.parts = [p for p in args.parts if p != "detector"]
     args.amp_dtype = args.amp_dtype or DEFAULT_AMP_DTYPE[args.device]
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     info = machine_info(args.device)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Does low-precision inference (autocast bf16 / fp16) give the same detections as fp32?
 
-Runs a trained model over a test set twice per batch, in fp32 and under autocast, and
+Runs a trained model over a test set twice per batch, in fp32 and in the low dtype (by default
+as MODEL.HRNET.INFERENCE_AUTOCAST runs it: backbone and the heads' convs / FCs; ``--mode
+autocast``: the whole model under torch.autocast), and
 reports for each the COCO AP (the dataset's evaluator) and how the detections agree:
 the share of fp32 detections above ``--score`` that have an autocast detection of the same
 class with IoU >= ``--iou``, and the score difference of those pairs.  Writes a JSON.
@@ -27,6 +29,7 @@ from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
+from hrnet_d2.modeling.inference_autocast import autocast_heads
 from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,16 +56,36 @@ def agreement(reference, other, score, iou):
     return int(hit.sum()), len(ref), diffs
 
 
+def _shown(path):
+    """A path inside the repository relative to it: the JSON names no directory of this machine."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
+def set_inference_autocast(model, dtype):
+    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model ("" = fp32): the backbone's switch and the heads' hooks."""
+    model.backbone.inference_autocast = dtype
+    autocast_heads(model, dtype)
+
+
 def main(argv=None):
     parser = tool_argument_parser(__doc__, default_config=DEFAULT_CONFIG, opts_flag=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="autocast dtype to compare with fp32")
     parser.add_argument("--score", type=float, default=0.5, help="fp32 detections at or above this score are matched")
     parser.add_argument("--iou", type=float, default=0.9, help="IoU for a detection to count as the same")
+    parser.add_argument(
+        "--mode",
+        choices=("switch", "autocast"),
+        default="switch",
+        help="switch: MODEL.HRNET.INFERENCE_AUTOCAST <dtype> (backbone + heads' convs / FCs in the low dtype, "
+        "decoding, ROIAlign, NMS, pasting fp32: what users run); autocast: the whole model under torch.autocast",
+    )
     parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
     args = parser.parse_args(argv)
     cfg = tool_setup(args)
     ensure_all_generated(list(cfg.DATASETS.TEST))
+    cfg.MODEL.HRNET.INFERENCE_AUTOCAST = ""  # the fp32 reference; the low dtype is switched on per batch
     model = Trainer.build_model(cfg).eval()
     weights = load_inference_weights(model, cfg)  # MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth
     device = torch.device(cfg.MODEL.DEVICE).type
@@ -79,8 +102,14 @@ def main(argv=None):
     with torch.no_grad():
         for inputs in tqdm(loader, desc=f"fp32 vs {args.dtype}", total=len(loader)):
             ref = model(inputs)
-            with torch.autocast(device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
+            low_dtype = "" if args.dtype == "fp32" else args.dtype
+            if args.mode == "switch":
+                set_inference_autocast(model, low_dtype)
                 low = model(inputs)
+                set_inference_autocast(model, "")
+            else:
+                with torch.autocast(device, dtype=DTYPES[args.dtype], enabled=bool(low_dtype)):
+                    low = model(inputs)
             ev_ref.process(inputs, ref)
             ev_low.process(inputs, low)
             for r, o in zip(ref, low):
@@ -96,12 +125,13 @@ def main(argv=None):
         logger.info("%s:", name)
         print_csv_format(results[name])
     summary = {
-        "config": args.config_file,
+        "config": _shown(args.config_file),
         "weights": weights,
         "dataset": dataset,
         "images": images,
         "device": device,
         "dtype": args.dtype,
+        "mode": args.mode,
         "score_threshold": args.score,
         "iou_threshold": args.iou,
         "fp32_detections": total,

@@ -62,8 +62,14 @@ def add_hrnet_config(cfg):
     # native bf16: amx_bf16 / avx512_bf16 in lscpu's flags; GPUs) or "fp16" (GPUs) run them under
     # torch.autocast in eval mode, the pyramid's outputs cast back to fp32 for the heads.
     # Training is unaffected (use SOLVER.AMP.ENABLED there).  On CPUs without native bf16 it is
-    # emulated and slower than fp32.
+    # emulated and slower than fp32.  The R-CNN heads' convs and FCs follow it where the model is
+    # built by hrnet_d2 (train_net.py, demo.py, tools: hrnet_d2/modeling/inference_autocast.py); anchors,
+    # box decoding, ROIAlign, NMS and mask pasting stay fp32.
     _C.MODEL.HRNET.INFERENCE_AUTOCAST = ""
+
+    # Images per forward pass in evaluation (train_net.py --eval-only and the periodic test):
+    # the test loader batches them (Detectron2's default is 1; its config has no such key).
+    _C.TEST.IMS_PER_BATCH = 1
 
     # Image resize (train and test): "PIL" = Detectron2's ResizeShortestEdge; "cv2" = mmdetection's
     # Resize (cv2.INTER_LINEAR, mmcv's size rounding), for models converted from mmdetection.

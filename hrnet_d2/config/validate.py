@@ -403,19 +403,24 @@ def validate_config(cfg):
     """Check every key hrnet_d2 models use, before anything is built or read; returns the
     backbone's ``output_shape()``.
 
-    A config is checked once per process: called again with the same MODEL.* and INPUT.* keys (all
+    A config is checked once per process: called again with the same MODEL.*, INPUT.* and TEST.* keys (all
     it reads; e.g. ``Trainer.build_model`` after ``train_net.py``'s early check, also on the copy whose
     SOLVER keys ``auto_scale_workers`` scaled), it returns the first call's result.
 
     Raises ConfigError (a ValueError) naming the key, the value and what is allowed.
     """
-    dump = cfg.MODEL.dump() + cfg.INPUT.dump()
+    dump = cfg.MODEL.dump() + cfg.INPUT.dump() + cfg.TEST.dump()
     if dump in _validated:
         return dict(_validated[dump])
     check_device(cfg.MODEL.DEVICE)
     check_choice("INPUT.FORMAT", cfg.INPUT.FORMAT, INPUT_FORMATS)
     check_choice("INPUT.RESIZE_BACKEND", cfg.INPUT.RESIZE_BACKEND, RESIZE_BACKENDS)
     _check_pixels("MODEL.PIXEL_MEAN", list(cfg.MODEL.PIXEL_MEAN), "MODEL.PIXEL_STD", list(cfg.MODEL.PIXEL_STD))
+    ims = cfg.TEST.IMS_PER_BATCH
+    if not isinstance(ims, int) or isinstance(ims, bool) or ims < 1:
+        raise ConfigValueError(
+            "TEST.IMS_PER_BATCH", ims, "must be a positive integer (images per forward in evaluation)"
+        )
     backbone = BACKBONES.get(cfg.MODEL.BACKBONE.NAME)
     if backbone is not None:  # one of ours (a ResNet config keeps Detectron2's own checks)
         _check_body_keys(cfg)

@@ -22,6 +22,7 @@ from ..checkpoint import AtomicCheckpointer
 from ..config.validate import check_world_size, validate_config
 from ..data.checks import check_num_classes, load_dataset_dicts
 from ..data.mapper import CheckedDatasetMapper
+from ..modeling.inference_autocast import autocast_heads
 from .launch import create_ddp_model
 from .resume import ResumeState, build_resumable_train_loader
 from .train_loop import build_train_step
@@ -118,7 +119,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         validate_config(cfg)
-        return super().build_model(cfg)
+        model = super().build_model(cfg)
+        autocast_heads(model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)  # the backbone applies it itself
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -141,7 +144,10 @@ class Trainer(DefaultTrainer):
             proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
         dataset = load_dataset_dicts([dataset_name], proposal_files=proposal_files)
         return build_detection_test_loader(
-            dataset=dataset, mapper=CheckedDatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS
+            dataset=dataset,
+            mapper=CheckedDatasetMapper(cfg, False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            batch_size=cfg.TEST.IMS_PER_BATCH,
         )
 
     def run_step(self):

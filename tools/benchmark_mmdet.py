@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Ours against mmdetection 3.3's own HRNet detector: same CPU, same weights, same image, one process.
+
+mmdetection's shipped ``configs/hrnet/{faster,mask}-rcnn_hrnetv2p-w32-1x_coco.py`` is built with
+random weights that detect things on the test image (BN statistics from that image, the neck's
+outputs scaled to std ~1, head layers spread: the test oracle's ``randomly_initialised_detector``),
+saved as an mmdetection checkpoint and converted by our CLI (``python -m hrnet_d2.convert``) for
+the matching ``configs/*/*_w32_1x_mmdet.yaml``.  Both run image-in, detections-out on the same
+800x1333 RGB image (coloured shapes): mmdetection through ``inference_detector`` (its test
+pipeline + ``test_step``), ours through the test-time resize + ``model(inputs)`` (Detectron2's
+DefaultPredictor path).  Timed round-robin (``interleaved``), medians:
+
+* mmdetection fp32;
+* ours fp32;
+* ours under MODEL.HRNET.INFERENCE_AUTOCAST bf16 (backbone and heads, ``--dtype`` to change).
+
+mmcv-lite has no compiled ops: this uses the test oracle's set-up (``tests/mmdet_oracle.py``:
+mmdetection's config and code, torchvision's ``nms`` / ``roi_align`` standing in for mmcv's two
+kernels; test code, imported from tests/ by path).  Needs ``requirements-mmdet.txt``.
+Detections of ours (fp32) are matched against mmdetection's as the oracle tests do, so the
+rows compare the same computation.  Writes ``benchmark_mmdet.{json,md}`` into ``--output-dir``.
+
+  .venv/bin/python tools/benchmark_mmdet.py --reps 3 --output-dir docs/performance
+  .venv/bin/python tools/benchmark_mmdet.py --quick    # W18, 256x448, 1 run (smoke test)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from hrnet_d2.checkpoint.__main__ import main as convert_main
+from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.engine.predictor import model_input, test_augmentations
+from hrnet_d2.engine.profiling import interleaved, machine_info, profile_inference, summarize
+from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {  # name: (mmdetection config, our config), W32 1x; {w} is the width
+    "Faster R-CNN": ("faster-rcnn_hrnetv2p-{w}-1x_coco", "COCO-Detection/faster_rcnn_hrnetv2p_{w}_1x_mmdet.yaml"),
+    "Mask R-CNN": ("mask-rcnn_hrnetv2p-{w}-1x_coco", "COCO-InstanceSegmentation/mask_rcnn_hrnetv2p_{w}_1x_mmdet.yaml"),
+}
+
+
+def oracle():
+    """tests/mmdet_oracle.py, with mmcv's ops stood in (raises UserError without mmdetection)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import mmdet_oracle
+
+    if not mmdet_oracle.install_ext_stand_in():
+        raise UserError("mmdetection is not installed: pip install -r requirements-mmdet.txt")
+    return mmdet_oracle
+
+
+def shapes_image(h, w, seed=0):
+    """Coloured boxes and discs on a flat background (RGB uint8), as the oracle tests' images."""
+    import cv2
+
+    r = np.random.default_rng(seed)
+    img = np.full((h, w, 3), r.integers(0, 90, 3), np.uint8)
+    for _ in range(24):
+        colour = tuple(int(v) for v in r.integers(60, 255, 3))
+        x, y, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(20, min(h, w) // 4))
+        if r.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + s, y + s), colour, -1)
+        else:
+            cv2.circle(img, (x, y), s, colour, -1)
+    return img
+
+
+def pair(mo, name, width, image, scale, workdir):
+    """mmdetection's detector (calibrated on ``image``) and ours from its converted checkpoint."""
+    mm_name, config = (s.format(w=width) for s in MODELS[name])
+    h, w = image.shape[:2]  # the calibration's raw backbone pass needs a size mmdet's HRNet takes unpadded
+    calibration = np.ascontiguousarray(image[: h // 32 * 32, : w // 32 * 32])
+    mm = mo.randomly_initialised_detector(mo.mmdet_config(mm_name, test_scale=scale), calibration)
+    mm_ckpt, d2_ckpt = workdir / f"{mm_name}.pth", workdir / f"{mm_name}_d2.pth"
+    mo.save_mmdet_checkpoint(mm, mm_ckpt)
+    opts = ["INPUT.MIN_SIZE_TEST", str(scale[1]), "INPUT.MAX_SIZE_TEST", str(scale[0])]
+    if convert_main([str(mm_ckpt), str(d2_ckpt), "--config-file", get_config_file(config)]) != 0:
+        raise RuntimeError(f"conversion of {mm_ckpt} failed")
+    cfg = get_hrnet_cfg(get_config_file(config), opts + ["MODEL.WEIGHTS", str(d2_ckpt), "MODEL.DEVICE", "cpu"])
+    ours = build_model(cfg).eval()
+    DetectionCheckpointer(ours).load(str(d2_ckpt))
+    return mm, ours, cfg
+
+
+def set_dtype(model, dtype):
+    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model ("" = fp32): backbone and heads."""
+    model.backbone.inference_autocast = dtype
+    autocast_heads(model, dtype)
+
+
+def rows_for(mo, name, args, image, workdir):
+    mm, ours, cfg = pair(mo, name, args.width, image, args.scale, workdir)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    augmentations = test_augmentations(cfg)
+
+    def run_ours(dtype):
+        def fn():
+            set_dtype(ours, dtype)
+            with torch.no_grad():
+                return ours([model_input(image, augmentations)])[0]["instances"]
+
+        return fn
+
+    def run_mmdet():
+        with torch.no_grad():
+            return mo.mmdet_predict(mm, bgr)[0]
+
+    # the same computation: ours (fp32, through the oracle's own Detectron2 call) against mmdetection's detections
+    ref = run_mmdet()
+    ours_fp32, _ = mo.d2_predict(ours, cfg, image)
+    agreement = mo.match_detections(ref, ours_fp32)
+    variants = {"mmdet fp32": run_mmdet, "ours fp32": run_ours(""), f"ours {args.dtype}": run_ours(args.dtype)}
+    times = interleaved(variants, args.reps, args.warmup)
+    low = run_ours(args.dtype)()
+    set_dtype(ours, "")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    profiles = {}
+    for dtype in ("", args.dtype) if args.profile else ():
+        set_dtype(ours, dtype)
+        inputs = [model_input(image, augmentations)]
+        profiles[dtype or "fp32"] = summarize(profile_inference(ours, inputs, reps=args.reps, warmup=1))
+    set_dtype(ours, "")
+    return {
+        "model": f"{name} {args.width.upper()}",
+        "detections": {
+            "mmdet": len(ref["scores"]),
+            "ours fp32": len(ours_fp32["scores"]),
+            f"ours {args.dtype}": len(low),
+        },
+        "agreement_fp32": {k: v for k, v in agreement.items() if isinstance(v, (int, float, type(None)))},
+        "times": times,
+        "median_s": med,
+        "ratios": {
+            "ours fp32 / mmdet fp32": med["ours fp32"] / med["mmdet fp32"],
+            f"ours {args.dtype} / mmdet fp32": med[f"ours {args.dtype}"] / med["mmdet fp32"],
+            f"ours {args.dtype} / ours fp32": med[f"ours {args.dtype}"] / med["ours fp32"],
+        },
+        "profile": profiles,
+    }
+
+
+def markdown(rows, info, args):
+    lines = [
+        f"Ours against mmdetection 3.3's own HRNet detectors, {args.scale[1]}x{args.scale[0]} test scale "
+        f"(image {args.size[0]}x{args.size[1]}), batch 1, {args.reps} runs after {args.warmup} warm-up, medians "
+        "(runs min-max), interleaved; image in, detections out.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, "
+        f"{info['cpu_capability']}), torch {info['torch']}, load average at start {info['load_average']}; "
+        f"ISA flags: {', '.join(info['isa'])}.",
+        "",
+        f"| model | mmdet fp32 | ours fp32 | ours {args.dtype} | ours fp32 / mmdet | ours {args.dtype} / mmdet "
+        f"| ours {args.dtype} / ours fp32 | detections (mmdet / ours fp32 matched) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        cells = []
+        for k in ("mmdet fp32", "ours fp32", f"ours {args.dtype}"):
+            t = r["times"][k]
+            cells.append(f"{r['median_s'][k]:.3f} s ({min(t):.2f}-{max(t):.2f})")
+        ratios = " | ".join(f"**{v:.2f}**" for v in r["ratios"].values())
+        a = r["agreement_fp32"]
+        lines.append(
+            f"| {r['model']} | {' | '.join(cells)} | {ratios} | {r['detections']['mmdet']} / {a.get('matched')} |"
+        )
+    if args.profile:
+        lines += ["", "Our per-stage profile on the same image and weights (median s, % of whole):", ""]
+    for r in rows:
+        for dtype, stages in r["profile"].items():
+            lines.append(
+                f"* {r['model']}, {dtype}: "
+                + ", ".join(f"{k} {v['s']:.3f} s ({v['pct']:.0f}%)" for k, v in stages.items() if v["s"] >= 0.0005)
+            )
+    lines += ["", f"Command: `{' '.join(['.venv/bin/python', 'tools/benchmark_mmdet.py'] + sys.argv[1:])}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", default="w32", choices=("w18", "w32", "w40"))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"), help="the image")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also our per-stage profile on the same image and weights"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: W18, 256x448, 1 run")
+    parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))
+    args = add_debug_argument(parser).parse_args(argv)
+    if args.quick:
+        args.width, args.size, args.reps, args.warmup = "w18", (256, 448), 1, 0
+    args.scale = (args.size[1], args.size[0])  # mmdetection's (long, short): the image is already at scale
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mo = oracle()
+    info = machine_info("cpu")
+    image = shapes_image(*args.size)
+    rows = []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows.append(rows_for(mo, name, args, image, Path(tmp)))
+            print(json.dumps({k: rows[-1][k] for k in ("model", "median_s", "ratios", "detections")}), flush=True)
+            # written after every model: a long run stopped half-way keeps what it measured
+            (out / "benchmark_mmdet.json").write_text(
+                json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1) + "\n"
+            )
+            (out / "benchmark_mmdet.md").write_text(markdown(rows, info, args))
+    print(f"wrote {out / 'benchmark_mmdet.json'} and {out / 'benchmark_mmdet.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
