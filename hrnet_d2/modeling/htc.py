@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, cat
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, MaskRCNNConvUpsampleHead
@@ -54,7 +54,7 @@ from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .mmdet_heads import MMDetCascadeROIHeads
+from .mmdet_heads import MMDetCascadeROIHeads, set_mask_probabilities
 
 __all__ = [
     "FusedSemanticHead",
@@ -381,14 +381,7 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
             probs = logits[-1].sigmoid()
         else:
             probs = torch.stack([m.sigmoid() for m in logits]).mean(dim=0)
-        if probs.shape[1] == 1:  # class-agnostic masks
-            probs = probs[:, 0:1]
-        else:
-            classes = cat([i.pred_classes for i in instances])
-            probs = probs[torch.arange(probs.shape[0], device=probs.device), classes][:, None]
-        for prob, inst in zip(probs.split([len(i) for i in instances]), instances):
-            inst.pred_masks = prob  # (N, 1, M, M) probabilities, as mask_rcnn_inference leaves them
-        return instances
+        return set_mask_probabilities(probs, instances)
 
     # ---- training
 

@@ -42,7 +42,14 @@ from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-__all__ = ["MMDetBox2BoxTransform", "MMDetRPN", "MMDetROIHeads", "MMDetCascadeROIHeads", "StageMaskHeads"]
+__all__ = [
+    "MMDetBox2BoxTransform",
+    "MMDetRPN",
+    "MMDetROIHeads",
+    "MMDetCascadeROIHeads",
+    "StageMaskHeads",
+    "set_mask_probabilities",
+]
 
 
 class MMDetBox2BoxTransform(Box2BoxTransform):
@@ -82,6 +89,19 @@ class MMDetROIHeads(StandardROIHeads):
         return ret
 
 
+def set_mask_probabilities(probs: torch.Tensor, instances: List[Instances]) -> List[Instances]:
+    """Give each detection its class's channel of ``probs`` (N, C or 1, M, M) as ``pred_masks``
+    (N, 1, M, M), as Detectron2's ``mask_rcnn_inference`` leaves them; 1 channel: class-agnostic."""
+    if probs.shape[1] == 1:
+        probs = probs[:, 0:1]
+    else:
+        classes = cat([i.pred_classes for i in instances])
+        probs = probs[torch.arange(probs.shape[0], device=probs.device), classes][:, None]
+    for prob, inst in zip(probs.split([len(i) for i in instances]), instances):
+        inst.pred_masks = prob
+    return instances
+
+
 class StageMaskHeads(nn.Module):
     """One mask head per cascade stage; at inference their probabilities are averaged.  Trained by
     :class:`MMDetCascadeROIHeads`, each head on its stage's positives."""
@@ -98,14 +118,7 @@ class StageMaskHeads(nn.Module):
         if self.training:
             raise RuntimeError("StageMaskHeads are trained stage by stage by MMDetCascadeROIHeads.forward")
         probs = torch.stack([head.layers(x) for head in self.heads]).sigmoid().mean(dim=0)
-        if probs.shape[1] == 1:  # class-agnostic masks
-            probs = probs[:, 0:1]
-        else:
-            classes = cat([i.pred_classes for i in instances])
-            probs = probs[torch.arange(probs.shape[0], device=probs.device), classes][:, None]
-        for prob, inst in zip(probs.split([len(i) for i in instances]), instances):
-            inst.pred_masks = prob  # (N, 1, M, M) probabilities, as mask_rcnn_inference leaves them
-        return instances
+        return set_mask_probabilities(probs, instances)
 
 
 @ROI_HEADS_REGISTRY.register()
