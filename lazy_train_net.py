@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import hrnet_d2  # noqa: F401  (registers the backbones)
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.config.validate import check_device, lazy_argument_errors, validate_model
 from hrnet_d2.data import prepare_datasets, register_all_shapes
 from hrnet_d2.data.checks import check_num_classes
@@ -122,7 +123,7 @@ def main(args):
 
     if args.eval_only:
         model = create_ddp_model(build_model(cfg))
-        AtomicCheckpointer(model, cfg=cfg, complete=True).load(cfg.train.init_checkpoint)
+        load_inference_weights(model, cfg)  # train.init_checkpoint, else train.output_dir/model_final.pth
         return do_test(cfg, model)
     do_train(args, cfg)
 

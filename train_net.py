@@ -35,6 +35,7 @@ from detectron2.utils.logger import setup_logger
 
 from hrnet_d2 import get_hrnet_cfg
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.checkpoint.pretrained import check_pretrained_weights
 from hrnet_d2.config.validate import validate_config
 from hrnet_d2.data import prepare_datasets, register_all_shapes
@@ -74,8 +75,12 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg, complete=True)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if args.resume:  # the last checkpoint of OUTPUT_DIR (else MODEL.WEIGHTS), as Detectron2 does
+            AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg, complete=True).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=True
+            )
+        else:  # MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth: decided in one place for every inference entry point
+            load_inference_weights(model, cfg)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

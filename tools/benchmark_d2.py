@@ -28,6 +28,7 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import CommonMetricPrinter
 
 from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.data.checks import check_datasets
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
@@ -87,7 +88,7 @@ def benchmark_eval(cfg, iters, warmup=3):
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model, cfg=cfg).load(cfg.MODEL.WEIGHTS)
+        load_inference_weights(model, cfg)  # the one place MODEL.WEIGHTS is resolved for inference
     loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
     batches = list(itertools.islice(loader, NUM_PRELOADED))
     data = _repeat(batches)

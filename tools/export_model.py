@@ -33,7 +33,7 @@ from detectron2.export import TracingAdapter, dump_torchscript_IR, scripting_wit
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes
 
-from hrnet_d2.checkpoint import AtomicCheckpointer
+from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 from hrnet_d2.engine.predictor import model_input, test_augmentations
 from hrnet_d2.utils.errors import UserError
@@ -215,7 +215,7 @@ def disable_fast_paths(model):
 def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(model, cfg=cfg, complete=True).resume_or_load(cfg.MODEL.WEIGHTS)
+        load_inference_weights(model, cfg)  # the one place MODEL.WEIGHTS is resolved for inference
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     return disable_fast_paths(model.eval())
