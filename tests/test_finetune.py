@@ -309,7 +309,7 @@ def test_fine_tune_a_published_80_class_detector_by_name(server, cache, monkeypa
     to 2 classes with --dataset: NUM_CLASSES from the data, class layers re-initialised, "person"
     transferred from COCO's rows, every other tensor loaded, AP evaluated."""
     import yaml
-    from test_zoo import FASTER, SMALL, _coco_entry, _path, _serialized, body_state_dict
+    from test_zoo import FASTER, SMALL, _coco_entry, _path, _serialized, mmdet_faster_rcnn_state_dict
 
     from hrnet_d2.checkpoint import zoo
     from hrnet_d2.config import CONFIG_DIR
@@ -324,24 +324,7 @@ def test_fine_tune_a_published_80_class_detector_by_name(server, cache, monkeypa
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
     torch.manual_seed(1)
     ours = build_model(cfg).state_dict()
-    sd = {f"backbone.{k}": v for k, v in body_state_dict(timm_small).items()}
-    sd["neck.reduction_conv.conv.weight"] = torch.randn_like(ours["backbone.reduction_conv.weight"]) * 0.05
-    sd["neck.reduction_conv.conv.bias"] = torch.zeros_like(ours["backbone.reduction_conv.bias"])
-    for i in range(5):
-        sd[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn(256, 256, 3, 3) * 0.02
-        sd[f"neck.fpn_convs.{i}.conv.bias"] = torch.zeros(256)
-    heads = {
-        "proposal_generator.rpn_head.conv": "rpn_head.rpn_conv",
-        "proposal_generator.rpn_head.objectness_logits": "rpn_head.rpn_cls",
-        "proposal_generator.rpn_head.anchor_deltas": "rpn_head.rpn_reg",
-        "roi_heads.box_head.fc1": "roi_head.bbox_head.shared_fcs.0",
-        "roi_heads.box_head.fc2": "roi_head.bbox_head.shared_fcs.1",
-        "roi_heads.box_predictor.cls_score": "roi_head.bbox_head.fc_cls",
-        "roi_heads.box_predictor.bbox_pred": "roi_head.bbox_head.fc_reg",
-    }
-    for d2, mm in heads.items():
-        for p in ("weight", "bias"):
-            sd[f"{mm}.{p}"] = torch.randn_like(ours[f"{d2}.{p}"]) * 0.01
+    sd = mmdet_faster_rcnn_state_dict(timm_small, ours, reduction_std=0.05, neck_biases=False)
     data = _serialized({"meta": {"epoch": 12}, "state_dict": sd})
     entry = _coco_entry(data, config)
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)

@@ -153,6 +153,34 @@ def small_detector_config(tmp_path_factory):
     return path
 
 
+# Detectron2 name -> mmdetection 2.x/3.x name of the Faster R-CNN head layers
+MMDET_FASTER_RCNN_HEADS = {
+    "proposal_generator.rpn_head.conv": "rpn_head.rpn_conv",
+    "proposal_generator.rpn_head.objectness_logits": "rpn_head.rpn_cls",
+    "proposal_generator.rpn_head.anchor_deltas": "rpn_head.rpn_reg",
+    "roi_heads.box_head.fc1": "roi_head.bbox_head.shared_fcs.0",
+    "roi_heads.box_head.fc2": "roi_head.bbox_head.shared_fcs.1",
+    "roi_heads.box_predictor.cls_score": "roi_head.bbox_head.fc_cls",
+    "roi_heads.box_predictor.bbox_pred": "roi_head.bbox_head.fc_reg",
+}
+
+
+def mmdet_faster_rcnn_state_dict(timm_model, ours, reduction_std=1.0, neck_biases=True):
+    """An mmdetection-layout Faster R-CNN state dict: ``timm_model``'s body, random HRFPN neck and heads shaped
+    like ``ours`` (a Detectron2 model's state dict); ``neck_biases=False`` leaves the neck's biases at zero."""
+    sd = {f"backbone.{k}": v for k, v in body_state_dict(timm_model).items()}
+    sd["neck.reduction_conv.conv.weight"] = torch.randn_like(ours["backbone.reduction_conv.weight"]) * reduction_std
+    bias = ours["backbone.reduction_conv.bias"]
+    sd["neck.reduction_conv.conv.bias"] = torch.randn_like(bias) if neck_biases else torch.zeros_like(bias)
+    for i in range(5):
+        sd[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn(256, 256, 3, 3) * 0.02
+        sd[f"neck.fpn_convs.{i}.conv.bias"] = torch.randn(256) if neck_biases else torch.zeros(256)
+    for d2, mm in MMDET_FASTER_RCNN_HEADS.items():
+        for p in ("weight", "bias"):
+            sd[f"{mm}.{p}"] = torch.randn_like(ours[f"{d2}.{p}"]) * 0.01
+    return sd
+
+
 @pytest.fixture(scope="module")
 def mmdet_checkpoint(timm_small, small_detector_config):
     """An mmdetection-layout Faster R-CNN checkpoint: HRNet backbone, HRFPN neck, RPN and 2-fc box heads
@@ -160,24 +188,7 @@ def mmdet_checkpoint(timm_small, small_detector_config):
     torch.manual_seed(1)
     cfg = make_cfg(str(small_detector_config))
     ours = build_model(cfg).state_dict()
-    sd = {f"backbone.{k}": v for k, v in body_state_dict(timm_small).items()}
-    sd["neck.reduction_conv.conv.weight"] = torch.randn_like(ours["backbone.reduction_conv.weight"])
-    sd["neck.reduction_conv.conv.bias"] = torch.randn_like(ours["backbone.reduction_conv.bias"])
-    for i in range(5):
-        sd[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn(256, 256, 3, 3) * 0.02
-        sd[f"neck.fpn_convs.{i}.conv.bias"] = torch.randn(256)
-    heads = {
-        "proposal_generator.rpn_head.conv": "rpn_head.rpn_conv",
-        "proposal_generator.rpn_head.objectness_logits": "rpn_head.rpn_cls",
-        "proposal_generator.rpn_head.anchor_deltas": "rpn_head.rpn_reg",
-        "roi_heads.box_head.fc1": "roi_head.bbox_head.shared_fcs.0",
-        "roi_heads.box_head.fc2": "roi_head.bbox_head.shared_fcs.1",
-        "roi_heads.box_predictor.cls_score": "roi_head.bbox_head.fc_cls",
-        "roi_heads.box_predictor.bbox_pred": "roi_head.bbox_head.fc_reg",
-    }
-    for d2, mm in heads.items():
-        for p in ("weight", "bias"):
-            sd[f"{mm}.{p}"] = torch.randn_like(ours[f"{d2}.{p}"]) * 0.01
+    sd = mmdet_faster_rcnn_state_dict(timm_small, ours)
     return sd, _serialized({"meta": {"epoch": 12}, "state_dict": sd})
 
 
