@@ -40,6 +40,17 @@ def _inference_settings(model):
     }
 
 
+def _same_detections(lazy_model, yaml_model, image):
+    """Both models' instances on ``image``: as many (at least one), same boxes and scores."""
+    with torch.no_grad():
+        a = lazy_model([{"image": image}])[0]["instances"]
+        b = yaml_model([{"image": image}])[0]["instances"]
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(a.scores, b.scores)
+    return a, b
+
+
 @pytest.mark.parametrize("lazy", sorted(PAIRS))
 def test_lazy_config_equals_yaml_model(lazy, tmp_path):
     """Same modules, same inference settings, same test-time mapping of an image file, and (with the same
@@ -79,13 +90,7 @@ def test_lazy_config_equals_yaml_model(lazy, tmp_path):
     lazy_model.load_state_dict(yaml_sd)
     for m in (lazy_model, yaml_model):  # random weights score ~1/num_classes: keep every box
         m.roi_heads.box_predictor.test_score_thresh = 0.0
-    image = torch.rand(3, 96, 128) * 255
-    with torch.no_grad():
-        a = lazy_model([{"image": image}])[0]["instances"]
-        b = yaml_model([{"image": image}])[0]["instances"]
-    assert len(a) == len(b) > 0
-    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
-    torch.testing.assert_close(a.scores, b.scores)
+    a, b = _same_detections(lazy_model, yaml_model, torch.rand(3, 96, 128) * 255)
     if a.has("pred_masks"):
         torch.testing.assert_close(a.pred_masks, b.pred_masks)
 
@@ -229,10 +234,4 @@ def test_lazy_fcos_equals_yaml_model():
     lazy_model.load_state_dict(yaml_sd)
     for m in (lazy_model, yaml_model):  # random weights score ~0.01: keep every location
         m.test_score_thresh = 0.0
-    image = torch.rand(3, 128, 160) * 255
-    with torch.no_grad():
-        a = lazy_model([{"image": image}])[0]["instances"]
-        b = yaml_model([{"image": image}])[0]["instances"]
-    assert len(a) == len(b) > 0
-    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
-    torch.testing.assert_close(a.scores, b.scores)
+    _same_detections(lazy_model, yaml_model, torch.rand(3, 128, 160) * 255)
