@@ -48,6 +48,7 @@ from detectron2.utils.events import EventStorage
 from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.checkpoint.pretrained import IMAGENET_CHECKPOINTS
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.profiling import (
     ISA_FLAGS,
     STAGES,
@@ -59,7 +60,7 @@ from hrnet_d2.engine.profiling import (
     profile_inference,
     summarize,
 )
-from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.modeling.pyramid import HRNetV2p
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
@@ -436,19 +437,11 @@ def profile_model(args, config):
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = Trainer.build_model(cfg).eval()  # the inference path train_net.py --eval-only runs
     h, w = args.size
     inputs = detector_inputs(1, h, w, args.device, with_gt=False)
     calibrate_detections(model, inputs)
     return model, inputs
-
-
-def set_inference_autocast(model, dtype):
-    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model: backbone and heads ("" = fp32).  The heads'
-    hooks, once installed, follow the backbone's switch."""
-    model.backbone.inference_autocast = dtype
-    if dtype:
-        autocast_heads(model, dtype)
 
 
 def profile_rows(args, peaks):

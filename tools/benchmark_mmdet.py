@@ -35,13 +35,13 @@ import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 
 from hrnet_d2.checkpoint.__main__ import main as convert_main
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.predictor import model_input, test_augmentations
 from hrnet_d2.engine.profiling import interleaved, machine_info, profile_inference, summarize
-from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,15 +89,9 @@ def pair(mo, name, width, image, scale, workdir):
     if convert_main([str(mm_ckpt), str(d2_ckpt), "--config-file", get_config_file(config)]) != 0:
         raise RuntimeError(f"conversion of {mm_ckpt} failed")
     cfg = get_hrnet_cfg(get_config_file(config), opts + ["MODEL.WEIGHTS", str(d2_ckpt), "MODEL.DEVICE", "cpu"])
-    ours = build_model(cfg).eval()
+    ours = Trainer.build_model(cfg).eval()  # the inference path train_net.py --eval-only runs
     DetectionCheckpointer(ours).load(str(d2_ckpt))
     return mm, ours, cfg
-
-
-def set_dtype(model, dtype):
-    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model ("" = fp32): backbone and heads."""
-    model.backbone.inference_autocast = dtype
-    autocast_heads(model, dtype)
 
 
 def rows_for(mo, name, args, image, workdir):
@@ -107,7 +101,7 @@ def rows_for(mo, name, args, image, workdir):
 
     def run_ours(dtype):
         def fn():
-            set_dtype(ours, dtype)
+            set_inference_autocast(ours, dtype)
             with torch.no_grad():
                 return ours([model_input(image, augmentations)])[0]["instances"]
 
@@ -124,14 +118,14 @@ def rows_for(mo, name, args, image, workdir):
     variants = {"mmdet fp32": run_mmdet, "ours fp32": run_ours(""), f"ours {args.dtype}": run_ours(args.dtype)}
     times = interleaved(variants, args.reps, args.warmup)
     low = run_ours(args.dtype)()
-    set_dtype(ours, "")
+    set_inference_autocast(ours, "")
     med = {k: statistics.median(v) for k, v in times.items()}
     profiles = {}
     for dtype in ("", args.dtype) if args.profile else ():
-        set_dtype(ours, dtype)
+        set_inference_autocast(ours, dtype)
         inputs = [model_input(image, augmentations)]
         profiles[dtype or "fp32"] = summarize(profile_inference(ours, inputs, reps=args.reps, warmup=1))
-    set_dtype(ours, "")
+    set_inference_autocast(ours, "")
     return {
         "model": f"{name} {args.width.upper()}",
         "detections": {

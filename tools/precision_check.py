@@ -29,7 +29,7 @@ from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
-from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.file_io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +60,6 @@ def _shown(path):
     """A path inside the repository relative to it: the JSON names no directory of this machine."""
     p = Path(path).resolve()
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
-
-
-def set_inference_autocast(model, dtype):
-    """MODEL.HRNET.INFERENCE_AUTOCAST on a built model ("" = fp32): the backbone's switch and the heads' hooks."""
-    model.backbone.inference_autocast = dtype
-    autocast_heads(model, dtype)
 
 
 def main(argv=None):

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from detectron2.modeling import build_model
-
 from hrnet_d2.checkpoint.zoo import coco_models
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
+from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.profiling import calibrate_detections, interleaved, machine_info
-from hrnet_d2.modeling.inference_autocast import autocast_heads
+from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,14 +53,13 @@ def structure_key(config):
 def latency(config, args, inputs):
     cfg = get_hrnet_cfg(get_config_file(config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = Trainer.build_model(cfg).eval()  # the inference path train_net.py --eval-only runs
     with torch.no_grad():
         detections = calibrate_detections(model, inputs)
 
     def run(dtype):
         def fn():
-            model.backbone.inference_autocast = dtype
-            autocast_heads(model, dtype)
+            set_inference_autocast(model, dtype)
             with torch.no_grad():
                 model(inputs)
 

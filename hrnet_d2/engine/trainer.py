@@ -23,6 +23,7 @@ from ..config.validate import check_world_size, validate_config
 from ..data.checks import check_num_classes, load_dataset_dicts
 from ..data.mapper import CheckedDatasetMapper
 from ..modeling.inference_autocast import autocast_heads
+from ..modeling.roi_align import parallel_roi_align
 from .launch import create_ddp_model
 from .resume import ResumeState, build_resumable_train_loader
 from .train_loop import build_train_step
@@ -121,6 +122,7 @@ class Trainer(DefaultTrainer):
         validate_config(cfg)
         model = super().build_model(cfg)
         autocast_heads(model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)  # the backbone applies it itself
+        parallel_roi_align(model)  # inference on CPU: all threads, the same outputs
         return model
 
     @classmethod

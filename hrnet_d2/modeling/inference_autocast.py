@@ -28,7 +28,7 @@ from detectron2.structures import Instances
 
 from .pyramid import AUTOCAST_DTYPES
 
-__all__ = ["autocast_heads", "head_modules", "to_fp32"]
+__all__ = ["autocast_heads", "head_modules", "set_inference_autocast", "to_fp32"]
 
 
 def to_fp32(obj):
@@ -114,3 +114,11 @@ def autocast_heads(model, dtype):
         )
         names.append(name)
     return names
+
+
+def set_inference_autocast(model, dtype):
+    """``MODEL.HRNET.INFERENCE_AUTOCAST`` on a built model ("" = fp32): the HRNetV2p backbone's switch
+    (where the backbone has one) and the heads' hooks (:func:`autocast_heads`)."""
+    if hasattr(model.backbone, "inference_autocast"):
+        model.backbone.inference_autocast = dtype
+    return autocast_heads(model, dtype)
