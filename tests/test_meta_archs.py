@@ -257,3 +257,51 @@ def test_htc_without_label_maps_says_so(tmp_path, caplog):
     frozen = [k for k, v in trainer.model.named_parameters() if not v.requires_grad]
     assert frozen == ["roi_heads.semantic_head.conv_logits.weight", "roi_heads.semantic_head.conv_logits.bias"]
     assert not any(k.startswith("roi_heads.semantic_head.conv_logits.") for k in moved)
+
+
+def test_htc_samples_every_stage_afresh_as_mmdetection(tmp_path, monkeypatch):
+    """MODEL.HTC.RESAMPLE_STAGES (on): each stage, and each interleaved mask step, assigns its boxes plus the
+    exact ground truth at its own IoU and samples BATCH_SIZE_PER_IMAGE with at most POSITIVE_FRACTION
+    positives; the regressed boxes minus the appended ground truth are the next step's input.  Off: the sampler
+    is never called (Detectron2's relabelling), the control that the recording below sees the switch."""
+    from detectron2.structures import pairwise_iou
+
+    from hrnet_d2.modeling.htc import HybridTaskCascadeROIHeads
+
+    calls = []
+    real = HybridTaskCascadeROIHeads._sample_stage
+
+    def record(self, boxes, targets, stage):
+        out = real(self, boxes, targets, stage)
+        calls.append((stage, [b.tensor.clone() for b in boxes], targets, out, self.proposal_matchers[stage]))
+        return out
+
+    monkeypatch.setattr(HybridTaskCascadeROIHeads, "_sample_stage", record)
+    opts = ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16, "MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25)
+    cfg = tiny_cfg("htc_hrnetv2p_w18_small_shapes.yaml", tmp_path, iters=1)
+    cfg.merge_from_list(["TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), *opts])
+    Trainer(cfg).train()
+    assert [c[0] for c in calls] == [0, 0, 1, 1, 2, 2], "one sample per stage and per interleaved mask step"
+    for i, (stage, boxes, targets, out, matcher) in enumerate(calls):
+        threshold = matcher.thresholds[1]
+        assert threshold == cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS[stage]
+        for gt, props in zip(targets, out):
+            fg = props.gt_classes < cfg.MODEL.ROI_HEADS.NUM_CLASSES
+            assert len(props) <= 16 and int(fg.sum()) <= 4
+            iou = pairwise_iou(props.proposal_boxes, props.gt_boxes).diagonal()
+            assert bool((iou[fg] >= threshold).all()), "positives overlap their ground truth by the stage's IoU"
+            best = pairwise_iou(props.proposal_boxes, gt.gt_boxes).max(dim=1).values
+            assert bool((best[~fg] < threshold).all()), "negatives overlap no ground truth that much"
+            appended = props.proposal_boxes.tensor[props.from_gt]  # the ground-truth boxes, exactly
+            assert bool((appended[:, None] == gt.gt_boxes.tensor[None]).all(-1).any(1).all())
+            assert len(appended) <= len(gt) and bool(fg[props.from_gt].all())
+        if i % 2 == 1:  # a mask step and the next stage get the same regressed boxes
+            if i + 1 < len(calls):
+                assert all(torch.equal(x, y) for x, y in zip(boxes, calls[i + 1][1]))
+            prev = calls[i - 1][3]
+            assert [len(x) for x in boxes] == [int((~p.from_gt).sum()) for p in prev]
+    calls.clear()
+    cfg = tiny_cfg("htc_hrnetv2p_w18_small_shapes.yaml", tmp_path / "d2", iters=1)
+    cfg.merge_from_list(["TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), *opts, "MODEL.HTC.RESAMPLE_STAGES", False])
+    Trainer(cfg).train()
+    assert calls == []

@@ -93,6 +93,10 @@ def add_hrnet_config(cfg):
     # stages and stage loss weights are MODEL.ROI_BOX_CASCADE_HEAD's.  Defaults: mmdetection's htc_r50_fpn_1x_coco / HRNet HTC configs.
     _C.MODEL.HTC = CN()
     _C.MODEL.HTC.INTERLEAVED = True  # stage k's mask head trained on stage k's regressed boxes
+    # training: every stage (and every interleaved mask step) assigns and samples its RoIs afresh, as mmdetection
+    # (MaxIoUAssigner + RandomSampler: ROI_HEADS.BATCH_SIZE_PER_IMAGE, POSITIVE_FRACTION, the ground truth appended
+    # exactly, regressed ground-truth boxes dropped); False: Detectron2's cascade (later stages relabel all boxes)
+    _C.MODEL.HTC.RESAMPLE_STAGES = True
     _C.MODEL.HTC.MASK_INFO_FLOW = True  # mask head k receives mask head k-1's features (conv_res)
     # Test-time masks: "last" = the last stage's probabilities (mmdetection 3.x); "mean" = all stages'
     # probabilities averaged (mmdetection 1.x/2.x, the HTC paper)

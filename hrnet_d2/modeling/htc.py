@@ -7,7 +7,7 @@ under ``MODEL.HTC`` (``add_hrnet_config``).  It is mmdetection 3.3's ``HybridTas
 stage ensemble):
 
 * one box head and one mask head per stage; with ``MODEL.HTC.INTERLEAVED`` each stage's mask head is
-  trained on the boxes its own stage's box head has just regressed (relabelled at that stage's IoU);
+  trained on the boxes its own stage's box head has just regressed (assigned and sampled again at that stage's IoU);
 * the mask information flow (``MODEL.HTC.MASK_INFO_FLOW``): mask head k receives the features of
   mask heads 0..k-1, run in turn on the same RoI features, through its ``conv_res`` (1x1 conv + ReLU),
   added to its input;
@@ -20,10 +20,16 @@ stage ensemble):
   prediction), "mean" averages all stages' probabilities, what mmdetection 1.x/2.x computed (and the
   HTC paper describes).
 
-Training differs from mmdetection's in the sampling of later stages (Detectron2's cascade: stage 0
-samples 512 RoIs with 25% positives and the ground truth appended; later stages, and the interleaved
-mask targets, take all regressed boxes of the previous step, relabelled; mmdetection samples 512 afresh
-at every stage and for every interleaved mask step).
+Training samples RoIs as mmdetection's ``HybridTaskCascadeRoIHead.loss`` does (``MODEL.HTC.RESAMPLE_STAGES``,
+on by default): every stage assigns its input boxes plus the ground truth at its own IoU (mmdetection's
+``MaxIoUAssigner``: Detectron2's ``Matcher`` without low-quality matches) and samples
+``ROI_HEADS.BATCH_SIZE_PER_IMAGE`` of them with at most ``POSITIVE_FRACTION`` positives (``RandomSampler``:
+Detectron2's ``subsample_labels``); the boxes a stage regressed, minus those that were appended ground truth
+(mmdetection's ``refine_bboxes``), are the next stage's input; with ``MODEL.HTC.INTERLEAVED`` the stage's
+mask head is trained on a fresh assignment and sample of those regressed boxes.  ``RESAMPLE_STAGES False``
+is Detectron2's cascade instead: stage 0 samples, later stages (and the interleaved mask targets) take all
+regressed boxes of the previous step, relabelled.  Random draws differ from mmdetection's, the rules do not
+(``tests/test_mmdet_oracle.py`` compares the training losses with sampling made deterministic).
 
 The semantic branch's own loss (``loss_semantic_seg``: cross-entropy of ``conv_logits`` against the
 per-pixel label map, nearest-downsampled to the fusion stride, ignored pixels counted in the mean as
@@ -203,6 +209,7 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         self,
         *,
         interleaved: bool = True,
+        resample_stages: bool = True,
         mask_info_flow: bool = True,
         mask_test_stages: str = "last",
         semantic_head: Optional[FusedSemanticHead] = None,
@@ -217,6 +224,8 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         """
         Args:
             interleaved: train stage k's mask head on stage k's regressed boxes (else on its input boxes).
+            resample_stages: assign and sample every stage's RoIs afresh, as mmdetection (see the module doc);
+                False: Detectron2's cascade relabelling.
             mask_info_flow: mask heads receive the previous stage's mask features.
             mask_test_stages: "last" (mmdetection 3.x) or "mean" (mmdetection 1.x/2.x), see the module doc.
             semantic_head: the semantic branch, or None.
@@ -234,6 +243,7 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         if self.mask_on and not isinstance(self.mask_head, HTCMaskHeads):
             raise ValueError("HybridTaskCascadeROIHeads needs HTCMaskHeads as its mask head")
         self.interleaved = interleaved
+        self.resample_stages = resample_stages
         self.mask_info_flow = mask_info_flow
         self.mask_test_stages = mask_test_stages
         self.semantic_head = semantic_head
@@ -253,6 +263,7 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
         h = cfg.MODEL.HTC
         ret.update(
             interleaved=h.INTERLEAVED,
+            resample_stages=h.RESAMPLE_STAGES,
             mask_info_flow=h.MASK_INFO_FLOW,
             mask_test_stages=h.MASK_TEST_STAGES,
         )
@@ -356,8 +367,10 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
                         "through the box and mask losses only, without mmdetection's loss_semantic_seg"
                     )
                     self._told_no_semantic_loss = True
-            proposals = self.label_and_sample_proposals(proposals, targets)
-            losses.update(self._forward_train(features, semantic, proposals, targets))
+            if not self.resample_stages:  # Detectron2: stage 0's sample here, later stages relabel
+                proposals = self.label_and_sample_proposals(proposals, targets)
+            proposals, train_losses = self._forward_train(features, semantic, proposals, targets)
+            losses.update(train_losses)
             return proposals, losses
         semantic = self._semantic_features(features)
         box_features = [features[f] for f in self.box_in_features]
@@ -386,22 +399,33 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
     # ---- training
 
     def _forward_train(self, features, semantic, proposals, targets):
+        """(stage 0's RoIs, losses).  ``proposals``: the RPN's (``resample_stages``) or stage 0's sample."""
         box_features = [features[f] for f in self.box_in_features]
         image_sizes = [x.image_size for x in proposals]
         storage = get_event_storage()
-        losses, boxes = {}, None
+        losses, boxes, first = {}, None, None
+        stage_input = [x.proposal_boxes for x in proposals]
         for k in range(self.num_cascade_stages):
             weight = self.stage_loss_weights[k]
-            if k > 0:
+            if self.resample_stages:
+                with storage.name_scope(f"stage{k}"):
+                    proposals = self._sample_stage(stage_input, targets, k)
+            elif k > 0:
                 proposals = self._label_boxes(self._create_proposals_from_boxes(boxes, image_sizes), k, targets)
+            first = first or proposals
             predictions = self._run_semantic_stage(box_features, proposals, k, semantic)
             with storage.name_scope(f"stage{k}"):
                 stage_losses = self.box_predictor[k].losses(predictions, proposals)
             losses.update({f"{name}_stage{k}": v * weight for name, v in stage_losses.items()})
             boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
+            if self.resample_stages:  # mmdetection's refine_bboxes: regressed, clipped, appended ground truth dropped
+                stage_input = self._refined_boxes(boxes, proposals)
             if self.mask_on:
                 mask_proposals = proposals
-                if self.interleaved:  # the boxes this stage just regressed, relabelled at its IoU
+                if self.interleaved and self.resample_stages:  # assigned and sampled afresh, at this stage's IoU
+                    with storage.name_scope(f"stage{k}_mask"):
+                        mask_proposals = self._sample_stage(stage_input, targets, k)
+                elif self.interleaved:  # the boxes this stage just regressed, relabelled at its IoU
                     mask_proposals = self._label_boxes(
                         self._create_proposals_from_boxes(boxes, image_sizes), k, targets
                     )
@@ -411,7 +435,45 @@ class HybridTaskCascadeROIHeads(MMDetCascadeROIHeads):
                     self._mask_features(features, semantic, boxes_fg), k, self.mask_info_flow
                 )
                 losses[f"loss_mask_stage{k}"] = mask_rcnn_loss(logits, fg) * weight
-        return losses
+        return first, losses
+
+    @torch.no_grad()
+    def _sample_stage(self, boxes: List[Boxes], targets: List[Instances], stage: int) -> List[Instances]:
+        """mmdetection's ``MaxIoUAssigner`` + ``RandomSampler`` at stage ``stage``: ``boxes`` with the ground
+        truth appended (``from_gt``), matched at the stage's IoU, ``batch_size_per_image`` sampled with at most
+        ``positive_fraction`` positives, with every ``gt_*`` field of their ground truth (background: class
+        ``num_classes``)."""
+        sampled, num_fg, num_bg = [], [], []
+        for b, gt in zip(boxes, targets):
+            from_gt = torch.zeros(len(b), dtype=torch.bool, device=b.device)
+            if self.proposal_append_gt:
+                b = Boxes.cat([b, gt.gt_boxes])
+                from_gt = torch.cat([from_gt, torch.ones(len(gt), dtype=torch.bool, device=b.device)])
+            matched_idxs, matched_labels = self.proposal_matchers[stage](pairwise_iou(gt.gt_boxes, b))
+            idxs, gt_classes = self._sample_proposals(matched_idxs, matched_labels, gt.gt_classes)
+            props = Instances(gt.image_size, proposal_boxes=b[idxs], from_gt=from_gt[idxs], gt_classes=gt_classes)
+            if len(gt) > 0:
+                for name, value in gt.get_fields().items():
+                    if name.startswith("gt_") and not props.has(name):
+                        props.set(name, value[matched_idxs[idxs]])
+            num_bg.append(int((gt_classes == self.num_classes).sum()))
+            num_fg.append(len(gt_classes) - num_bg[-1])
+            sampled.append(props)
+        storage = get_event_storage()
+        storage.put_scalar("roi_head/num_fg_samples", sum(num_fg) / max(len(num_fg), 1))
+        storage.put_scalar("roi_head/num_bg_samples", sum(num_bg) / max(len(num_bg), 1))
+        return sampled
+
+    @staticmethod
+    def _refined_boxes(boxes: List[torch.Tensor], proposals: List[Instances]) -> List[Boxes]:
+        """mmdetection's ``refine_bboxes``: a stage's regressed boxes, clipped to the image, without the
+        boxes that were appended ground truth (they are appended again, exactly, by the next sample)."""
+        refined = []
+        for b, p in zip(boxes, proposals):
+            b = Boxes(b.detach()[~p.from_gt])
+            b.clip(p.image_size)
+            refined.append(b)
+        return refined
 
     @torch.no_grad()
     def _label_boxes(self, proposals: List[Instances], stage: int, targets: List[Instances]):
