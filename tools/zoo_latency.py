@@ -36,6 +36,8 @@ KINDS = {  # config folder / name prefix -> label, matplotlib marker
     "cascade_rcnn": ("Cascade R-CNN", "s"),
     "mask_rcnn": ("Mask R-CNN", "^"),
     "faster_rcnn": ("Faster R-CNN", "o"),
+    "htc": ("Hybrid Task Cascade", "P"),
+    "fcos": ("FCOS", "v"),
 }
 
 

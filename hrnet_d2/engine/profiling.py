@@ -392,6 +392,8 @@ def calibrate_detections(model, inputs, min_detections=50, logits=tuple(8.0 - 0.
     model.eval()
     images = model.preprocess_image(inputs)
     features = model.backbone(images.tensor)
+    if not hasattr(model, "roi_heads"):  # a dense detector (FCOS): its classifier's bias, raised
+        return _calibrate_dense_detections(model, images, features, min_detections, seed)
     proposals, _ = model.proposal_generator(images, features, None)
     predictors = model.roi_heads.box_predictor
     predictors = list(predictors) if isinstance(predictors, nn.ModuleList) else [predictors]
@@ -407,6 +409,26 @@ def calibrate_detections(model, inputs, min_detections=50, logits=tuple(8.0 - 0.
             if p.cls_score.bias is not None:
                 p.cls_score.bias[-1] = logit
         results, _ = model.roi_heads(images, features, proposals)
+        found = len(results[0])
+        if found >= cap:
+            break
+    return found
+
+
+def _calibrate_dense_detections(
+    model, images, features, min_detections, seed, biases=tuple(-12.0 + 0.5 * i for i in range(25))
+):
+    """:func:`calibrate_detections` for Detectron2's dense detectors (``model.head.cls_score``): class logits
+    spread (weights N(0, 0.04), the test oracle's FCOS scale), their common bias raised over ``biases``."""
+    features = [features[f] for f in model.head_in_features]
+    cls_score = model.head.cls_score
+    g = torch.Generator().manual_seed(seed)
+    cls_score.weight.copy_(torch.randn(cls_score.weight.shape, generator=g) * 0.04)
+    cap = min(min_detections, model.max_detections_per_image)
+    found = 0
+    for bias in biases:
+        cls_score.bias.fill_(bias)
+        results = model.forward_inference(images, features, model.head(features))
         found = len(results[0])
         if found >= cap:
             break
