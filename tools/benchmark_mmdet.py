@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,10 @@ def rows_for(mo, name, args, image, workdir):
     bgr = np.ascontiguousarray(image[:, :, ::-1])
     augmentations = test_augmentations(cfg)
 
-    def run_ours(dtype):
+    def run_ours(dtype, compiled=False):
         def fn():
             set_inference_autocast(ours, dtype)
+            ours.backbone.inference_compile = compiled
             with torch.no_grad():
                 return ours([model_input(image, augmentations)])[0]["instances"]
 
@@ -116,7 +118,24 @@ def rows_for(mo, name, args, image, workdir):
     ours_fp32, _ = mo.d2_predict(ours, cfg, image)
     agreement = mo.match_detections(ref, ours_fp32)
     variants = {"mmdet fp32": run_mmdet, "ours fp32": run_ours(""), f"ours {args.dtype}": run_ours(args.dtype)}
+    compile_s, compiled_agreement = {}, {}
+    if args.compile:  # MODEL.HRNET.INFERENCE_COMPILE: the first call compiles (timed here, not in the medians)
+        plain = run_ours("")()
+        for dtype in ("", args.dtype):
+            name = f"ours {dtype or 'fp32'} compiled"
+            variants[name] = run_ours(dtype, compiled=True)
+            start = time.perf_counter()
+            got = variants[name]()
+            compile_s[name] = time.perf_counter() - start
+            compiled_agreement[name] = {
+                "detections": len(got),
+                "same_count_as_eager_fp32": len(got) == len(plain),
+                "max_box_diff_px": float((got.pred_boxes.tensor - plain.pred_boxes.tensor).abs().max())
+                if len(got) == len(plain) and len(got)
+                else None,
+            }
     times = interleaved(variants, args.reps, args.warmup)
+    ours.backbone.inference_compile = False
     low = run_ours(args.dtype)()
     set_inference_autocast(ours, "")
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -140,8 +159,12 @@ def rows_for(mo, name, args, image, workdir):
             "ours fp32 / mmdet fp32": med["ours fp32"] / med["mmdet fp32"],
             f"ours {args.dtype} / mmdet fp32": med[f"ours {args.dtype}"] / med["mmdet fp32"],
             f"ours {args.dtype} / ours fp32": med[f"ours {args.dtype}"] / med["ours fp32"],
+            **{f"{k} / mmdet fp32": med[k] / med["mmdet fp32"] for k in compile_s},
+            **{f"{k} / {k.rsplit(' ', 1)[0]}": med[k] / med[k.rsplit(" ", 1)[0]] for k in compile_s},
         },
         "profile": profiles,
+        "compile_s": compile_s,
+        "compiled_vs_eager_fp32": compiled_agreement,
     }
 
 
@@ -164,11 +187,21 @@ def markdown(rows, info, args):
         for k in ("mmdet fp32", "ours fp32", f"ours {args.dtype}"):
             t = r["times"][k]
             cells.append(f"{r['median_s'][k]:.3f} s ({min(t):.2f}-{max(t):.2f})")
-        ratios = " | ".join(f"**{v:.2f}**" for v in r["ratios"].values())
+        ratios = " | ".join(f"**{v:.2f}**" for v in list(r["ratios"].values())[:3])
         a = r["agreement_fp32"]
         lines.append(
             f"| {r['model']} | {' | '.join(cells)} | {ratios} | {r['detections']['mmdet']} / {a.get('matched')} |"
         )
+    for r in rows:
+        for k, c in r["compile_s"].items():
+            t = r["times"][k]
+            ratio = ", ".join(f"{n} **{v:.2f}**" for n, v in r["ratios"].items() if n.startswith(k))
+            agree = r["compiled_vs_eager_fp32"][k]
+            lines.append(
+                f"* {r['model']}, {k} (MODEL.HRNET.INFERENCE_COMPILE): {r['median_s'][k]:.3f} s "
+                f"({min(t):.2f}-{max(t):.2f}); {ratio}; first call (compiling) {c:.0f} s; {agree['detections']} "
+                f"detections, largest box difference to eager fp32 {agree['max_box_diff_px']} px"
+            )
     if args.profile:
         lines += ["", "Our per-stage profile on the same image and weights (median s, % of whole):", ""]
     for r in rows:
@@ -192,6 +225,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--profile", action="store_true", help="also our per-stage profile on the same image and weights"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also ours with MODEL.HRNET.INFERENCE_COMPILE (fp32 and --dtype)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: W18, 256x448, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))

@@ -66,6 +66,10 @@ def add_hrnet_config(cfg):
     # built by hrnet_d2 (train_net.py, demo.py, tools: hrnet_d2/modeling/inference_autocast.py); anchors,
     # box decoding, ROIAlign, NMS and mask pasting stay fp32.
     _C.MODEL.HRNET.INFERENCE_AUTOCAST = ""
+    # Inference of the HRNetV2p backbone through torch.compile (inductor, freezing), in fp32 or under
+    # INFERENCE_AUTOCAST: compiled at the first inference, again per new padded input size until dynamo's
+    # dynamic-shape graph covers them, and after the weights change (docs/performance_detector.md: when it pays)
+    _C.MODEL.HRNET.INFERENCE_COMPILE = False
 
     # Images per forward pass in evaluation (train_net.py --eval-only and the periodic test):
     # the test loader batches them (Detectron2's default is 1; its config has no such key).

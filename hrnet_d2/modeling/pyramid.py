@@ -60,6 +60,7 @@ class HRNetV2p(Backbone):
         activation_checkpoint=False,
         inference_autocast="",
         conv_stride=1,
+        inference_compile=False,
     ):
         """
         Args:
@@ -83,6 +84,13 @@ class HRNetV2p(Backbone):
             conv_stride (int): stride of every level's 3x3 conv: 1 gives
                 p2.. at strides 4, 8, ...; 2 halves every level once more, p3.. at strides 8, 16, ...
                 (mmdetection's HRFPN ``stride=2``, used by its HRNet FCOS: p3..p7, strides 8..128).
+            inference_compile (bool): in eval mode without gradients, run body + pyramid through
+                ``torch.compile`` (inductor with ``freezing``: weights folded into the compiled code), under
+                ``inference_autocast`` too.  Compiled at the first such call, and again at each new padded
+                input size until dynamo's dynamic-shape graph covers the sizes; the weights are frozen into
+                the code, so when a parameter or buffer changes (weights loaded, a training step) torch.compile's
+                caches are reset (``torch.compiler.reset()``: every compiled function of the process) and it
+                compiles again.  Needs a C++ compiler.  Training, scripting and tracing are not affected.
         """
         super().__init__()
         shapes = bottom_up.output_shape()
@@ -142,6 +150,8 @@ class HRNetV2p(Backbone):
         self._size_divisibility = bottom_up.size_divisibility
         self.activation_checkpoint = activation_checkpoint
         self.inference_autocast = inference_autocast
+        self.inference_compile = inference_compile
+        self._compiled = None  # (weights' version, compiled _forward): see inference_compile
 
     @property
     def size_divisibility(self):
@@ -176,9 +186,45 @@ class HRNetV2p(Backbone):
             out = self._forward(x)
         return {k: v.float() for k, v in out.items()}
 
+    @torch.jit.unused
+    def _weights_version(self):
+        """Changes when any parameter or buffer is written in place (loading, an optimizer step) or replaced."""
+        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    @torch.jit.unused
+    def _compile_now(self) -> bool:
+        return (
+            self.inference_compile
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def _forward_compiled(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        version = self._weights_version()
+        if self._compiled is None or self._compiled[0] != version:
+            if self._compiled is not None:  # the frozen weights are stale: drop every cached graph
+                torch.compiler.reset()
+            self._compiled = (version, torch.compile(self._forward))
+        fn = self._compiled[1]
+        import torch._inductor.config as inductor_config
+
+        # compilation happens inside the call (first call, new sizes): freezing must be on then, and only then
+        with inductor_config.patch(freezing=True):
+            if self.inference_autocast == "":
+                return fn(x)
+            with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.inference_autocast]):
+                out = fn(x)
+        return {k: v.float() for k, v in out.items()}
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if not torch.jit.is_scripting() and self.inference_autocast != "" and not self.training:
-            return self._forward_autocast(x)
+        if not torch.jit.is_scripting():
+            if self._compile_now():
+                return self._forward_compiled(x)
+            if self.inference_autocast != "" and not self.training:
+                return self._forward_autocast(x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -230,6 +276,7 @@ def build_hrnetv2p_backbone(cfg, input_shape: ShapeSpec, keep_body_outputs=False
         activation_checkpoint=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINT,
         inference_autocast=cfg.MODEL.HRNET.INFERENCE_AUTOCAST,
         conv_stride=p.CONV_STRIDE,
+        inference_compile=cfg.MODEL.HRNET.INFERENCE_COMPILE,
     )
 
 
