@@ -62,6 +62,7 @@ from hrnet_d2.engine.profiling import (
 )
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.modeling.pyramid import HRNetV2p
+from hrnet_d2.modeling.roi_align import parallel_roi_align
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,7 +473,40 @@ def profile_rows(args, peaks):
             )
             print_profile(rows[-1])
         set_inference_autocast(model, "")
+        if name.startswith("Faster"):
+            rows += roi_align_row(args, model, inputs)
     return rows
+
+
+def roi_align_row(args, model, inputs):
+    """The box pooler on the inputs of one forward (pyramid levels, 1000 proposals): Detectron2's ROIAlign
+    (torchvision's one-thread kernel) against ParallelROIAlign (all threads), interleaved, outputs equal."""
+    captured = {}
+    handle = model.roi_heads.box_pooler.register_forward_pre_hook(lambda m, a: captured.setdefault("args", a))
+    with torch.no_grad():
+        model(inputs)
+    handle.remove()
+    feats, boxes = captured["args"]
+    fast = model.roi_heads.box_pooler
+    plain = copy.deepcopy(fast)
+    parallel_roi_align(plain, enabled=False)
+    with torch.no_grad():
+        if not torch.equal(fast(feats, boxes), plain(feats, boxes)):
+            raise RuntimeError("ParallelROIAlign differs from Detectron2's ROIAlign")
+        times = interleaved(
+            {"parallel": lambda: fast(feats, boxes), "plain": lambda: plain(feats, boxes)}, args.reps, 1
+        )
+    row = timed_row(
+        f"ROIAlign of the box pooler ({sum(len(b) for b in boxes)} boxes, {args.arch.upper()} pyramid, "
+        f"channels_last {feats[0].is_contiguous(memory_format=torch.channels_last)}), all threads",
+        1,
+        times,
+        "parallel",
+        "plain",
+    )
+    row["baseline"] = "Detectron2's ROIAlign, one thread"
+    print_row([row])
+    return [row]
 
 
 def print_profile(row):
