@@ -10,7 +10,9 @@ from hrnet_d2.modeling.pyramid import HRNetV2p
 
 def _pair(seed=0):
     torch.manual_seed(seed)
-    eager = HRNetV2p(HRNet(ARCHITECTURES["w18_small_v1"], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"], out_channels=32)
+    eager = HRNetV2p(
+        HRNet(ARCHITECTURES["w18_small_v1"], norm="FrozenBN"), ["hr2", "hr3", "hr4", "hr5"], out_channels=32
+    )
     compiled = HRNetV2p(
         HRNet(ARCHITECTURES["w18_small_v1"], norm="FrozenBN"),
         ["hr2", "hr3", "hr4", "hr5"],
@@ -50,3 +52,21 @@ def test_training_and_gradients_do_not_compile():
     compiled.train()
     compiled(x)
     assert compiled._compiled is None
+
+
+def test_a_failing_compile_is_one_line(monkeypatch):
+    """No C++ compiler (or any inductor failure): one line naming the switch, not inductor's page."""
+    from hrnet_d2.utils.errors import UserError
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("C++ compile error\ng++: not found\n(many more lines)")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    _, compiled = _pair()
+    with torch.no_grad(), pytest.raises(UserError) as info:
+        compiled(torch.randn(1, 3, 64, 64))
+    message = str(info.value)
+    assert "\n" not in message and "MODEL.HRNET.INFERENCE_COMPILE" in message and "g++" not in message

@@ -21,7 +21,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from ..utils.errors import ArgumentValueError, feature_names_problem
+from ..utils.errors import ArgumentValueError, UserError, feature_names_problem
 from .hrnet import build_hrnet_backbone
 from .layers import checkpointing, get_norm, recompute_context, upsample_to
 
@@ -212,11 +212,20 @@ class HRNetV2p(Backbone):
         import torch._inductor.config as inductor_config
 
         # compilation happens inside the call (first call, new sizes): freezing must be on then, and only then
-        with inductor_config.patch(freezing=True):
-            if self.inference_autocast == "":
-                return fn(x)
-            with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.inference_autocast]):
-                out = fn(x)
+        try:
+            with inductor_config.patch(freezing=True):
+                if self.inference_autocast == "":
+                    return fn(x)
+                with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.inference_autocast]):
+                    out = fn(x)
+        except Exception as e:  # e.g. no C++ compiler: one line, not inductor's page
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UserError(
+                f"HRNetV2p inference_compile (MODEL.HRNET.INFERENCE_COMPILE): torch.compile failed "
+                f"({type(e).__name__}: {first}); turn it off to run eagerly"
+            ) from e
         return {k: v.float() for k, v in out.items()}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
