@@ -129,12 +129,9 @@ class Predictor:
             from detectron2.modeling import build_model
 
             validate_config(cfg)
-            from hrnet_d2.modeling.inference_autocast import autocast_heads
-            from hrnet_d2.modeling.roi_align import parallel_roi_align
+            from hrnet_d2.engine import inference_options
 
-            self.model = build_model(cfg)
-            autocast_heads(self.model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)
-            parallel_roi_align(self.model)
+            self.model = inference_options(build_model(cfg), cfg)
             self.augmentation = test_augmentations(cfg)
             self.input_format = cfg.INPUT.FORMAT
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"

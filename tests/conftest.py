@@ -69,13 +69,23 @@ def timm_small():
     return model
 
 
+def _torch_threads(n):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (small models: faster, and no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Run a test with two torch threads (what the multi-threaded inference paths need to split work)."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture

@@ -30,6 +30,23 @@ BACKGROUND_LOGITS = tuple(8.0 - 0.5 * i for i in range(17))
 MIN_DETECTIONS = 10
 
 
+def shapes_image(seed, h, w, count=8, min_size=10):
+    """``count`` coloured boxes and discs (sides / radii from ``min_size`` to a quarter of the image) on a flat
+    background (RGB uint8): the oracle tests' images, and tools/benchmark_mmdet.py's."""
+    import cv2
+
+    r = np.random.default_rng(seed)
+    img = np.full((h, w, 3), r.integers(0, 90, 3), np.uint8)
+    for _ in range(count):
+        colour = tuple(int(v) for v in r.integers(60, 255, 3))
+        x, y, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(min_size, min(h, w) // 4))
+        if r.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + s, y + s), colour, -1)
+        else:
+            cv2.circle(img, (x, y), s, colour, -1)
+    return img
+
+
 def _nms(boxes, scores, iou_threshold, offset=0):
     if offset != 0:
         raise NotImplementedError("mmcv nms with offset=1 (legacy +1 boxes): not in the test stand-in")

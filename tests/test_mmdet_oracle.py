@@ -47,31 +47,17 @@ KINDS = {
 FIGURES = {}  # measured agreement, written to $HRNET_D2_ORACLE_FIGURES (JSON) when set
 
 
-def _image(seed, h, w):
-    """Coloured boxes and discs on a flat background (RGB uint8)."""
-    r = np.random.default_rng(seed)
-    img = np.full((h, w, 3), r.integers(0, 90, 3), np.uint8)
-    for _ in range(8):
-        colour = tuple(int(v) for v in r.integers(60, 255, 3))
-        x, y, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(10, min(h, w) // 4))
-        if r.random() < 0.5:
-            cv2.rectangle(img, (x, y), (x + s, y + s), colour, -1)
-        else:
-            cv2.circle(img, (x, y), s, colour, -1)
-    return img
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """A calibration image and two test images (one upscaled, one shrunk by the test resize)."""
     root = tmp_path_factory.mktemp("images")
     out = []
     for seed, (h, w) in ((2, (240, 320)), (3, (420, 600))):
-        img = _image(seed, h, w)
+        img = mo.shapes_image(seed, h, w)
         path = root / f"test{seed}.png"
         cv2.imwrite(str(path), img[:, :, ::-1])
         out.append((path, img))
-    return _image(1, 256, 320), out
+    return mo.shapes_image(1, 256, 320), out
 
 
 class Pair:
@@ -553,7 +539,7 @@ def test_cv2_resize_is_mmcv_imrescale(h, w):
     from hrnet_d2.data.resize import resize_augmentation
 
     cfg = make_cfg(KINDS["faster"][1])
-    bgr = np.ascontiguousarray(_image(h + w, h, w)[:, :, ::-1])
+    bgr = np.ascontiguousarray(mo.shapes_image(h + w, h, w)[:, :, ::-1])
     expected = mmcv.imrescale(bgr, (1333, 800), interpolation="bilinear", backend="cv2")
     ours = resize_augmentation(cfg).get_transform(bgr).apply_image(bgr)
     assert ours.shape == expected.shape and np.array_equal(ours, expected)

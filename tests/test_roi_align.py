@@ -13,14 +13,6 @@ from hrnet_d2.modeling import roi_align as parallel
 from hrnet_d2.modeling.roi_align import ParallelROIAlign, parallel_roi_align
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rois(n, images, size, seed=0):
     """``n`` regions over ``images`` images of ``size`` (h, w), sizes from 2 px to most of the image."""
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +25,7 @@ def _rois(n, images, size, seed=0):
 
 @pytest.mark.parametrize("sampling_ratio, aligned", [(0, True), (2, True), (0, False)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_parallel_roi_align_is_the_plain_kernel_bit_for_bit(sampling_ratio, aligned, channels_last, two_threads):
+def test_parallel_roi_align_is_the_plain_kernel_bit_for_bit(sampling_ratio, aligned, channels_last, two_torch_threads):
     torch.manual_seed(0)
     x = torch.randn(2, 16, 50, 84)
     if channels_last:
@@ -54,7 +46,7 @@ def test_parallel_roi_align_is_the_plain_kernel_bit_for_bit(sampling_ratio, alig
     assert torch.equal(out, ref)
 
 
-def test_chunks_split_the_work_and_their_order_matters(two_threads):
+def test_chunks_split_the_work_and_their_order_matters(two_torch_threads):
     """Negative control: the equality above fails when the chunks come back in the wrong order; the
     chunks have about equal sampling work, not equal counts (large regions cost more)."""
     torch.manual_seed(0)
@@ -91,7 +83,7 @@ def test_training_and_one_thread_take_the_plain_path(one_torch_thread):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_parallel_roi_align_in_a_detector_gives_the_same_detections(two_threads):
+def test_parallel_roi_align_in_a_detector_gives_the_same_detections(two_torch_threads):
     cfg = tiny_rcnn_cfg(
         "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 256, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0
     )

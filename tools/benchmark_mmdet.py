@@ -41,7 +41,7 @@ from hrnet_d2.checkpoint.__main__ import main as convert_main
 from hrnet_d2.config import get_config_file, get_hrnet_cfg
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.predictor import model_input, test_augmentations
-from hrnet_d2.engine.profiling import interleaved, machine_info, profile_inference, summarize
+from hrnet_d2.engine.profiling import detection_agreement, interleaved, machine_info, profile_inference, summarize
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
 
@@ -62,22 +62,6 @@ def oracle():
     return mmdet_oracle
 
 
-def shapes_image(h, w, seed=0):
-    """Coloured boxes and discs on a flat background (RGB uint8), as the oracle tests' images."""
-    import cv2
-
-    r = np.random.default_rng(seed)
-    img = np.full((h, w, 3), r.integers(0, 90, 3), np.uint8)
-    for _ in range(24):
-        colour = tuple(int(v) for v in r.integers(60, 255, 3))
-        x, y, s = int(r.integers(0, w)), int(r.integers(0, h)), int(r.integers(20, min(h, w) // 4))
-        if r.random() < 0.5:
-            cv2.rectangle(img, (x, y), (x + s, y + s), colour, -1)
-        else:
-            cv2.circle(img, (x, y), s, colour, -1)
-    return img
-
-
 def pair(mo, name, width, image, scale, workdir):
     """mmdetection's detector (calibrated on ``image``) and ours from its converted checkpoint."""
     mm_name, config = (s.format(w=width) for s in MODELS[name])
@@ -93,16 +77,6 @@ def pair(mo, name, width, image, scale, workdir):
     ours = Trainer.build_model(cfg).eval()  # the inference path train_net.py --eval-only runs
     DetectionCheckpointer(ours).load(str(d2_ckpt))
     return mm, ours, cfg
-
-
-def same_detections(ref, got, iou=0.9):
-    """How many of ``ref``'s detections ``got`` has too (same class, box IoU >= ``iou``)."""
-    from detectron2.structures import pairwise_iou
-
-    if len(ref) == 0 or len(got) == 0:
-        return {"detections": len(got), "eager": len(ref), "matched": 0}
-    overlap = pairwise_iou(ref.pred_boxes, got.pred_boxes) * (ref.pred_classes[:, None] == got.pred_classes[None])
-    return {"detections": len(got), "eager": len(ref), "matched": int((overlap.max(dim=1).values >= iou).sum())}
 
 
 def rows_for(mo, name, args, image, workdir):
@@ -137,7 +111,8 @@ def rows_for(mo, name, args, image, workdir):
             start = time.perf_counter()
             got = variants[variant]()
             compile_s[variant] = time.perf_counter() - start
-            compiled_agreement[variant] = same_detections(eager, got)
+            matched, _, _ = detection_agreement(eager, got, score=0.0, iou=0.9)  # every eager detection
+            compiled_agreement[variant] = {"detections": len(got), "eager": len(eager), "matched": matched}
     times = interleaved(variants, args.reps, args.warmup)
     ours.backbone.inference_compile = False
     low = run_ours(args.dtype)()
@@ -244,7 +219,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     mo = oracle()
     info = machine_info("cpu")
-    image = shapes_image(*args.size)
+    image = mo.shapes_image(0, *args.size, count=24, min_size=20)  # a busier image than the tests'
     rows = []
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from detectron2.evaluation import print_csv_format
-from detectron2.structures import pairwise_iou
 
 from hrnet_d2.checkpoint.inference import load_inference_weights
 from hrnet_d2.data import ensure_all_generated
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
+from hrnet_d2.engine.profiling import detection_agreement
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.file_io import atomic_write
 
@@ -38,22 +38,6 @@ logger = logging.getLogger("hrnet_d2.precision_check")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_CONFIG = REPO / "configs/quickstart/mask_rcnn_hrnetv2p_w18_small_shapes.yaml"
-
-
-def agreement(reference, other, score, iou):
-    """(matched, total, |score differences| of matched) for one image's Instances."""
-    ref = reference[reference.scores >= score]
-    if len(ref) == 0:
-        return 0, 0, []
-    if len(other) == 0:
-        return 0, len(ref), []
-    overlaps = pairwise_iou(ref.pred_boxes, other.pred_boxes.to(ref.pred_boxes.device))
-    same_class = ref.pred_classes[:, None] == other.pred_classes[None, :].to(ref.pred_classes.device)
-    overlaps = torch.where(same_class, overlaps, torch.zeros_like(overlaps))
-    best, index = overlaps.max(dim=1)
-    hit = best >= iou
-    diffs = (ref.scores[hit] - other.scores[index[hit]].float()).abs().tolist()
-    return int(hit.sum()), len(ref), diffs
 
 
 def _shown(path):
@@ -107,7 +91,7 @@ def main(argv=None):
             ev_ref.process(inputs, ref)
             ev_low.process(inputs, low)
             for r, o in zip(ref, low):
-                m, t, d = agreement(r["instances"], o["instances"], args.score, args.iou)
+                m, t, d = detection_agreement(r["instances"], o["instances"], args.score, args.iou)
                 matched, total = matched + m, total + t
                 diffs += d
             images += len(inputs)

@@ -4,7 +4,7 @@ prediction PNGs (``predictor``)."""
 
 from .launch import create_ddp_model, launch_cli, set_cpu_threads
 from .resume import ResumeState, build_resumable_train_loader
-from .trainer import Trainer, use_checked_data
+from .trainer import Trainer, inference_options, use_checked_data
 
 __all__ = [
     "Trainer",
@@ -14,4 +14,5 @@ __all__ = [
     "launch_cli",
     "set_cpu_threads",
     "use_checked_data",
+    "inference_options",
 ]

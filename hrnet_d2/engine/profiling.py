@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from detectron2.modeling import GeneralizedRCNN
+from detectron2.structures import pairwise_iou
 
 __all__ = [
     "STAGES",
@@ -44,6 +45,7 @@ __all__ = [
     "layer_flops",
     "summarize",
     "calibrate_detections",
+    "detection_agreement",
     "ISA_FLAGS",
     "isa_flags",
     "native_bf16",
@@ -433,3 +435,21 @@ def _calibrate_dense_detections(
         if found >= cap:
             break
     return found
+
+
+def detection_agreement(reference, other, score, iou):
+    """(matched, total, |score differences| of matched) for one image's Instances: how many of ``reference``'s
+    detections scoring at least ``score`` have a detection in ``other`` of the same class with box IoU >= ``iou``
+    (the precision checks of low-precision and compiled inference against fp32 / eager)."""
+    ref = reference[reference.scores >= score]
+    if len(ref) == 0:
+        return 0, 0, []
+    if len(other) == 0:
+        return 0, len(ref), []
+    overlaps = pairwise_iou(ref.pred_boxes, other.pred_boxes.to(ref.pred_boxes.device))
+    same_class = ref.pred_classes[:, None] == other.pred_classes[None, :].to(ref.pred_classes.device)
+    overlaps = torch.where(same_class, overlaps, torch.zeros_like(overlaps))
+    best, index = overlaps.max(dim=1)
+    hit = best >= iou
+    diffs = (ref.scores[hit] - other.scores[index[hit]].float()).abs().tolist()
+    return int(hit.sum()), len(ref), diffs

@@ -28,7 +28,7 @@ from .launch import create_ddp_model
 from .resume import ResumeState, build_resumable_train_loader
 from .train_loop import build_train_step
 
-__all__ = ["Trainer", "use_checked_data"]
+__all__ = ["Trainer", "inference_options", "use_checked_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,15 @@ def use_checked_data(cfg):
             swap(loader)
             swap(loader.get("dataset"))
             swap(loader.get("mapper"))
+
+
+def inference_options(model, cfg):
+    """What hrnet_d2 adds to a built model for inference (``Trainer.build_model``, demo.py): the heads'
+    convs / FCs under ``MODEL.HRNET.INFERENCE_AUTOCAST`` (the backbone applies it itself) and ROIAlign on all
+    CPU threads (the same outputs).  Training is not affected.  Returns ``model``."""
+    autocast_heads(model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)
+    parallel_roi_align(model)
+    return model
 
 
 class Trainer(DefaultTrainer):
@@ -120,10 +129,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         validate_config(cfg)
-        model = super().build_model(cfg)
-        autocast_heads(model, cfg.MODEL.HRNET.INFERENCE_AUTOCAST)  # the backbone applies it itself
-        parallel_roi_align(model)  # inference on CPU: all threads, the same outputs
-        return model
+        return inference_options(super().build_model(cfg), cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):
