@@ -188,3 +188,34 @@ def test_every_entry_point_accepts_debug(script, capsys):
     with pytest.raises(SystemExit) as e:
         entry(["--help"])
     assert e.value.code == 0 and "--debug" in capsys.readouterr().out
+
+
+def test_measuring_tools_stop_before_measuring(tmp_path, capsys, monkeypatch):
+    """A config override yacs refuses, an output the tool could not write after minutes of measuring, a zoo
+    name that does not exist: one ``error:`` line, exit 2, before any model is built."""
+    monkeypatch.delenv("HRNET_D2_DEBUG", raising=False)
+    import benchmark
+    import benchmark_mmdet
+    import experiment_compile_int8
+    import precision_check
+    import zoo_latency
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where a folder is wanted
+    for main, argv in (
+        (benchmark.main, ["--quick", "--output-dir", blocked / "out"]),
+        (benchmark_mmdet.main, ["--quick", "--output-dir", blocked / "out"]),
+        (experiment_compile_int8.main, ["--quick", "--output-dir", blocked / "out"]),
+        (zoo_latency.main, ["--output-dir", blocked / "out"]),
+    ):
+        code, err = _in_process(main, [str(a) for a in argv], capsys)
+        assert code == 2 and err.startswith("error: --output-dir = ") and "cannot be created or written" in err, err
+    code, err = _in_process(precision_check.main, ["--output", str(blocked / "out" / "p.json")], capsys)
+    assert code == 2 and err.startswith("error: --output = ") and "cannot be created or written" in err, err
+    for opts, expected in ((["MODEL.NOPE", "1"], "Non-existent key: MODEL.NOPE"),
+                           (["MODEL.HRNET.INFERENCE_COMPILE", "maybe"], "Type mismatch")):  # fmt: skip
+        code, err = _in_process(precision_check.main, ["--opts", *opts], capsys)
+        assert code == 2 and err.startswith("error: config override ") and expected in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    code, err = _in_process(zoo_latency.main, ["--only", "coco/nope", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: --only ['coco/nope']: not in the zoo"), err

@@ -64,6 +64,7 @@ from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.modeling.pyramid import HRNetV2p
 from hrnet_d2.modeling.roi_align import parallel_roi_align
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.file_io import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -677,6 +678,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke test: w18_small_v1, 64x96, batch 1, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs"))
     args = add_debug_argument(parser).parse_args(argv)
+    check_output_dir(args.output_dir, key="--output-dir")  # before minutes of measuring, not after
     if args.quick:
         args.arch, args.size, args.batch, args.reps, args.warmup = "w18_small_v1", (64, 96), (1,), 1, 1
         args.parts = ("body", "detector", "profile")

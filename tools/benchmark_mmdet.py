@@ -44,6 +44,7 @@ from hrnet_d2.engine.predictor import model_input, test_augmentations
 from hrnet_d2.engine.profiling import detection_agreement, interleaved, machine_info, profile_inference, summarize
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
 from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.file_io import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (mmdetection config, our config), W32 1x; {w} is the width
@@ -212,6 +213,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke test: W18, 256x448, 1 run")
     parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))
     args = add_debug_argument(parser).parse_args(argv)
+    check_output_dir(args.output_dir, key="--output-dir")  # before minutes of measuring, not after
     if args.quick:
         args.width, args.size, args.reps, args.warmup = "w18", (256, 448), 1, 0
     args.scale = (args.size[1], args.size[0])  # mmdetection's (long, short): the image is already at scale

@@ -38,6 +38,7 @@ from hrnet_d2 import ARCHITECTURES, HRNet
 from hrnet_d2.engine.profiling import interleaved, machine_info
 from hrnet_d2.modeling.pyramid import HRNetV2p
 from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.file_io import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))
     args = add_debug_argument(parser).parse_args(argv)
+    check_output_dir(args.output_dir, key="--output-dir")  # before minutes of measuring, not after
     if args.quick:
         args.arch, args.size, args.sizes, args.reps, args.calibration = "w18_small_v1", (128, 192), (128, 160), 1, 1
     torch.manual_seed(0)

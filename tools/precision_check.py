@@ -30,7 +30,7 @@ from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.defaults import run_tool, tool_argument_parser, tool_setup
 from hrnet_d2.engine.profiling import detection_agreement
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
-from hrnet_d2.utils.file_io import atomic_write
+from hrnet_d2.utils.file_io import atomic_write, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--output", default=None, help="JSON path (default: OUTPUT_DIR/precision_<dtype>.json)")
     args = parser.parse_args(argv)
+    if args.output:  # before the run, not after it
+        check_output_dir(os.path.dirname(os.path.abspath(args.output)), key="--output")
     cfg = tool_setup(args)
     ensure_all_generated(list(cfg.DATASETS.TEST))
     cfg.MODEL.HRNET.INFERENCE_AUTOCAST = ""  # the fp32 reference; the low dtype is switched on per batch

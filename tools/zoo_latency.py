@@ -28,7 +28,8 @@ from hrnet_d2.config import get_config_file, get_hrnet_cfg
 from hrnet_d2.engine import Trainer
 from hrnet_d2.engine.profiling import calibrate_detections, interleaved, machine_info
 from hrnet_d2.modeling.inference_autocast import set_inference_autocast
-from hrnet_d2.utils.errors import add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.errors import UserError, add_debug_argument, exit_on_user_error
+from hrnet_d2.utils.file_io import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {  # config folder / name prefix -> label, matplotlib marker
@@ -128,9 +129,14 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None, help="zoo names (coco/...) to time (default: all)")
     parser.add_argument("--output-dir", default=str(REPO / "docs" / "performance"))
     args = add_debug_argument(parser).parse_args(argv)
+    check_output_dir(args.output_dir, key="--output-dir")  # before minutes of measuring, not after
     g = torch.Generator().manual_seed(0)
     h, w = args.size
     inputs = [{"image": torch.rand(3, h, w, generator=g) * 255, "height": h, "width": w}]
+    names = [e.name for e in coco_models()]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        raise UserError(f"--only {unknown}: not in the zoo; allowed: {names}")
     entries = [e for e in coco_models() if args.only is None or e.name in args.only]
     measured, rows = {}, []
     for e in entries:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from detectron2.config import CfgNode as CN
 
+from ..utils.errors import ConfigError
+
 __all__ = [
     "add_hrnet_config",
     "add_fcos_config",
@@ -221,5 +223,8 @@ def get_hrnet_cfg(config_file=None, opts=(), allow_unsafe_yaml=None):
     add_hrnet_config(cfg)
     if config_file:
         merge_yaml_file(cfg, config_file, allow_unsafe=allow_unsafe_yaml)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, ValueError, KeyError) as e:  # yacs: unknown key, wrong type, odd list: one line
+        raise ConfigError(f"config override {' '.join(map(str, opts))!r}: {str(e).strip().splitlines()[0]}") from e
     return cfg
